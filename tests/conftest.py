@@ -1,0 +1,50 @@
+"""Shared fixtures: small fixed slices of the shared painting collection, and a run built on one."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from influence.pipeline import cmd_extract
+from influence.runs import Run
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+COLLECTION = SHARED / "data" / "wikiart-pd"
+MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet_features.pth"
+#: Six artists of five styles and four nationalities, 30 paintings each.
+ARTISTS = ["Claude Monet", "Alfred Sisley", "Rembrandt", "Kitagawa Utamaro", "Francois Boucher",
+           "Niko Pirosmani"]
+PER_ARTIST = 30
+
+
+def make_slice(dest: Path, artists: list[str] = ARTISTS, per_artist: int = PER_ARTIST) -> Path:
+    """Copy a fixed slice of the shared collection (CSV rows in their original order)."""
+    if not COLLECTION.exists():
+        pytest.skip(f"shared collection not found at {COLLECTION}")
+    rows = pd.read_csv(COLLECTION / "paintings.csv", dtype=str, keep_default_na=False)
+    rows = rows[rows["artist"].isin(artists)].groupby("artist", sort=False).head(per_artist)
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    for file in rows["file"]:
+        shutil.copy(COLLECTION / file, dest / file)
+    rows.to_csv(dest / "paintings.csv", index=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def slice_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """180 real paintings (6 artists x 30) with their metadata; treat as read-only."""
+    return make_slice(tmp_path_factory.mktemp("collection"))
+
+
+@pytest.fixture(scope="session")
+def small_run(slice_collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """A run with the catalog and `pca` and `mobilenet_v2` (real ImageNet weights) features."""
+    root = tmp_path_factory.mktemp("run")
+    status = cmd_extract(run=str(root), collection=str(slice_collection),
+                         extractors="pca,mobilenet_v2", weights={"mobilenet_v2": str(MOBILENET)},
+                         progress=False)
+    assert status == 0
+    return Run(root)
