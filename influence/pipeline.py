@@ -43,7 +43,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 workers: int | None = None, progress: bool = True) -> int:
     """Catalog the collection, then bring every extractor's features up to date."""
     from influence.catalog import Collection, build_catalog
-    from influence.extractors import available
+    from influence.extractors import RANDOM, available
     from influence.features import extract_features
 
     if collection:
@@ -59,7 +59,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     if unknown:
         raise InfluenceError(f"unknown extractor(s) {', '.join(unknown)} "
                              f"(available: {', '.join(available())})")
-    weights = weights or {}
+    weights = {k: v if v == RANDOM else str(Path(v).resolve()) for k, v in (weights or {}).items()}
     stray = sorted(set(weights) - set(names))
     if stray:
         raise InfluenceError(f"--weights names {', '.join(stray)}, which is not being extracted")
@@ -92,8 +92,36 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------------------------------- cluster
+def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
+                k_max: int = 30, progress: bool = True) -> int:
+    """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP."""
+    raise NotImplementedError("cluster: being written (issue 3)")
+
+
+# ------------------------------------------------------------------------------------------ index
+def cmd_index(run: str, features: str | Sequence[str] | None = None,
+              progress: bool = True) -> int:
+    """A faiss nearest-neighbour index per feature set."""
+    raise NotImplementedError("index: being written (issue 4)")
+
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
+              features: str | Sequence[str] | None = None, progress: bool = True) -> int:
+    """Classifier heads on frozen features, evaluated on a stratified held-out split."""
+    raise NotImplementedError("train: being written (issue 4)")
+
+
+# ---------------------------------------------------------------------------------------- similar
+def cmd_similar(run: str, images: Sequence[str], k: int = 10, features: str | None = None,
+                json: bool = False, progress: bool = True) -> int:
+    """Nearest paintings, similar artists, head predictions and GMM responsibilities per image."""
+    raise NotImplementedError("similar: being written (issue 4)")
+
+
 # ------------------------------------------------------------------------------------------- run
-STAGE_ORDER = ["extract"]
+STAGE_ORDER = ["extract", "cluster", "index", "train"]
 
 
 def cmd_run(config: str, progress: bool = True) -> int:
@@ -118,7 +146,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
             if key in options:
                 options[key] = str((base / options[key]).resolve())
         if stage == "extract":
-            options["weights"] = {k: str((base / v).resolve()) if v != "random" else v
+            options["weights"] = {k: v if v == "random" else str(base / v)
                                   for k, v in options.get("weights", {}).items()}
         print(f"== {stage}")
         status = COMMANDS[stage](run=run_dir, progress=progress, **options)
@@ -127,7 +155,10 @@ def cmd_run(config: str, progress: bool = True) -> int:
     return 0
 
 
-COMMANDS: dict[str, Callable[..., int]] = {"extract": cmd_extract}
+COMMANDS: dict[str, Callable[..., int]] = {
+    "extract": cmd_extract, "cluster": cmd_cluster, "index": cmd_index, "train": cmd_train,
+    "similar": cmd_similar,
+}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -158,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
                    help="CSV column name for a catalog field, e.g. artist=painter (repeatable)")
     p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
+
+    p = sub.add_parser("cluster", help="cluster each feature set, score it and map it with UMAP")
+    p.add_argument("--run", required=True)
+    p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
+    p.add_argument("--k-min", type=int, default=2, help="smallest number of clusters (default 2)")
+    p.add_argument("--k-max", type=int, default=30, help="largest number of clusters (default 30)")
+
+    p = sub.add_parser("index", help="build a nearest-neighbour index per feature set")
+    p.add_argument("--run", required=True)
+    p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
+
+    p = sub.add_parser("train", help="train classifier heads on frozen features")
+    p.add_argument("--run", required=True)
+    p.add_argument("--target", default="style,genre,artist,nationality",
+                   help="comma-separated: style, genre, artist, nationality (default: all)")
+    p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
+
+    p = sub.add_parser("similar", help="paintings and artists that an image resembles")
+    p.add_argument("--run", required=True)
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--k", type=int, default=10, help="how many paintings (default 10)")
+    p.add_argument("--features", help="feature set to search (default: the run's best)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image, per line")
 
     p = sub.add_parser("run", help="run every stage of a pipeline configuration")
     p.add_argument("--config", required=True, help="pipelines/NAME.toml")
