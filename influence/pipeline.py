@@ -72,6 +72,8 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     print(f"catalog: {len(result.catalog)} images; rejected {len(result.rejected)}"
           + (f" ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else "")
           + f" -> {out.rejected_path}")
+    from influence.thumbnails import make_thumbnails
+    make_thumbnails(out, progress=progress)
     rows, failed = [], []
     for name in names:
         try:

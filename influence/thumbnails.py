@@ -1,0 +1,85 @@
+"""Small JPEG thumbnails of every catalogued painting, made once into RUN/thumbs/ for the app.
+
+A page of hundreds of paintings must never load the full images; thumbnails are named by
+`image_id` (a content hash), so they never go stale and can be cached by browsers forever.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from influence.images import BadImage, open_rgb
+from influence.runs import Run, read_json, write_json
+
+DEFAULT_SIZE = 160
+QUALITY = 85
+#: What an image id looks like (catalog content hashes); anything else is never a file name.
+IMAGE_ID = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def thumbs_dir(run: Run) -> Path:
+    return run.root / "thumbs"
+
+
+def thumbnail_path(run: Run, image_id: str) -> Path:
+    """Where the thumbnail of one painting lives; ValueError for anything but an image id."""
+    if not IMAGE_ID.match(image_id):
+        raise ValueError(f"not an image id: {image_id!r}")
+    return thumbs_dir(run) / f"{image_id}.jpg"
+
+
+def thumbnail_bytes(image: Image.Image, size: int = DEFAULT_SIZE) -> bytes:
+    """A JPEG of the image fitted inside size x size pixels (aspect ratio kept)."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, "JPEG", quality=QUALITY, optimize=True)
+    return buf.getvalue()
+
+
+def _make_one(run: Run, image_id: str, file: str, size: int) -> str | None:
+    """Write one thumbnail atomically; return an error line instead of raising."""
+    try:
+        data = thumbnail_bytes(open_rgb(run.image_path(file)), size)
+    except BadImage as e:
+        return f"{file}: {e}"
+    path = thumbnail_path(run, image_id)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return None
+
+
+def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True) -> dict[str, Any]:
+    """Make the missing thumbnails of the catalog (all of them if the size changed); resumable."""
+    start = time.perf_counter()
+    folder = thumbs_dir(run)
+    folder.mkdir(parents=True, exist_ok=True)
+    info_path = folder / "thumbs.json"
+    old = read_json(info_path) if info_path.exists() else {}
+    if old and (old.get("size"), old.get("quality")) != (size, QUALITY):
+        for stale in folder.glob("*.jpg"):
+            stale.unlink()
+    write_json(info_path, {"size": size, "quality": QUALITY, "format": "jpeg"})
+    catalog = run.catalog()[["image_id", "file"]]
+    have = {p.stem for p in folder.glob("*.jpg")}
+    todo = [(i, f) for i, f in zip(catalog["image_id"], catalog["file"], strict=True)
+            if i not in have]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        errors = [e for e in tqdm(pool.map(lambda r: _make_one(run, r[0], r[1], size), todo),
+                                  total=len(todo), desc="thumbnails", unit="img",
+                                  disable=not progress) if e]
+    info = {"size": size, "quality": QUALITY, "format": "jpeg", "images": len(catalog),
+            "made": len(todo) - len(errors), "failed": errors,
+            "seconds": round(time.perf_counter() - start, 2)}
+    write_json(info_path, info)
+    return info
