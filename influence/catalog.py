@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from tqdm.auto import tqdm
 
 from influence.images import DEFAULT_LIMITS, BadImage, ImageLimits, open_rgb
@@ -179,11 +180,9 @@ def check_image(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> FileCheck:
     if data is None:
         return FileCheck(None, None, None, None, None, "file not found")
     try:
-        from PIL import Image
-
+        img = open_rgb(data, limits)
         with Image.open(io.BytesIO(data)) as probe:
             mode = probe.mode
-        img = open_rgb(data, limits)
     except BadImage as e:
         return FileCheck(None, None, None, None, len(data), str(e))
     except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the file

@@ -1,0 +1,163 @@
+"""Feature extraction: alignment, weights labels, up-to-date runs, resume after a kill, increments."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from influence.extractors import available, get_extractor, resolve_state_dict
+from influence.features import FeatureStore, extract_features
+from influence.pipeline import cmd_extract
+from influence.runs import InfluenceError, Run
+
+from .conftest import MOBILENET, make_slice
+
+
+def test_every_extractor_is_registered_with_a_picklable_preprocessing():
+    assert set(available()) >= {"pca", "kpca", "vgg16", "mobilenet_v2", "efficientnet_lite0",
+                                "style"}
+    for name in available():
+        extractor = get_extractor(name, "random" if name == "vgg16" else None)
+        pickle.dumps(extractor.preprocess)
+    with pytest.raises(InfluenceError, match="unknown extractor 'resnet'"):
+        get_extractor("resnet")
+
+
+def test_features_are_aligned_with_the_catalog_and_say_which_weights(small_run):
+    catalog = small_run.catalog()
+    x = small_run.features("mobilenet_v2")
+    assert x.shape == (len(catalog), 1280) and x.dtype == np.float32
+    assert np.isfinite(x).all() and (np.linalg.norm(x, axis=1) > 0).all()
+    info = small_run.features_info("mobilenet_v2")
+    assert info["weights"] == f"file {MOBILENET.resolve()}"
+    assert small_run.features("pca").shape == (len(catalog), 128)
+    # The query path (embed) gives the same rows as the batch engine for the same images.
+    files = catalog["file"].head(3)
+    images = [Image.open(small_run.image_path(f)).convert("RGB") for f in files]
+    extractor = get_extractor("mobilenet_v2", str(MOBILENET)).load()
+    np.testing.assert_allclose(extractor.embed(images), x[:3], rtol=1e-4, atol=1e-4)
+
+
+def test_imagenet_features_separate_artists_better_than_chance(small_run):
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    x = np.asarray(small_run.features("mobilenet_v2"))
+    y = small_run.catalog()["artist"].to_numpy()
+    accuracy = cross_val_score(KNeighborsClassifier(5), x, y, cv=3).mean()
+    assert accuracy > 0.6  # chance is 1/6; random weights stay near it
+
+
+def test_a_second_run_does_nothing(small_run, slice_collection):
+    before = {p: p.stat().st_mtime_ns for p in small_run.features_dir.glob("*.npy")}
+    status = cmd_extract(run=str(small_run.root), collection=str(slice_collection),
+                         extractors="pca,mobilenet_v2", weights={"mobilenet_v2": str(MOBILENET)},
+                         progress=False)
+    assert status == 0
+    assert before == {p: p.stat().st_mtime_ns for p in small_run.features_dir.glob("*.npy")}
+    assert extract_features(small_run, "pca", progress=False)["up_to_date"]
+
+
+def test_adding_images_extracts_only_the_new_ones(small_run, slice_collection, tmp_path):
+    run = Run(tmp_path / "run")
+    shutil.copytree(small_run.root, run.root)
+    grown = make_slice(tmp_path / "grown", per_artist=33)
+    # The run remembers its collection folder: point it at the grown copy.
+    manifest = run.manifest()
+    manifest["collection"]["images"] = str(grown)
+    from influence.runs import write_json
+    write_json(run.manifest_path, manifest)
+    status = cmd_extract(run=str(run.root), collection=str(grown), extractors="pca,mobilenet_v2",
+                         weights={"mobilenet_v2": str(MOBILENET)}, progress=False)
+    assert status == 0
+    info = run.features_info("mobilenet_v2")
+    assert info["rows"] == 6 * 33 and info["new_rows"] == 6 * 3
+    old = pd.Series(np.arange(len(small_run.catalog())), index=small_run.catalog()["image_id"])
+    new_ids = run.catalog()["image_id"]
+    kept = new_ids.isin(old.index).to_numpy()
+    np.testing.assert_array_equal(run.features("mobilenet_v2")[kept],
+                                  small_run.features("mobilenet_v2")[old[new_ids[kept]].to_numpy()])
+    # PCA keeps its fit: the new images are projected with the stored components.
+    assert run.features_info("pca")["fitted_on"] == small_run.features_info("pca")["fitted_on"]
+
+
+def test_killed_extraction_resumes_to_the_same_result(tmp_path):
+    collection = make_slice(tmp_path / "coll", per_artist=60)
+    run = Run(tmp_path / "run")
+    cmd = [sys.executable, "-m", "influence.pipeline", "--no-progress", "extract",
+           "--collection", str(collection), "--run", str(run.root),
+           "--extractors", "mobilenet_v2", "--weights", f"mobilenet_v2={MOBILENET}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = FeatureStore(run, "mobilenet_v2")
+    deadline = time.monotonic() + 300
+    while not store.part_files() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not store.matrix_path.exists(), "extraction finished before it could be interrupted"
+    first = len(store.done_ids())
+    assert 0 < first < 360
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    info = run.features_info("mobilenet_v2")
+    assert info["new_rows"] == 360 - first
+    x = run.features("mobilenet_v2")
+    extractor = get_extractor("mobilenet_v2", str(MOBILENET)).load()
+    files = run.catalog()["file"]
+    for i in (0, first - 1, first, 359):
+        image = Image.open(collection / files[i]).convert("RGB")
+        np.testing.assert_allclose(extractor.embed([image])[0], x[i], rtol=1e-4, atol=1e-4)
+
+
+def test_changed_weights_start_the_features_over(small_run, tmp_path):
+    run = Run(tmp_path / "run")
+    shutil.copytree(small_run.root, run.root)
+    info = extract_features(run, "mobilenet_v2", "random", progress=False)
+    assert not info["up_to_date"] and info["new_rows"] == len(run.catalog())
+    assert info["weights"].startswith("random (explicitly requested")
+
+
+def test_weights_that_cannot_be_downloaded_fall_back_loudly_to_random(capsys, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setenv("INFLUENCE_WEIGHTS_DIR", str(tmp_path))
+
+    def offline():
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    state, label = resolve_state_dict("vgg16", None, offline, "torchvision VGG16")
+    assert state is None and label.startswith("random (pretrained weights unavailable")
+    assert "WARNING: vgg16" in capsys.readouterr().err
+    # A file in the weights folder is preferred over the download.
+    torch.save({"w": torch.zeros(1)}, tmp_path / "vgg16.pth")
+    state, label = resolve_state_dict("vgg16", None, offline, "torchvision VGG16")
+    assert label == f"file {(tmp_path / 'vgg16.pth').resolve()}"
+
+
+def test_vgg16_runs_with_explicit_random_weights_and_rejects_foreign_ones(small_run):
+    vgg = get_extractor("vgg16", "random").load()
+    image = Image.open(small_run.image_path(small_run.catalog()["file"][0])).convert("RGB")
+    assert vgg.embed([image]).shape == (1, 512)
+    assert vgg.info()["weights"].startswith("random")
+    with pytest.raises(InfluenceError, match="weights do not fit vgg16"):
+        get_extractor("vgg16", str(MOBILENET)).load()
+
+
+@pytest.mark.parametrize("name, dim", [("efficientnet_lite0", 1280), ("style", 100)])
+def test_stronger_pretrained_extractors_embed_real_paintings(small_run, name, dim):
+    extractor = get_extractor(name).load()
+    assert extractor.weights_used.startswith("file ")
+    catalog = small_run.catalog()
+    images = [Image.open(small_run.image_path(f)).convert("RGB") for f in catalog["file"][:4]]
+    x = extractor.embed(images)
+    assert x.shape == (4, dim) and np.isfinite(x).all()
+    assert not np.allclose(x[0], x[1])
