@@ -1,4 +1,4 @@
-"""Feature extraction: alignment, weights labels, up-to-date runs, resume after a kill, increments."""
+"""Feature extraction: alignment, weights labels, up-to-date runs, resume after kill, increments."""
 
 from __future__ import annotations
 
