@@ -1,0 +1,127 @@
+"""Everything the app shows, loaded once and read-only when it starts: shared by all users."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image
+
+from influence.catalog import LABEL_FIELDS
+from influence.runs import InfluenceError, Run, read_json
+from influence.thumbnails import thumbs_dir
+
+METHODS = {"kmeans": "KMeans", "gmm": "GMM"}
+
+
+@dataclass
+class RunData:
+    """The run's catalog, clusterings, search/heads and scores; never mutated after loading."""
+
+    run: Run
+    catalog: pd.DataFrame
+    clusterings: dict[str, Any]
+    explorer: Any | None
+    explorer_error: str | None
+    comparison: pd.DataFrame | None
+    heads: pd.DataFrame | None
+    _row: dict[str, int] = field(default_factory=dict)
+    _query_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._row = {i: n for n, i in enumerate(self.catalog["image_id"])}
+
+    @property
+    def name(self) -> str:
+        return self.run.root.name
+
+    @property
+    def features(self) -> list[str]:
+        """The clustered feature sets, the search features first."""
+        names = list(self.clusterings)
+        default = self.explorer.features if self.explorer is not None else None
+        return sorted(names, key=lambda n: (n != default, names.index(n)))
+
+    def default_features(self, wanted: str | None = None) -> str | None:
+        if wanted in self.clusterings:
+            return wanted
+        return self.features[0] if self.features else None
+
+    def row_of(self, image_id: str) -> int | None:
+        return self._row.get(image_id)
+
+    def painting(self, image_id: str) -> dict[str, Any] | None:
+        """The catalog row of a painting as a dict, or None for an unknown id."""
+        row = self.row_of(image_id)
+        return None if row is None else self.catalog.iloc[row].to_dict()
+
+    def image_file(self, image_id: str) -> Path | None:
+        """The full image of a catalogued painting (looked up by id, never a user path)."""
+        row = self.row_of(image_id)
+        if row is None:
+            return None
+        root = self.run.image_root().resolve()
+        path = (root / self.catalog["file"].iat[row]).resolve()
+        return path if path.is_relative_to(root) and path.is_file() else None
+
+    def has_thumbnails(self) -> bool:
+        return (thumbs_dir(self.run) / "thumbs.json").exists()
+
+    def query(self, image: Image.Image, k: int = 12) -> dict[str, Any]:
+        """Search with one uploaded image; queries take turns so two uploads never interleave."""
+        if self.explorer is None:
+            raise InfluenceError(self.explorer_error or "no search index in this run")
+        with self._query_lock:
+            return self.explorer.query(image, k=k)
+
+
+def _heads(run: Run) -> pd.DataFrame | None:
+    """One row per trained classifier head with its held-out metrics."""
+    from influence.query import trained_heads
+
+    rows = []
+    for target, features in trained_heads(run):
+        path = run.models_dir / f"{target}-{features}.json"
+        info = read_json(path) if path.exists() else {}
+        metrics = info.get("metrics", info)
+        rows.append({"target": target, "features": features,
+                     **{k: metrics.get(k) for k in ("accuracy", "macro_f1", "top5_accuracy",
+                                                    "n_train", "n_test")}})
+    return pd.DataFrame(rows) if rows else None
+
+
+def load_run_data(run_dir: str | Path) -> RunData:
+    """Load a run for the app: raises InfluenceError when it has no catalog."""
+    run = Run(Path(run_dir))
+    if not run.root.is_dir():
+        raise InfluenceError(f"no run directory at {run.root}")
+    catalog = run.catalog().reset_index(drop=True)
+    for name in LABEL_FIELDS:
+        catalog[name] = catalog[name].astype("string")
+    clusterings: dict[str, Any] = {}
+    try:
+        from influence.clustering import clustered_features, load_clustering
+
+        for name in clustered_features(run):
+            clusterings[name] = load_clustering(run, name)
+    except (ImportError, InfluenceError):
+        clusterings = {}
+    explorer, explorer_error = None, None
+    try:
+        from influence.query import Explorer
+
+        explorer = Explorer(run)
+    except ImportError:
+        explorer_error = "this installation has no search module"
+    except InfluenceError as e:
+        explorer_error = str(e)
+    try:
+        heads = _heads(run)
+    except (ImportError, InfluenceError):
+        heads = None
+    comparison_path = run.clusters_dir / "comparison.csv"
+    comparison = pd.read_csv(comparison_path) if comparison_path.exists() else None
+    return RunData(run, catalog, clusterings, explorer, explorer_error, comparison, heads)

@@ -1,0 +1,1 @@
+"""One module per view: `layout(data, ...)` builds the page, `register(app, data)` its callbacks."""

@@ -1,0 +1,131 @@
+"""Upload: one image in, the paintings and artists it resembles, head predictions and clusters out.
+
+An upload is untrusted: its size is checked in the browser (a file over the limit is never sent)
+and again here before decoding; pixels are checked by `open_rgb`; the file name is only shown,
+never used; nothing is written to disk, and the answer goes back to the one browser that asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+
+from dash import Dash, Input, Output, dcc, html, no_update
+
+from dash_app.components import chart, cluster_href, gallery, hbar, message, needs
+from dash_app.data import RunData
+from influence.images import BadImage, ImageLimits, open_rgb
+from influence.runs import InfluenceError
+from influence.thumbnails import thumbnail_bytes
+
+MAX_UPLOAD_BYTES = 20_000_000
+LIMITS = ImageLimits(min_side=32, max_pixels=50_000_000, max_bytes=MAX_UPLOAD_BYTES)
+#: The base64 text of the largest accepted file, plus its data-URL header.
+MAX_BASE64_CHARS = 4 * (MAX_UPLOAD_BYTES // 3 + 1) + 200
+#: What the server accepts in one request; anything larger is refused before any callback.
+MAX_REQUEST_BYTES = MAX_BASE64_CHARS + 1_000_000
+NEAREST = 12
+
+
+def layout(data: RunData) -> html.Div:
+    return html.Div([
+        html.H2("Which paintings and artists does an image resemble?"),
+        needs("index", data) if data.explorer is None else None,
+        dcc.Upload(html.Div(["Drop an image here, or ", html.A("choose a file"),
+                             html.Div(f"JPEG, PNG, WebP… up to {MAX_UPLOAD_BYTES // 1_000_000} MB "
+                                      f"and {LIMITS.max_pixels // 1_000_000} megapixels; it is "
+                                      "not stored.", className="hint")]),
+                   id="upload-image", accept="image/*", multiple=False, className="dropzone"),
+        dcc.Store(id="upload-payload"),
+        dcc.Loading(html.Div(id="upload-result"), delay_show=200),
+    ])
+
+
+def decode(contents: str | None) -> bytes:
+    """The file bytes of a dcc.Upload data URL, refusing oversize or malformed input."""
+    if not contents:
+        raise BadImage("empty upload")
+    if len(contents) > MAX_BASE64_CHARS:
+        raise BadImage(f"the file is larger than {MAX_UPLOAD_BYTES // 1_000_000} MB")
+    _, sep, encoded = contents.partition(",")
+    try:
+        raw = base64.b64decode(encoded if sep else contents, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage("the upload could not be read (not base64 data)") from None
+    if not raw:
+        raise BadImage("the file is empty")
+    return raw
+
+
+def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds: float) -> list:
+    """The page for one answered query."""
+    features = data.explorer.features
+    paintings, artists = answer.get("paintings", []), answer.get("artists", [])
+    parts = [
+        html.Div([
+            html.Img(src="data:image/jpeg;base64," + base64.b64encode(preview).decode(),
+                     className="upload-preview", alt="your image"),
+            html.Div([
+                html.Div(name, className="card-title"),
+                html.Div(f"Answered in {seconds:.2f} s (search and predictions "
+                         f"{answer.get('seconds', seconds):.2f} s) with the {features} features.",
+                         id="upload-time"),
+            ]),
+        ], className="upload-head"),
+        html.H3("Nearest paintings"),
+        gallery(data, [p["image_id"] for p in paintings],
+                [f"similarity {p['score']:.2f}" for p in paintings], id="upload-neighbours"),
+    ]
+    columns = [html.Div([html.H3("Similar artists"), chart(hbar(
+        [a["artist"] for a in artists[:10]], [a["score"] for a in artists[:10]],
+        value_format=".2f", hover=[f"{a['paintings']} of the nearest paintings"
+                                   for a in artists[:10]]), id="upload-artists")])]
+    for target, labels in answer.get("predictions", {}).items():
+        columns.append(html.Div([html.H3(f"Predicted {target}"), chart(hbar(
+            [p["label"] for p in labels], [p["p"] for p in labels]),
+            id=f"upload-predict-{target}")]))
+    clusters = answer.get("clusters", [])[:8]
+    if clusters:
+        columns.append(html.Div([
+            html.H3("Belongs to (GMM responsibilities)"),
+            chart(hbar([f"cluster {c['cluster']}" for c in clusters], [c["p"] for c in clusters]),
+                  id="upload-clusters"),
+            html.Div([dcc.Link(f"cluster {c['cluster']}", className="chip",
+                               href=cluster_href(features, "gmm", c["cluster"]))
+                      for c in clusters if c["p"] >= 0.05]),
+        ]))
+    return [*parts, html.Div(columns, className="chart-grid")]
+
+
+def register(app: Dash, data: RunData) -> None:
+    app.clientside_callback(
+        f"""function(contents, filename) {{
+            if (!contents) {{ return window.dash_clientside.no_update; }}
+            if (contents.length > {MAX_BASE64_CHARS}) {{
+                return {{error: "This file is larger than {MAX_UPLOAD_BYTES // 1_000_000} MB."}};
+            }}
+            return {{contents: contents, filename: filename}};
+        }}""",
+        Output("upload-payload", "data"), Input("upload-image", "contents"),
+        Input("upload-image", "filename"))
+
+    @app.callback(Output("upload-result", "children"), Input("upload-payload", "data"),
+                  prevent_initial_call=True)
+    def answer(payload: dict | None) -> object:
+        if not payload:
+            return no_update
+        name = str(payload.get("filename") or "upload")[:80]
+        if "error" in payload:
+            return message(str(payload["error"]), "error", id="upload-error")
+        start = time.perf_counter()
+        try:
+            image = open_rgb(decode(payload.get("contents")), LIMITS)
+            result = data.query(image, k=NEAREST)
+        except InfluenceError as e:
+            return message(f"{name}: {e}", "error", id="upload-error")
+        if "error" in result:
+            return message(f"{name}: {result['error']}", "error", id="upload-error")
+        return answer_view(data, result, thumbnail_bytes(image, 240), name,
+                           time.perf_counter() - start)
+
