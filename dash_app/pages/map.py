@@ -92,7 +92,7 @@ def register(app: Dash, data: RunData) -> None:
         if row is None:
             return False, no_update, no_update
         year = text(row["year"], "")
-        return True, point["bbox"], html.Div([
+        return True, point.get("bbox", no_update), html.Div([
             html.Img(src=thumb_url(row["image_id"]), className="tooltip-thumb"),
             html.Div(text(row["title"], "untitled"), className="card-title"),
             html.Div(f"{text(row['artist'])}{', ' + year if year else ''}",

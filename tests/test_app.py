@@ -1,0 +1,265 @@
+"""The explorer app on a small built run: its image routes over HTTP, and every view in a real
+headless Chromium (Debian's `chromium` + `chromium-driver`, installed by scripts/install.sh)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import make_server
+
+from dash_app.app import create_app
+from dash_app.data import RunData, load_run_data
+from dash_app.pages.upload import MAX_BASE64_CHARS
+from influence.pipeline import cmd_cluster, cmd_index, cmd_train
+from influence.runs import Run
+
+FEATURES = "mobilenet_v2"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1400,1000")
+WAIT = 60
+
+
+# ------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def built(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """A private copy of the fixture run, clustered, indexed, with style and artist heads."""
+    dest = tmp_path_factory.mktemp("app-run")
+    shutil.copytree(small_run.root, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.parts", "index", "models", "clusters"))
+    assert cmd_cluster(run=str(dest), features=FEATURES, k_min=2, k_max=6, progress=False) == 0
+    assert cmd_index(run=str(dest), features=FEATURES, progress=False) == 0
+    assert cmd_train(run=str(dest), target="style,artist", features=FEATURES,
+                     progress=False) == 0
+    return Run(dest)
+
+
+@pytest.fixture(scope="module")
+def data(built: Run) -> RunData:
+    return load_run_data(built.root)
+
+
+@pytest.fixture(scope="module")
+def app(built: Run, data: RunData):
+    return create_app(built.root, data)
+
+
+@pytest.fixture(scope="module")
+def base_url(app) -> Iterator[str]:
+    """The app on 127.0.0.1 and a free port, served from a thread."""
+    server = make_server("127.0.0.1", 0, app.server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Headless Chromium driven by selenium."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("chromium / chromium-driver not installed (scripts/install.sh installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(browser, css: str, count: int = 1) -> list:
+    """The elements matching `css` once at least `count` of them are on the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, WAIT).until(
+        lambda d: (found := d.find_elements(By.CSS_SELECTOR, css)) and len(found) >= count
+        and found)
+
+
+def wait_text(browser, css: str, pattern: str) -> str:
+    """The text of the first `css` element once it matches the regular expression."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def match(d) -> str | bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        return bool(found) and re.search(pattern, found[0].text) is not None and found[0].text
+
+    return WebDriverWait(browser, WAIT).until(match)
+
+
+def painting_ids(elements: list) -> list[str]:
+    return [e.get_attribute("href").rsplit("/", 1)[1] for e in elements]
+
+
+# --------------------------------------------------------------------------- routes, no browser
+def test_thumbnails_are_small_cached_and_addressed_by_id_only(app, data: RunData,
+                                                              built: Run) -> None:
+    client = app.server.test_client()
+    image_id = data.catalog["image_id"].iat[0]
+    thumb = client.get(f"/thumbs/{image_id}.jpg")
+    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    assert "immutable" in thumb.headers["Cache-Control"]
+    assert thumb.data == (built.root / "thumbs" / f"{image_id}.jpg").read_bytes()
+    full = client.get(f"/images/{image_id}")
+    assert full.data == data.image_file(image_id).read_bytes()
+    for bad in ("/thumbs/ffffffffffffffff.jpg", "/images/ffffffffffffffff",
+                "/images/..%2Fpaintings.csv", "/plots/pca/elbow.png", f"/plots/{FEATURES}/x.png"):
+        response = client.get(bad)
+        assert response.status_code == 404 or response.mimetype == "text/html", bad
+        assert b"image_id" not in response.data
+
+
+def test_thumbnail_made_in_memory_when_the_run_has_none(built: Run, data: RunData,
+                                                        tmp_path: Path) -> None:
+    bare = tmp_path / "run"
+    shutil.copytree(built.root, bare, ignore=shutil.ignore_patterns("thumbs", "*.parts"))
+    app = create_app(bare, RunData(Run(bare), data.catalog, data.clusterings, None, "none",
+                                   None, None))
+    response = app.server.test_client().get(f"/thumbs/{data.catalog['image_id'].iat[0]}.jpg")
+    assert response.status_code == 200 and response.data[:3] == b"\xff\xd8\xff"
+    assert not (bare / "thumbs").exists()
+
+
+def upload_request(client, contents: str, name: str) -> dict:
+    """What the browser sends when the upload store changes; returns the rendered answer."""
+    body = {"output": "upload-result.children",
+            "outputs": {"id": "upload-result", "property": "children"},
+            "inputs": [{"id": "upload-payload", "property": "data",
+                        "value": {"contents": contents, "filename": name}}],
+            "changedPropIds": ["upload-payload.data"], "state": []}
+    response = client.post("/_dash-update-component", json=body)
+    assert response.status_code == 200
+    return response.get_json()
+
+
+def test_two_simultaneous_uploads_each_get_their_own_answer(app, data: RunData,
+                                                            built: Run) -> None:
+    rows = [0, 100, 40, 150]
+
+    def ask(row: int) -> str:
+        raw = built.image_path(data.catalog["file"].iat[row]).read_bytes()
+        answer = upload_request(app.server.test_client(),
+                                "data:image/jpeg;base64," + base64.b64encode(raw).decode(),
+                                f"../../{row}.jpg")
+        return json.dumps(answer)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, rows * 2))
+    for row, answer in zip(rows * 2, answers, strict=True):
+        own = data.catalog["image_id"].iat[row]
+        first = re.search(r'/painting/([0-9a-f]+)"', answer).group(1)
+        assert first == own, f"upload of row {row} answered with another painting"
+
+
+def test_upload_limits_and_bad_input_answer_with_a_message(app) -> None:
+    client = app.server.test_client()
+    cases = {
+        "data:text/plain;base64," + base64.b64encode(b"hello, not a picture").decode():
+            "not an image",
+        "data:image/jpeg;base64,%%%not-base64%%%": "could not be read",
+        "data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff\xe0" + b"\0" * 64).decode():
+            "corrupt|not an image",
+        "data:image/jpeg;base64," + "A" * MAX_BASE64_CHARS: "larger than",
+    }
+    for contents, expected in cases.items():
+        text = json.dumps(upload_request(client, contents, "x.jpg"))
+        assert re.search(expected, text), (contents[:40], text[:300])
+        assert '"upload-error"' in text
+
+
+# ------------------------------------------------------------------------------ in the browser
+def test_map_shows_every_painting_and_opens_one_on_click(browser, base_url: str,
+                                                         data: RunData) -> None:
+    browser.get(base_url + "/")
+    legend = wait_for(browser, "#map-graph .legendtext")
+    counts = [int(re.search(r"\((\d+)\)", e.text).group(1)) for e in legend]
+    assert sum(counts) == len(data.catalog)
+    image_id = browser.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        const point = {curveNumber: 0, pointNumber: 0, customdata: g.data[0].customdata[0],
+                       x: g.data[0].x[0], y: g.data[0].y[0],
+                       bbox: {x0: 300, x1: 305, y0: 300, y1: 305}};
+        g.emit('plotly_hover', {points: [point]});
+        return point.customdata;""")
+    tip = wait_for(browser, ".tooltip-thumb")[0]
+    assert tip.get_attribute("src").endswith(f"/thumbs/{image_id}.jpg")
+    browser.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        g.emit('plotly_click', {points: [{curveNumber: 0, pointNumber: 0,
+                                          customdata: g.data[0].customdata[0]}]});""")
+    title = wait_for(browser, "#painting-title")[0]
+    assert browser.current_url.endswith(f"/painting/{image_id}")
+    assert title.text == data.painting(image_id)["title"]
+
+
+def test_clusters_gallery_leads_to_a_painting_with_its_neighbours(
+        browser, base_url: str, data: RunData) -> None:
+    clustering = data.clusterings[FEATURES]
+    browser.get(base_url + "/clusters")
+    tiles = wait_for(browser, ".cluster-tile", clustering.summary["k"])
+    assert len(tiles) == clustering.summary["k"]
+    tiles[-1].click()
+    last = int(re.search(r"Cluster (\d+)", tiles[-1].text).group(1))
+    wait_text(browser, "#cluster-title", rf"^Cluster {last}: ")
+    typical = clustering.typical
+    expected = typical[(typical["method"] == "kmeans") & (typical["cluster"] == last)]
+    shown = painting_ids(wait_for(browser, "#cluster-gallery a"))
+    assert shown == list(expected.sort_values("rank")["image_id"][:len(shown)])
+    assert len(wait_for(browser, ".chart-grid .js-plotly-plot", 5)) == 5
+    browser.find_element("css selector", "#cluster-gallery a").click()
+    wait_for(browser, "#painting-title")
+    assert browser.current_url.endswith(f"/painting/{shown[0]}")
+    neighbours = painting_ids(wait_for(browser, "#painting-neighbours a"))
+    assert len(neighbours) == 12 and shown[0] not in neighbours
+    assert neighbours == [p["image_id"] for p in
+                          data.explorer.neighbours_of(shown[0], k=12)["paintings"]]
+    wait_for(browser, "#painting-responsibilities .js-plotly-plot")
+
+
+def test_upload_in_the_page_finds_the_painting_itself(browser, base_url: str, data: RunData,
+                                                      built: Run) -> None:
+    row = 42
+    path = built.image_path(data.catalog["file"].iat[row])
+    browser.get(base_url + "/upload")
+    wait_for(browser, "#upload-image input[type=file]")[0].send_keys(str(path))
+    timing = wait_text(browser, "#upload-time", r"Answered in [\d.]+ s")
+    assert float(re.search(r"Answered in ([\d.]+) s", timing).group(1)) < 60
+    nearest = painting_ids(wait_for(browser, "#upload-neighbours a"))
+    assert nearest[0] == data.catalog["image_id"].iat[row]
+    wait_for(browser, "#upload-predict-style .js-plotly-plot")
+    wait_for(browser, "#upload-artists .js-plotly-plot")
+
+
+def test_upload_of_a_non_image_says_so_in_the_page(browser, base_url: str,
+                                                   tmp_path: Path) -> None:
+    fake = tmp_path / "holiday.jpg"
+    fake.write_bytes(b"this is a text file wearing a .jpg name\n" * 10)
+    browser.get(base_url + "/upload")
+    wait_for(browser, "#upload-image input[type=file]")[0].send_keys(str(fake))
+    assert "not an image" in wait_text(browser, "#upload-error", "not an image")
+
+
+def test_scores_table_and_sweep_plots(browser, base_url: str, data: RunData) -> None:
+    browser.get(base_url + "/scores")
+    rows = wait_for(browser, "#scores-table tbody tr", 3)
+    assert len(rows) == 1 + len(data.comparison)          # header row + one per (features, method)
+    wait_for(browser, "#heads-table tbody tr", 3)
+    plots = wait_for(browser, "img.score-plot", 2)
+    assert all(browser.execute_script("return arguments[0].naturalWidth", p) > 0 for p in plots)
