@@ -23,7 +23,9 @@ def table(frame: pd.DataFrame, table_id: str) -> dash_table.DataTable:
         shown.to_dict("records"), [{"name": c, "id": c} for c in shown.columns], id=table_id,
         sort_action="native", style_table={"overflowX": "auto"},
         style_cell={"fontFamily": "inherit", "fontSize": 13, "padding": "4px 8px"},
-        style_header={"fontWeight": "bold", "backgroundColor": "#f3f3f3"})
+        style_header={"fontWeight": "bold", "backgroundColor": "#f3f3f3"},
+        style_cell_conditional=[{"if": {"column_id": c}, "textAlign": "left"}
+                                for c in shown.select_dtypes(exclude="number").columns])
 
 
 def _chosen(summary: dict) -> str:
@@ -44,13 +46,15 @@ def layout(data: RunData) -> html.Div:
         parts.append(html.P("No clusters/comparison.csv in this run: run the cluster stage.",
                             className="message info"))
     else:
-        parts += [html.P(NOTE, className="hint"), table(data.comparison, "scores-table")]
+        shown = data.comparison.drop(columns=["weights"], errors="ignore")
+        parts += [html.P(NOTE, className="hint"), table(shown, "scores-table")]
     if data.heads is not None:
         parts += [html.H2("Classifier heads (held-out split)"), table(data.heads, "heads-table")]
     for features, clustering in data.clusterings.items():
         parts += [
             html.H3(f"{features}"),
-            html.P(_chosen(clustering.summary), className="hint"),
+            html.P([_chosen(clustering.summary), html.Br(),
+                    f"Weights: {clustering.summary.get('weights', 'unknown')}"], className="hint"),
             html.Div([html.Img(src=plot_url(features, plot), alt=f"{plot} plot of {features}",
                                className="score-plot")
                       for plot in PLOTS
