@@ -263,3 +263,16 @@ def test_scores_table_and_sweep_plots(browser, base_url: str, data: RunData) -> 
     wait_for(browser, "#heads-table tbody tr", 3)
     plots = wait_for(browser, "img.score-plot", 2)
     assert all(browser.execute_script("return arguments[0].naturalWidth", p) > 0 for p in plots)
+
+
+def test_a_run_with_only_features_says_what_to_run(small_run: Run) -> None:
+    client = create_app(small_run.root).server.test_client()
+    for path, stage in (("/", "cluster"), ("/clusters", "cluster"), ("/upload", "index"),
+                        ("/scores", "cluster"), (f"/painting/{'0' * 16}", "No painting")):
+        body = {"output": "page.children", "outputs": {"id": "page", "property": "children"},
+                "inputs": [{"id": "url", "property": "pathname", "value": path},
+                           {"id": "url", "property": "search", "value": ""}],
+                "changedPropIds": ["url.pathname"], "state": []}
+        response = client.post("/_dash-update-component", json=body)
+        assert response.status_code == 200, path
+        assert stage in response.get_data(as_text=True), path
