@@ -105,21 +105,95 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
 def cmd_index(run: str, features: str | Sequence[str] | None = None,
               progress: bool = True) -> int:
     """A faiss nearest-neighbour index per feature set."""
-    raise NotImplementedError("index: being written (issue 4)")
+    from influence.neighbours import build_run_indexes
+
+    out = Run(Path(run))
+    names = _names(features) or out.feature_names()
+    if not names:
+        raise InfluenceError(f"run {out.root} has no features: run `extract` first")
+    start = time.perf_counter()
+    infos = build_run_indexes(out, names, progress=progress)
+    _table(["features", "paintings", "index", "artist in top 5 (leave-one-out)", "this run"],
+           [(i["features"], i["rows"], i["kind"], i["leave_one_out"]["artist_top5"],
+             "up to date" if i["up_to_date"] else f"built in {i['timings']['build_s']} s")
+            for i in infos])
+    out.record_stage("index", features=names, seconds=round(time.perf_counter() - start, 2),
+                     indexes={i["features"]: {k: i[k] for k in ("kind", "rows", "leave_one_out")}
+                              for i in infos})
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
               features: str | Sequence[str] | None = None, progress: bool = True) -> int:
     """Classifier heads on frozen features, evaluated on a stratified held-out split."""
-    raise NotImplementedError("train: being written (issue 4)")
+    from influence.classify import train_heads
+
+    out = Run(Path(run))
+    names = _names(features) or out.feature_names()
+    if not names:
+        raise InfluenceError(f"run {out.root} has no features: run `extract` first")
+    targets = _names(target) or []
+    start = time.perf_counter()
+    infos = train_heads(out, targets, names, progress=progress)
+    for i in infos:
+        if i["dropped_classes"] and not i["up_to_date"]:
+            print(f"note: {i['target']}/{i['features']}: left out "
+                  f"{len(i['dropped_classes'])} label(s) with fewer than {i['min_per_class']} "
+                  f"paintings ({', '.join(list(i['dropped_classes'])[:5])}"
+                  f"{', ...' if len(i['dropped_classes']) > 5 else ''})")
+    _table(["target", "features", "classes", "train", "test", "accuracy", "macro F1", "top-5",
+            "this run"],
+           [(i["target"], i["features"], len(i["classes"]), i["n_train"], i["n_test"],
+             f"{i['accuracy']:.3f}", f"{i['macro_f1']:.3f}", f"{i['top5_accuracy']:.3f}",
+             "up to date" if i["up_to_date"] else f"fitted in {i['timings']['fit_s']:.1f} s")
+            for i in infos])
+    out.record_stage("train", targets=targets, features=names,
+                     seconds=round(time.perf_counter() - start, 2),
+                     heads=[{k: i[k] for k in ("target", "features", "accuracy", "macro_f1",
+                                               "top5_accuracy", "n_train", "n_test")}
+                            for i in infos])
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- similar
 def cmd_similar(run: str, images: Sequence[str], k: int = 10, features: str | None = None,
                 json: bool = False, progress: bool = True) -> int:
     """Nearest paintings, similar artists, head predictions and GMM responsibilities per image."""
-    raise NotImplementedError("similar: being written (issue 4)")
+    import json as json_module
+
+    from influence.query import Explorer, collect_queries
+
+    explorer = Explorer(Run(Path(run)), features)
+    failed = 0
+    for label, path in collect_queries(images):
+        answer = (explorer.query(path, k=k) if path is not None
+                  else {"query": label, "error": "folder has no image files"})
+        failed += "error" in answer
+        if json:
+            print(json_module.dumps(answer, ensure_ascii=False), flush=True)
+        elif "error" in answer:
+            print(f"error: {label}: {answer['error']}", file=sys.stderr)
+        else:
+            _print_answer(answer)
+    return 1 if failed else 0
+
+
+def _print_answer(answer: dict[str, Any]) -> None:
+    """One `similar` answer as readable tables."""
+    print(f"\n== {answer['query']}  ({answer['features']} features, {answer['seconds']:.3f} s)")
+    _table(["#", "score", "artist", "title", "file"],
+           [(n, f"{p['score']:.3f}", p["artist"], p["title"], p["file"])
+            for n, p in enumerate(answer["paintings"], 1)])
+    print()
+    _table(["#", "score", "similar artist", "paintings among the nearest"],
+           [(n, f"{a['score']:.3f}", a["artist"], a["paintings"])
+            for n, a in enumerate(answer["artists"], 1)])
+    for target, top in answer["predictions"].items():
+        print(f"{target}: " + ", ".join(f"{t['label']} {t['p']:.2f}" for t in top))
+    if answer["clusters"]:
+        print("clusters: " + ", ".join(f"{c['cluster']} ({c['p']:.2f})"
+                                       for c in answer["clusters"]))
 
 
 # ------------------------------------------------------------------------------------------- run

@@ -1,0 +1,291 @@
+"""Classifier heads on frozen features: which style, genre, artist or nationality a picture has.
+
+A head is a scikit-learn pipeline (L2 normalisation, standardisation, multinomial logistic
+regression with balanced class weights, so rare classes count as much as common ones), fitted on
+the training part of a stratified, seeded split that is saved per target
+(`RUN/models/split-<target>.parquet`, shared by every feature set so heads compare fairly) and
+evaluated on the held-out part. Rows without the target label are left out, not guessed; labels
+with fewer than `MIN_PER_CLASS` paintings are dropped from that head, and the head says so.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from tqdm.auto import tqdm
+
+from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+
+TARGETS = ("style", "genre", "artist", "nationality")
+TEST_SIZE = 0.2
+SEED = 0
+#: Labels with fewer paintings than this are left out of a head (too few to split and judge).
+MIN_PER_CLASS = 5
+#: Inverse regularisation strength of the logistic regression (on standardised features).
+C = 0.1
+MAX_ITER = 1000
+TOP_K = 5
+#: Most confidently wrong test paintings kept per head.
+WRONG_ROWS = 50
+
+
+def make_split(image_ids: Sequence[str], labels: Sequence[Any], test_size: float = TEST_SIZE,
+               seed: int = SEED, min_per_class: int = MIN_PER_CLASS
+               ) -> tuple[pd.DataFrame, dict[str, int]]:
+    """A stratified train/test split of the labelled rows.
+
+    Returns (split, dropped): split has image_id, label, part ('train'|'test'), in input order;
+    dropped maps each label with fewer than `min_per_class` rows to its count.
+    """
+    frame = pd.DataFrame({"image_id": list(image_ids), "label": pd.array(labels, dtype="string")})
+    frame = frame[frame["label"].notna()]
+    counts = frame["label"].value_counts()
+    dropped = {str(k): int(v) for k, v in counts[counts < min_per_class].items()}
+    frame = frame[~frame["label"].isin(dropped)].reset_index(drop=True)
+    if frame["label"].nunique() < 2:
+        return frame.assign(part=pd.Series(dtype="string")).iloc[:0], dropped
+    train, _ = train_test_split(np.arange(len(frame)), test_size=test_size, random_state=seed,
+                                stratify=frame["label"].to_numpy())
+    part = np.full(len(frame), "test", dtype=object)
+    part[train] = "train"
+    return frame.assign(part=pd.array(part, dtype="string")), dropped
+
+
+def make_head(c: float = C) -> Pipeline:
+    """The untrained head: normalise, standardise, balanced multinomial logistic regression."""
+    return make_pipeline(Normalizer(), StandardScaler(),
+                         LogisticRegression(C=c, class_weight="balanced", max_iter=MAX_ITER,
+                                            random_state=SEED))
+
+
+def evaluate(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str],
+             k: int = TOP_K) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
+    """Held-out metrics from predicted probabilities (columns = `classes`), all by scikit-learn.
+
+    Returns (metrics, per-class table, confusion matrix with true labels as rows).
+    """
+    classes = list(classes)
+    y_true = np.asarray(y_true, dtype=object)
+    y_pred = np.asarray(classes, dtype=object)[proba.argmax(axis=1)]
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes,
+                                                 average="macro", zero_division=0)
+    k = min(k, len(classes))
+    top_k = (1.0 if k >= len(classes)
+             else top_k_accuracy_score(y_true, proba, k=k, labels=classes))
+    metrics = {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_precision": float(p),
+               "macro_recall": float(r), "macro_f1": float(f), "top5_accuracy": float(top_k),
+               "top_k": k, "n_test": len(y_true), "chance_accuracy": 1 / len(classes)}
+    pc, rc, fc, sc = precision_recall_fscore_support(y_true, y_pred, labels=classes,
+                                                     zero_division=0)
+    per_class = pd.DataFrame({"label": classes, "precision": pc, "recall": rc, "f1": fc,
+                              "support": sc})
+    matrix = pd.DataFrame(confusion_matrix(y_true, y_pred, labels=classes),
+                          index=pd.Index(classes, name="true"), columns=classes)
+    return metrics, per_class, matrix
+
+
+def head_paths(run: Run, target: str, features: str) -> dict[str, Path]:
+    stem = run.models_dir / f"{target}-{features}"
+    return {"model": stem.with_suffix(".joblib"), "json": stem.with_suffix(".json"),
+            "per_class": Path(f"{stem}-per_class.csv"), "confusion": Path(f"{stem}-confusion.csv"),
+            "picture": Path(f"{stem}-confusion.png"), "wrong": Path(f"{stem}-wrong.csv")}
+
+
+def split_path(run: Run, target: str) -> Path:
+    return run.models_dir / f"split-{target}.parquet"
+
+
+def run_split(run: Run, target: str, catalog: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The target's split for this run's catalog, made once and saved (image_id, part)."""
+    if target not in catalog.columns:
+        raise InfluenceError(f"target '{target}' is not a catalog column "
+                             f"(targets: {', '.join(TARGETS)})")
+    split, dropped = make_split(catalog["image_id"], catalog[target])
+    path = split_path(run, target)
+    saved = pd.read_parquet(path) if path.exists() else None
+    if saved is None or not saved[["image_id", "part"]].equals(split[["image_id", "part"]]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        split[["image_id", "part"]].to_parquet(path.with_suffix(".tmp"), index=False)
+        path.with_suffix(".tmp").replace(path)
+    return split, dropped
+
+
+def _draw_confusion(matrix: pd.DataFrame, title: str, path: Path) -> None:
+    """Row-normalised confusion matrix as a picture (counts written in when there is room)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = matrix.to_numpy()
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(matrix)
+    side = min(40.0, max(6.0, 0.22 * n + 3))
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ticks = np.arange(n)
+    size = max(3, min(10, 400 / max(n, 1)))
+    ax.set_xticks(ticks, matrix.columns, rotation=90, fontsize=size)
+    ax.set_yticks(ticks, matrix.index, fontsize=size)
+    if n <= 25:
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=size,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true (rows sum to 1)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | None = None
+               ) -> dict[str, Any]:
+    """Bring one head up to date: fit, evaluate and write its files; returns its JSON."""
+    catalog = run.catalog() if catalog is None else catalog
+    split, dropped = run_split(run, target, catalog)
+    paths = head_paths(run, target, features)
+    key = fingerprint([(run.features_dir / f"{features}.json").read_text(),
+                       fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
+                                   + split["part"]),
+                       json.dumps({"c": C, "max_iter": MAX_ITER, "min": MIN_PER_CLASS,
+                                   "seed": SEED, "test": TEST_SIZE})])
+    if paths["json"].exists() and paths["model"].exists():
+        info = read_json(paths["json"])
+        if info.get("input") == key:
+            return {**info, "up_to_date": True}
+    if split.empty:
+        raise InfluenceError(f"head {target}/{features}: fewer than 2 labels with at least "
+                             f"{MIN_PER_CLASS} paintings each; nothing to learn")
+    x_all = run.features(features)
+    row = pd.Series(np.arange(len(catalog)), index=catalog["image_id"].to_numpy())
+    rows = row.loc[split["image_id"].to_numpy()].to_numpy()
+    train, test = (split["part"] == "train").to_numpy(), (split["part"] == "test").to_numpy()
+    labels = split["label"].to_numpy(dtype=object)
+    x = np.asarray(x_all[rows], dtype=np.float32)
+    start = time.perf_counter()
+    head = make_head()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        head.fit(x[train], labels[train])
+    fit_s = time.perf_counter() - start
+    classes = [str(c) for c in head.classes_]
+    proba = head.predict_proba(x[test])
+    metrics, per_class, matrix = evaluate(labels[test], proba, classes)
+    n_train = pd.Series(labels[train]).value_counts()
+    per_class["n_train"] = per_class["label"].map(n_train).fillna(0).astype(int)
+
+    run.models_dir.mkdir(parents=True, exist_ok=True)
+    joblib.dump({"pipeline": head, "classes": classes, "target": target, "features": features},
+                paths["model"])
+    per_class.to_csv(paths["per_class"], index=False)
+    matrix.to_csv(paths["confusion"])
+    _draw_confusion(matrix, f"{target} from {features} features (held-out part)",
+                    paths["picture"])
+    _wrong(catalog, rows[test], labels[test], proba, classes, target).to_csv(paths["wrong"],
+                                                                            index=False)
+    info = {"target": target, "features": features,
+            "weights": run.features_info(features).get("weights"), **metrics,
+            "n_train": int(train.sum()), "classes": classes,
+            "unlabelled": int(catalog[target].isna().sum()),
+            "dropped_classes": dropped, "min_per_class": MIN_PER_CLASS,
+            "split": {"file": split_path(run, target).name, "test_size": TEST_SIZE, "seed": SEED,
+                      "stratified": True},
+            "model": repr(head), "converged": not any(issubclass(w.category, ConvergenceWarning)
+                                                      for w in caught),
+            "timings": {"fit_s": round(fit_s, 3)}, "input": key, "versions": versions()}
+    write_json(paths["json"], info)
+    return {**info, "up_to_date": False}
+
+
+def _wrong(catalog: pd.DataFrame, rows: np.ndarray, truth: np.ndarray, proba: np.ndarray,
+           classes: list[str], target: str) -> pd.DataFrame:
+    """The held-out paintings the head got wrong with the most confidence."""
+    position = {c: i for i, c in enumerate(classes)}
+    best = proba.argmax(axis=1)
+    p_pred = proba[np.arange(len(best)), best]
+    p_true = proba[np.arange(len(best)), [position[t] for t in truth]]
+    wrong = np.flatnonzero(np.asarray(classes, dtype=object)[best] != truth)
+    order = wrong[np.argsort(-p_pred[wrong], kind="stable")][:WRONG_ROWS]
+    meta = catalog.iloc[rows[order]]
+    return pd.DataFrame({"image_id": meta["image_id"].to_numpy(), "file": meta["file"].to_numpy(),
+                         "title": meta["title"].to_numpy(), "artist": meta["artist"].to_numpy(),
+                         f"true_{target}": truth[order],
+                         "predicted": np.asarray(classes, dtype=object)[best[order]],
+                         "p_predicted": p_pred[order].round(4), "p_true": p_true[order].round(4)})
+
+
+def train_heads(run: Run, targets: Sequence[str], features: Sequence[str],
+                progress: bool = True) -> list[dict[str, Any]]:
+    """`train` stage: one head per (target, feature set), each kept if up to date."""
+    unknown = sorted(set(targets) - set(TARGETS))
+    if unknown:
+        raise InfluenceError(f"unknown target(s) {', '.join(unknown)} "
+                             f"(targets: {', '.join(TARGETS)})")
+    catalog = run.catalog()
+    jobs = [(t, f) for f in features for t in targets]
+    out = []
+    for target, name in tqdm(jobs, desc="train", unit="head", disable=not progress):
+        out.append(train_head(run, target, name, catalog))
+    return out
+
+
+@dataclass(frozen=True)
+class Head:
+    """A trained head, loaded for prediction (read-only, safe to share between threads)."""
+
+    target: str
+    features: str
+    pipeline: Pipeline
+    classes: np.ndarray
+
+    def top(self, x: np.ndarray, k: int = TOP_K) -> list[list[dict[str, Any]]]:
+        """For each row: the k most probable labels, [{label, p}], most probable first."""
+        proba = self.pipeline.predict_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+        return [[{"label": str(self.classes[j]), "p": round(float(p[j]), 4)} for j in o]
+                for p, o in zip(proba, order, strict=True)]
+
+
+def load_head(run: Run, target: str, features: str) -> Head:
+    path = head_paths(run, target, features)["model"]
+    run.require(path, f"train --target {target} --features {features}")
+    saved = joblib.load(path)
+    return Head(target, features, saved["pipeline"], np.asarray(saved["classes"], dtype=object))
+
+
+def trained_heads(run: Run) -> list[tuple[str, str]]:
+    """(target, features) of every head trained in the run, in a stable order."""
+    if not run.models_dir.exists():
+        return []
+    heads = []
+    for path in sorted(run.models_dir.glob("*.json")):
+        info = read_json(path)
+        if isinstance(info, dict) and {"target", "features"} <= info.keys() \
+                and head_paths(run, info["target"], info["features"])["model"].exists():
+            heads.append((info["target"], info["features"]))
+    order = {t: i for i, t in enumerate(TARGETS)}
+    return sorted(heads, key=lambda h: (h[1], order.get(h[0], len(order)), h[0]))

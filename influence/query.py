@@ -1,0 +1,209 @@
+"""Answering "what does this picture resemble?" from a built run: the `similar` command and the app.
+
+`Explorer` loads one feature set's extractor (with the weights the run used, so a query is
+embedded exactly as the collection was), its faiss index, every head trained on it and its
+clustering, once; then answers many queries. It holds no per-query state, so threads may share it.
+
+Default feature set: among the indexed ones, the one whose leave-one-out artist retrieval
+(recorded by `index`: how often a painting's own artist is among its 5 most similar artists) is
+best; where none is recorded, the first indexed of `PREFERENCE`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from influence.classify import Head, load_head, trained_heads
+from influence.extractors import Extractor, get_extractor
+from influence.images import DEFAULT_LIMITS, BadImage, open_rgb, to_rgb
+from influence.neighbours import (
+    ARTIST_POOL,
+    index_paths,
+    indexed_features,
+    load_index,
+    rank_artists,
+    search,
+    set_threads,
+)
+from influence.runs import InfluenceError, Run, read_json
+
+__all__ = ["Explorer", "collect_queries", "default_features", "trained_heads"]
+
+#: Fallback order of feature sets when no retrieval quality is recorded.
+PREFERENCE = ("efficientnet_lite0", "mobilenet_v2", "style", "kpca", "pca")
+#: Files in a query folder that are treated as images.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+#: Clusters below this responsibility are not listed.
+MIN_CLUSTER_P = 0.01
+
+
+def default_features(run: Run) -> str:
+    """The feature set `similar` searches when none is named (rule in the module docstring)."""
+    names = indexed_features(run)
+    if not names:
+        raise InfluenceError(f"run {run.root} has no index: run `index` first")
+    quality = {}
+    for name in names:
+        loo = read_json(index_paths(run, name)[1]).get("leave_one_out") or {}
+        if "artist_top5" in loo:
+            quality[name] = loo["artist_top5"]
+    rank = {n: i for i, n in enumerate(PREFERENCE)}
+    by_preference = sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+    if quality:
+        return max(by_preference, key=lambda n: quality.get(n, -1.0))
+    return by_preference[0]
+
+
+def load_extractor(run: Run, features: str) -> Extractor:
+    """The extractor that made a run's features, with the same weights and fitted state."""
+    config = run.features_info(features).get("config", {})
+    extractor = get_extractor(features, config.get("weights_spec"))
+    if extractor.needs_fit:
+        state = run.features_dir / f"{features}.fit.joblib"
+        run.require(state, f"extract --extractors {features}")
+        extractor.set_state(joblib.load(state))
+    return extractor.load()
+
+
+def _load_clustering(run: Run, features: str) -> Any | None:
+    """The run's clustering of this feature set, or None when it is not clustered."""
+    try:
+        from influence.clustering import load_clustering
+    except ModuleNotFoundError as e:
+        if e.name == "influence.clustering":
+            return None
+        raise
+    try:
+        return load_clustering(run, features)
+    except InfluenceError:
+        return None
+
+
+def _value(v: Any) -> Any:
+    return None if pd.isna(v) else v
+
+
+class Explorer:
+    """Nearest paintings, similar artists, head predictions and clusters for images (see module)."""
+
+    def __init__(self, run: Run, features: str | None = None) -> None:
+        self.run = run
+        self.features: str = features or default_features(run)
+        if self.features not in indexed_features(run):
+            raise InfluenceError(f"feature set '{self.features}' is not indexed in run "
+                                 f"{run.root}: run `index --features {self.features}` first")
+        set_threads(1)
+        catalog = run.catalog()
+        self._index = load_index(run, self.features)
+        if self._index.ntotal != len(catalog):
+            raise InfluenceError(f"index '{self.features}' has {self._index.ntotal} paintings but "
+                                 f"the catalog has {len(catalog)}: run `index` again")
+        self._ids = catalog["image_id"].to_numpy(dtype=object)
+        self._files = catalog["file"].to_numpy(dtype=object)
+        self._artists = catalog["artist"].to_numpy(dtype=object)
+        self._titles = catalog["title"].to_numpy(dtype=object)
+        self._row = {image_id: i for i, image_id in enumerate(self._ids)}
+        self._x = run.features(self.features)
+        self._extractor = load_extractor(run, self.features)
+        self._heads: list[Head] = [load_head(run, t, f) for t, f in trained_heads(run)
+                                   if f == self.features]
+        self._clustering = _load_clustering(run, self.features)
+
+    @property
+    def targets(self) -> list[str]:
+        """Targets of the heads this explorer predicts."""
+        return [h.target for h in self._heads]
+
+    def query(self, image: Path | str | bytes | Image.Image, k: int = 10) -> dict[str, Any]:
+        """The `similar --json` object for one image; a bad image gives {"query", "error"}."""
+        start = time.perf_counter()
+        label = _label(image)
+        try:
+            x = self._extractor.embed([_open(image)])
+        except BadImage as e:
+            return {"query": label, "error": str(e)}
+        clusters = (self._clustering.responsibilities(x)[0] if self._clustering is not None
+                    else None)
+        return self._answer(label, x, k, None, clusters, start)
+
+    def neighbours_of(self, image_id: str, k: int = 10) -> dict[str, Any]:
+        """The same answer for an indexed painting, the painting itself left out."""
+        start = time.perf_counter()
+        if image_id not in self._row:
+            raise InfluenceError(f"no painting with image_id '{image_id}' in run {self.run.root}")
+        row = self._row[image_id]
+        x = np.asarray(self._x[row:row + 1], dtype=np.float32)
+        clusters = (self._clustering.responsibilities_of(np.array([row]))[0]
+                    if self._clustering is not None else None)
+        return self._answer(image_id, x, k, row, clusters, start)
+
+    def _answer(self, label: str, x: np.ndarray, k: int, exclude: int | None,
+                clusters: np.ndarray | None, start: float) -> dict[str, Any]:
+        if k < 1:
+            raise InfluenceError(f"k must be at least 1, got {k}")
+        scores, rows = search(self._index, x, max(k, ARTIST_POOL) + (exclude is not None))
+        keep = (rows[0] >= 0) & (rows[0] != (-1 if exclude is None else exclude))
+        scores, rows = scores[0][keep], rows[0][keep]
+        paintings = [{"image_id": self._ids[r], "file": self._files[r],
+                      "artist": _value(self._artists[r]), "title": _value(self._titles[r]),
+                      "score": round(float(s), 4)} for s, r in zip(scores[:k], rows[:k],
+                                                                     strict=True)]
+        artists = rank_artists(scores[:ARTIST_POOL], self._artists[rows[:ARTIST_POOL]])[:k]
+        predictions = {h.target: h.top(x)[0] for h in self._heads}
+        listed = []
+        if clusters is not None:
+            order = np.argsort(-clusters, kind="stable")
+            listed = [{"cluster": int(c), "p": round(float(clusters[c]), 4)} for c in order
+                      if clusters[c] >= MIN_CLUSTER_P]
+        return {"query": label, "features": self.features, "paintings": paintings,
+                "artists": artists, "predictions": predictions, "clusters": listed,
+                "seconds": round(time.perf_counter() - start, 4)}
+
+
+def _label(image: Path | str | bytes | Image.Image) -> str:
+    if isinstance(image, bytes):
+        return "upload"
+    if isinstance(image, Image.Image):
+        return getattr(image, "filename", "") or "image"
+    return str(image)
+
+
+def _open(image: Path | str | bytes | Image.Image) -> Image.Image:
+    """An RGB image from a path, bytes or a PIL image, within the same limits as extraction."""
+    if not isinstance(image, Image.Image):
+        return open_rgb(image if isinstance(image, bytes) else Path(image))
+    w, h = image.size
+    if w * h > DEFAULT_LIMITS.max_pixels:
+        raise BadImage(f"{w}x{h} pixels is more than {DEFAULT_LIMITS.max_pixels:,}")
+    if min(w, h) < DEFAULT_LIMITS.min_side:
+        raise BadImage(f"{w}x{h} is too small (shortest side under {DEFAULT_LIMITS.min_side})")
+    return to_rgb(image)
+
+
+def collect_queries(paths: Sequence[str]) -> list[tuple[str, Path | None]]:
+    """Query images from files and folders: (label, path), path None for an empty folder.
+
+    A folder contributes its image files (by suffix, see IMAGE_SUFFIXES), recursively, sorted.
+    Other paths are passed on as they are, so a missing file becomes that query's error.
+    """
+    out: list[tuple[str, Path | None]] = []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file()
+                           and p.suffix.lower() in IMAGE_SUFFIXES
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            out.extend((str(p), p) for p in files)
+            if not files:
+                out.append((arg, None))
+        else:
+            out.append((arg, path))
+    return out

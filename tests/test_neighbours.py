@@ -1,0 +1,129 @@
+"""The faiss index per feature set and the similar-artist rule."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.neighbors import NearestNeighbors
+
+from influence import neighbours
+from influence.neighbours import (
+    build_index,
+    build_run_index,
+    leave_one_out,
+    load_index,
+    rank_artists,
+    search,
+)
+from influence.pipeline import cmd_index
+from influence.runs import Run, read_json
+
+
+def copy_run(run: Run, dest: Path) -> Run:
+    """A private copy of a fixture run (catalog, features, manifest), so tests may write to it."""
+    shutil.copytree(run.root, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.parts", "thumbs", "index", "models",
+                                                  "clusters"))
+    return Run(dest)
+
+
+@pytest.fixture(scope="module")
+def indexed(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    run = copy_run(small_run, tmp_path_factory.mktemp("indexed"))
+    assert cmd_index(run=str(run.root), progress=False) == 0
+    return run
+
+
+def test_prolific_artist_with_mediocre_matches_loses_to_fewer_closer_ones() -> None:
+    # Twelve middling matches by a prolific painter, three close ones by another.
+    scores = [0.95, 0.93, 0.92] + [0.80] * 12 + [0.60]
+    artists = ["Few"] * 3 + ["Many"] * 12 + ["Other"]
+    ranked = rank_artists(scores, artists)
+    assert [r["artist"] for r in ranked[:2]] == ["Few", "Many"]
+    assert ranked[0] == {"artist": "Few", "score": pytest.approx(0.9333, abs=1e-4),
+                         "paintings": 3}
+    assert ranked[1]["paintings"] == 12
+    # The naive vote would have chosen the prolific painter.
+    assert neighbours.vote_artists(artists)[0] == "Many"
+
+
+def test_one_lucky_match_does_not_beat_a_consistent_artist() -> None:
+    scores = [0.97, 0.90, 0.89, 0.88, 0.70, 0.50]
+    artists = ["Lucky", "Steady", "Steady", "Steady", "Other", "Other"]
+    ranked = rank_artists(scores, artists)
+    assert ranked[0]["artist"] == "Steady"
+    # Lucky's two empty places are filled with the pool's lowest score (0.50).
+    lucky = next(r for r in ranked if r["artist"] == "Lucky")
+    assert lucky["score"] == pytest.approx((0.97 + 0.5 + 0.5) / 3, abs=1e-4)
+
+
+def test_rank_artists_skips_missing_artists_and_handles_an_empty_pool() -> None:
+    ranked = rank_artists([0.9, 0.8, 0.7], [None, "A", float("nan")])
+    assert [r["artist"] for r in ranked] == ["A"]
+    assert rank_artists([], []) == []
+
+
+def test_index_is_written_with_its_description(indexed: Run) -> None:
+    for name in ("pca", "mobilenet_v2"):
+        info = read_json(indexed.index_dir / f"{name}.json")
+        assert info["rows"] == 180 and info["kind"].startswith("IndexFlatIP")
+        assert info["dim"] == indexed.features(name).shape[1]
+        assert info["leave_one_out"]["queries"] == 180
+        assert load_index(indexed, name).ntotal == 180
+
+
+def test_every_indexed_painting_finds_itself_first_with_score_one(indexed: Run) -> None:
+    x = np.asarray(indexed.features("mobilenet_v2"))
+    scores, rows = search(load_index(indexed, "mobilenet_v2"), x, 3)
+    assert (rows[:, 0] == np.arange(len(x))).all()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-4)
+    assert (scores[:, 1] < scores[:, 0] + 1e-6).all()
+
+
+def test_leave_one_out_nearest_artist_matches_scikit_learn(indexed: Run) -> None:
+    x = np.asarray(indexed.features("mobilenet_v2"))
+    artists = indexed.catalog()["artist"].to_numpy(dtype=object)
+    result = leave_one_out(load_index(indexed, "mobilenet_v2"), x, artists, np.arange(len(x)))
+    nn = NearestNeighbors(n_neighbors=2, metric="cosine").fit(x)
+    _, found = nn.kneighbors(x)
+    expected = np.mean(artists[found[:, 1]] == artists)
+    assert result["nearest_same_artist"] == pytest.approx(expected, abs=1e-3)
+    # Real features of six artists: the own artist is nearly always among the top five.
+    assert result["artist_top5"] >= 0.9
+    assert read_json(indexed.index_dir / "mobilenet_v2.json")["leave_one_out"] == result
+
+
+def test_index_is_kept_when_up_to_date_and_rebuilt_when_features_change(indexed: Run) -> None:
+    path = indexed.index_dir / "pca.faiss"
+    before = path.stat().st_mtime_ns
+    assert build_run_index(indexed, "pca")["up_to_date"] is True
+    assert path.stat().st_mtime_ns == before
+    info_path = indexed.features_dir / "pca.json"
+    saved = info_path.read_text()
+    try:
+        info_path.write_text(saved.replace('"rows"', '"rows" ', 1))
+        assert build_run_index(indexed, "pca")["up_to_date"] is False
+    finally:
+        info_path.write_text(saved)
+        build_run_index(indexed, "pca")
+
+
+def test_large_collections_get_an_approximate_index(monkeypatch: pytest.MonkeyPatch,
+                                                    small_run: Run) -> None:
+    monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
+    x = np.asarray(small_run.features("mobilenet_v2"))
+    index = build_index(x)
+    assert neighbours.describe(index)["kind"].startswith("IndexHNSWFlat")
+    _, rows = search(index, x, 1)
+    assert np.mean(rows[:, 0] == np.arange(len(x))) >= 0.98
+
+
+def test_index_of_unknown_features_is_a_clear_error(indexed: Run,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    from influence.pipeline import main
+
+    assert main(["index", "--run", str(indexed.root), "--features", "nope"]) == 2
+    assert "no features 'nope'" in capsys.readouterr().err
