@@ -98,7 +98,33 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
 def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
                 k_max: int = 30, progress: bool = True) -> int:
     """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP."""
-    raise NotImplementedError("cluster: being written (issue 3)")
+    from influence.clustering import cluster_features, comparison
+
+    out = Run(Path(run))
+    names = _names(features) or out.feature_names()
+    if not names:
+        raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
+    start = time.perf_counter()
+    done = {}
+    for name in names:
+        s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress)
+        done[name] = "up to date" if s["up_to_date"] else f"{s['timings']['total']:.1f} s"
+        print(f"{name}: k = {s['k']} ({done[name]}; BIC prefers {s['gmm']['bic_best_k']}, "
+              f"silhouette {s['choice']['silhouette_best_k']}; "
+              f"PCA {s['reduction']['input_dims']} -> {s['reduction']['pca_dims']} dims)")
+    table = comparison(out)
+    shown = table[table["features"].isin(names)]
+    fields = [c for c in shown.columns if c.startswith("nmi_")]
+    _table(["features", "method", "k", "silhouette", "davies-bouldin", "calinski-harabasz",
+            *fields],
+           [(r.features, r.method, r.k, f"{r.silhouette:.3f}", f"{r.davies_bouldin:.2f}",
+             f"{r.calinski_harabasz:.0f}", *(f"{getattr(r, c):.3f}" for c in fields))
+            for r in shown.itertuples()])
+    print(f"clusters -> {out.clusters_dir}/<features>/, table -> "
+          f"{out.clusters_dir / 'comparison.csv'}")
+    out.record_stage("cluster", features=names, k_min=k_min, k_max=k_max, clustered=done,
+                     seconds=round(time.perf_counter() - start, 2))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ index
