@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from werkzeug.serving import make_server
 
 from dash_app.app import create_app
@@ -28,6 +29,8 @@ CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-sh
                 "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", "--window-size=1400,1000")
 WAIT = 60
+# Dash re-renders a component while a test reads it: look again rather than fail.
+RETRY = (StaleElementReferenceException, NoSuchElementException)
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -87,7 +90,7 @@ def wait_for(browser, css: str, count: int = 1) -> list:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(browser, WAIT).until(
+    return WebDriverWait(browser, WAIT, ignored_exceptions=RETRY).until(
         lambda d: (found := d.find_elements(By.CSS_SELECTOR, css)) and len(found) >= count
         and found)
 
@@ -101,7 +104,7 @@ def wait_text(browser, css: str, pattern: str) -> str:
         found = d.find_elements(By.CSS_SELECTOR, css)
         return bool(found) and re.search(pattern, found[0].text) is not None and found[0].text
 
-    return WebDriverWait(browser, WAIT).until(match)
+    return WebDriverWait(browser, WAIT, ignored_exceptions=RETRY).until(match)
 
 
 def painting_ids(elements: list) -> list[str]:
@@ -215,8 +218,8 @@ def test_clusters_gallery_leads_to_a_painting_with_its_neighbours(
     browser.get(base_url + "/clusters")
     tiles = wait_for(browser, ".cluster-tile", clustering.summary["k"])
     assert len(tiles) == clustering.summary["k"]
-    tiles[-1].click()
     last = int(re.search(r"Cluster (\d+)", tiles[-1].text).group(1))
+    tiles[-1].click()
     wait_text(browser, "#cluster-title", rf"^Cluster {last}: ")
     typical = clustering.typical
     expected = typical[(typical["method"] == "kmeans") & (typical["cluster"] == last)]
