@@ -257,7 +257,7 @@ def umap_2d(y: np.ndarray, seed: int = SEED, progress: bool = True,
     import umap
 
     reducer = umap.UMAP(n_components=2, n_neighbors=min(UMAP_NEIGHBOURS, len(y) - 1),
-                        min_dist=UMAP_MIN_DIST, random_state=seed,
+                        min_dist=UMAP_MIN_DIST, random_state=seed, n_jobs=1,
                         tqdm_kwds={"disable": not progress, "desc": f"{name}: umap",
                                    "leave": False})
     return reducer.fit_transform(y).astype(np.float32)

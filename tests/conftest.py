@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import pytest
 from influence.pipeline import cmd_extract
 from influence.runs import Run
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+#: What the project is given beside its root (the collection, the weights); movable for CI.
+SHARED = Path(os.environ.get("INFLUENCE_SHARED",
+                             Path(__file__).resolve().parents[1].parent / "shared"))
 COLLECTION = SHARED / "data" / "wikiart-pd"
 MOBILENET = SHARED / "models" / "mobilenet_v2_imagenet_features.pth"
 #: Six artists of five styles and four nationalities, 30 paintings each.
@@ -23,7 +26,7 @@ PER_ARTIST = 30
 def make_slice(dest: Path, artists: list[str] = ARTISTS, per_artist: int = PER_ARTIST) -> Path:
     """Copy a fixed slice of the shared collection (CSV rows in their original order)."""
     if not COLLECTION.exists():
-        pytest.skip(f"shared collection not found at {COLLECTION}")
+        pytest.fail(f"shared collection not found at {COLLECTION}: set INFLUENCE_SHARED")
     rows = pd.read_csv(COLLECTION / "paintings.csv", dtype=str, keep_default_na=False)
     rows = rows[rows["artist"].isin(artists)].groupby("artist", sort=False).head(per_artist)
     (dest / "images").mkdir(parents=True, exist_ok=True)
