@@ -1,0 +1,193 @@
+"""Classifier heads: the recorded split, left-out labels, class balance, metrics by scikit-learn."""
+
+from __future__ import annotations
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
+from sklearn.pipeline import Pipeline
+
+from influence.classify import (
+    MIN_PER_CLASS,
+    TEST_SIZE,
+    head_paths,
+    make_head,
+    run_split,
+    split_path,
+)
+from influence.pipeline import cmd_train, main
+from influence.runs import Run, read_json
+
+from .test_neighbours import copy_run
+
+TARGETS = "artist,genre"
+FEATURES = "mobilenet_v2,pca"
+
+
+@pytest.fixture(scope="module")
+def trained(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Artist and genre heads on both feature sets (genre: 33 paintings unlabelled, imbalanced)."""
+    run = copy_run(small_run, tmp_path_factory.mktemp("trained"))
+    assert cmd_train(run=str(run.root), target=TARGETS, features=FEATURES, progress=False) == 0
+    return run
+
+
+def _saved(run: Run, target: str, features: str) -> tuple[dict, pd.DataFrame, np.ndarray,
+                                                          np.ndarray]:
+    """The head's JSON, its labelled split (catalog order), the features of those rows, labels."""
+    info = read_json(head_paths(run, target, features)["json"])
+    catalog = run.catalog()
+    split = pd.read_parquet(split_path(run, target))
+    rows = catalog.reset_index().set_index("image_id").loc[split["image_id"], "index"].to_numpy()
+    labels = catalog[target].to_numpy(dtype=object)[rows]
+    return info, split, np.asarray(run.features(features))[rows], labels
+
+
+def test_split_is_stratified_recorded_and_the_same_on_a_fresh_run(
+        trained: Run, small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> None:
+    split = pd.read_parquet(split_path(trained, "artist"))
+    assert list(split.columns) == ["image_id", "part"]
+    assert set(split["part"]) == {"train", "test"}
+    artists = trained.catalog().set_index("image_id").loc[split["image_id"], "artist"].to_numpy()
+    per_artist = pd.crosstab(artists, split["part"].to_numpy())
+    assert len(per_artist) == 6
+    # Stratified: every artist has its share of the test part (30 each, 20 % -> 6).
+    assert (per_artist["test"] == round(30 * TEST_SIZE)).all()
+    # Both feature sets were judged on the same held-out paintings.
+    infos = [read_json(head_paths(trained, "artist", f)["json"]) for f in FEATURES.split(",")]
+    assert {i["n_test"] for i in infos} == {int((split["part"] == "test").sum())}
+    assert all(i["split"]["file"] == split_path(trained, "artist").name for i in infos)
+    # Seeded: a fresh copy of the run splits the same way.
+    fresh = copy_run(small_run, tmp_path_factory.mktemp("fresh"))
+    run_split(fresh, "artist", fresh.catalog())
+    pd.testing.assert_frame_equal(pd.read_parquet(split_path(fresh, "artist")), split)
+
+
+def test_unlabelled_paintings_and_rare_labels_are_left_out_and_reported(trained: Run) -> None:
+    catalog = trained.catalog()
+    info, split, _, labels = _saved(trained, "genre", "mobilenet_v2")
+    unlabelled = set(catalog.loc[catalog["genre"].isna(), "image_id"])
+    assert len(unlabelled) == info["unlabelled"] > 0
+    assert not unlabelled & set(split["image_id"])
+    counts = catalog["genre"].value_counts()
+    rare = {str(k): int(v) for k, v in counts[counts < MIN_PER_CLASS].items()}
+    assert rare and info["dropped_classes"] == rare
+    assert not set(rare) & set(info["classes"]) and not set(rare) & set(labels)
+    assert info["n_train"] + info["n_test"] == len(split) == counts[counts >= MIN_PER_CLASS].sum()
+
+
+def test_imbalanced_classes_weigh_the_same_in_the_head(trained: Run) -> None:
+    info, split, x, labels = _saved(trained, "genre", "pca")
+    train = (split["part"] == "train").to_numpy()
+    y = labels[train]
+    counts = pd.Series(y).value_counts()
+    assert counts.max() >= 4 * counts.min()  # landscape vs religious painting: really imbalanced
+    head = joblib.load(head_paths(trained, "genre", "pca")["model"])["pipeline"]
+    assert head[-1].class_weight == "balanced"
+    # With balanced weights (n / (k * n_class)) and a free intercept, the weighted mean predicted
+    # probability of every class is 1/k at the optimum, however rare the class.
+    weight = (len(y) / (len(counts) * counts)).loc[y].to_numpy()
+
+    def mass(model: Pipeline) -> np.ndarray:
+        return weight @ model.predict_proba(x[train]) / weight.sum()
+
+    np.testing.assert_allclose(mass(head), 1 / len(counts), atol=0.005)
+    # The same head fitted without class weights leans to the common classes and fails that.
+    unweighted = make_head().set_params(logisticregression__class_weight=None).fit(x[train], y)
+    assert np.abs(mass(unweighted) - 1 / len(counts)).max() > 0.02
+
+
+@pytest.mark.parametrize("features", FEATURES.split(","))
+def test_stored_metrics_equal_scikit_learn_on_the_recorded_test_part(trained: Run,
+                                                                     features: str) -> None:
+    info, split, x, labels = _saved(trained, "artist", features)
+    paths = head_paths(trained, "artist", features)
+    saved = joblib.load(paths["model"])
+    classes = list(saved["classes"])
+    test = (split["part"] == "test").to_numpy()
+    proba = saved["pipeline"].predict_proba(x[test])
+    truth = labels[test]
+    pred = np.asarray(saved["pipeline"].classes_, dtype=object)[proba.argmax(axis=1)]
+    p, r, f, _ = precision_recall_fscore_support(truth, pred, average="macro", zero_division=0)
+    assert info["n_test"] == test.sum() and info["n_train"] == (~test).sum()
+    assert info["classes"] == classes == sorted(set(truth))
+    assert info["accuracy"] == pytest.approx(accuracy_score(truth, pred))
+    assert info["macro_precision"] == pytest.approx(p)
+    assert info["macro_recall"] == pytest.approx(r)
+    assert info["macro_f1"] == pytest.approx(f)
+    assert info["top5_accuracy"] == pytest.approx(top_k_accuracy_score(truth, proba, k=5,
+                                                                       labels=classes))
+    per_class = pd.read_csv(paths["per_class"])
+    pc, rc, fc, sc = precision_recall_fscore_support(truth, pred, labels=classes, zero_division=0)
+    assert per_class["label"].tolist() == classes
+    np.testing.assert_allclose(per_class[["precision", "recall", "f1"]].to_numpy(),
+                               np.column_stack([pc, rc, fc]))
+    assert per_class["support"].tolist() == sc.tolist()
+    matrix = pd.read_csv(paths["confusion"], index_col=0)
+    assert matrix.index.tolist() == matrix.columns.tolist() == classes
+    np.testing.assert_array_equal(matrix.to_numpy(),
+                                  confusion_matrix(truth, pred, labels=classes))
+
+
+def test_confusion_picture_and_most_confidently_wrong_table(trained: Run) -> None:
+    info, split, _, _ = _saved(trained, "artist", "pca")
+    paths = head_paths(trained, "artist", "pca")
+    with Image.open(paths["picture"]) as picture:
+        assert picture.format == "PNG" and min(picture.size) >= 300
+    wrong = pd.read_csv(paths["wrong"])
+    errors = round(info["n_test"] * (1 - info["accuracy"]))
+    assert len(wrong) == min(errors, 50) > 0  # pca features make mistakes to list
+    assert (wrong["predicted"] != wrong["true_artist"]).all()
+    assert (wrong["artist"] == wrong["true_artist"]).all()
+    assert wrong["p_predicted"].is_monotonic_decreasing
+    assert (wrong["p_predicted"] >= wrong["p_true"]).all()
+    test_ids = set(split.loc[split["part"] == "test", "image_id"])
+    assert set(wrong["image_id"]) <= test_ids
+
+
+def test_imagenet_head_names_the_artist_far_better_than_chance(trained: Run) -> None:
+    mobilenet = read_json(head_paths(trained, "artist", "mobilenet_v2")["json"])
+    pca = read_json(head_paths(trained, "artist", "pca")["json"])
+    assert mobilenet["chance_accuracy"] == pytest.approx(1 / 6)
+    assert mobilenet["accuracy"] >= 0.6 and mobilenet["macro_f1"] >= 0.5  # chance: 0.17
+    assert mobilenet["accuracy"] > pca["accuracy"]
+
+
+def test_second_train_is_up_to_date(trained: Run, capsys: pytest.CaptureFixture) -> None:
+    model = head_paths(trained, "artist", "mobilenet_v2")["model"]
+    before = model.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cmd_train(run=str(trained.root), target=TARGETS, features=FEATURES,
+                     progress=False) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["artist"], ["genre"])]
+    assert len(rows) == 4 and all(line.endswith("up to date") for line in rows)
+    assert model.stat().st_mtime_ns == before
+
+
+def test_a_changed_label_makes_the_head_train_again(
+        small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = copy_run(small_run, tmp_path_factory.mktemp("relabelled"))
+    assert cmd_train(run=str(run.root), target="artist", features="pca", progress=False) == 0
+    catalog = run.catalog()
+    gone = catalog["image_id"].iloc[7]
+    catalog.loc[7, "artist"] = pd.NA
+    catalog.to_parquet(run.catalog_path, index=False)
+    assert cmd_train(run=str(run.root), target="artist", features="pca", progress=False) == 0
+    info = read_json(head_paths(run, "artist", "pca")["json"])
+    assert info["unlabelled"] == 1 and info["n_train"] + info["n_test"] == len(catalog) - 1
+    assert gone not in set(pd.read_parquet(split_path(run, "artist"))["image_id"])
+
+
+def test_unknown_target_is_a_clear_error(trained: Run, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--run", str(trained.root), "--target", "colour"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown target(s) colour" in err
