@@ -1,0 +1,370 @@
+"""The clustering stage: elbow rule, stored scores, GMM memberships, reproducibility, run files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.datasets import make_blobs
+from sklearn.metrics import (
+    adjusted_rand_score,
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    normalized_mutual_info_score,
+    silhouette_score,
+)
+
+from influence import clustering
+from influence.clustering import (
+    FIELDS,
+    cluster_features,
+    fit_clustering,
+    kneedle,
+    load_clustering,
+)
+from influence.pipeline import cmd_cluster
+from influence.runs import InfluenceError, Run, read_json
+
+K_MIN, K_MAX = 2, 8
+NAMES = ("mobilenet_v2", "pca")
+ASSIGNMENT_COLUMNS = ["image_id", "kmeans", "kmeans_distance", "gmm", "gmm_p", "umap_x", "umap_y"]
+
+
+def copy_run(run: Run, dest: Path) -> Run:
+    """A private copy of a fixture run (catalog, features, manifest), so tests may write to it."""
+    shutil.copytree(run.root, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.parts", "thumbs", "index", "models",
+                                                  "clusters"))
+    return Run(dest)
+
+
+def cluster_copy(run: Run, dest: Path) -> Run:
+    out = copy_run(run, dest)
+    assert cmd_cluster(run=str(out.root), k_min=K_MIN, k_max=K_MAX, progress=False) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def clustered(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return cluster_copy(small_run, tmp_path_factory.mktemp("clustered"))
+
+
+@pytest.fixture(scope="module")
+def reclustered(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The same run clustered a second time from scratch, in another directory."""
+    return cluster_copy(small_run, tmp_path_factory.mktemp("reclustered"))
+
+
+def reduced(run: Run, name: str) -> np.ndarray:
+    """The features as the stage reduced them, through the stored scaler + PCA."""
+    reducer = load_clustering(run, name)._model["reducer"]
+    return reducer.transform(np.asarray(run.features(name), dtype=np.float64)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ elbow rule
+def test_kneedle_finds_the_bend_of_a_hand_made_inertia_curve() -> None:
+    k = [1, 2, 3, 4, 5, 6, 7]
+    inertia = [100, 50, 20, 15, 12, 10, 9]
+    # Scaled to [0, 1], the chord minus the curve is 0, .38, .55, .43, .30, .15, 0: k = 3.
+    assert kneedle(k, inertia) == 2
+    # The bend moves with the curve, and unevenly spaced k values are scaled by value.
+    assert kneedle(k, [100, 90, 80, 20, 15, 12, 10]) == 3
+    assert kneedle([2, 3, 4, 10], [100, 40, 35, 30]) == 1
+
+
+def test_kneedle_reports_no_elbow_on_straight_flat_or_concave_curves() -> None:
+    k = [2, 3, 4, 5, 6]
+    assert kneedle(k, [50, 40, 30, 20, 10]) == -1
+    assert kneedle(k, [7, 7, 7, 7, 7]) == -1
+    assert kneedle(k, [100, 98, 94, 80, 10]) == -1
+    with pytest.raises(InfluenceError, match="three points"):
+        kneedle([2, 3], [10, 5])
+
+
+def test_five_well_separated_blobs_give_five_clusters_by_every_rule() -> None:
+    x, truth = make_blobs(n_samples=200, centers=5, n_features=8, cluster_std=0.6,
+                          center_box=(-10, 10), random_state=0)
+    result = fit_clustering(x, 2, 10, progress=False)
+    assert result.k == 5
+    assert result.choice["method"].startswith("kneedle")
+    assert result.choice["silhouette_best_k"] == 5
+    assert result.choice["gmm_bic_best_k"] == 5
+    assert adjusted_rand_score(truth, result.kmeans_labels) == 1.0
+    assert adjusted_rand_score(truth, result.gmm_labels) == 1.0
+    assert result.sweep["k"].tolist() == list(range(2, 11))
+    assert result.umap.shape == (200, 2) and np.isfinite(result.umap).all()
+
+
+def test_fit_clustering_refuses_bad_input_in_one_clear_line() -> None:
+    x = np.random.default_rng(0).normal(size=(20, 4))
+    with pytest.raises(InfluenceError, match="k range 1..5"):
+        fit_clustering(x, 1, 5, progress=False)
+    with pytest.raises(InfluenceError, match="at least three k values"):
+        fit_clustering(x, 2, 3, progress=False)
+    with pytest.raises(InfluenceError, match="more than 20 paintings"):
+        fit_clustering(x, 2, 20, progress=False)
+    x[3, 1] = np.nan
+    with pytest.raises(InfluenceError, match="NaN"):
+        fit_clustering(x, 2, 5, progress=False)
+
+
+# -------------------------------------------------------------------------------- stored scores
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_scores_are_scikit_learns_on_the_reduced_features(clustered: Run,
+                                                                 name: str) -> None:
+    c = load_clustering(clustered, name)
+    y = reduced(clustered, name)
+    assert y.shape[1] == c.summary["reduction"]["pca_dims"]
+    # 180 paintings are fewer than SILHOUETTE_SAMPLE: silhouette is exact, on every row.
+    assert c.summary["reduction"]["silhouette_rows"] == 180
+    comparison = pd.read_csv(clustered.clusters_dir / "comparison.csv")
+    chosen = c.sweep[c.sweep["k"] == c.summary["k"]].iloc[0]
+    for method in ("kmeans", "gmm"):
+        labels = c.assignments[method].to_numpy()
+        expected = {"silhouette": silhouette_score(y, labels),
+                    "davies_bouldin": davies_bouldin_score(y, labels),
+                    "calinski_harabasz": calinski_harabasz_score(y, labels)}
+        row = comparison[(comparison["features"] == name) & (comparison["method"] == method)]
+        for score, value in expected.items():
+            assert row[score].iloc[0] == pytest.approx(value, rel=1e-5), (method, score)
+            assert c.summary["scores"][method][score] == pytest.approx(value, rel=1e-5)
+            if method == "kmeans":
+                assert chosen[score] == pytest.approx(value, rel=1e-5), score
+        for field in ("artist", "style"):
+            known = clustered.catalog()[field].notna().to_numpy()
+            truth = clustered.catalog()[field][known].astype(str)
+            assert row[f"nmi_{field}"].iloc[0] == pytest.approx(
+                normalized_mutual_info_score(truth, labels[known]), rel=1e-6)
+            assert row[f"ari_{field}"].iloc[0] == pytest.approx(
+                adjusted_rand_score(truth, labels[known]), rel=1e-6)
+    # The stored inertia at the chosen k is the sum of squared distances to the centres.
+    distance = c.assignments["kmeans_distance"].to_numpy(dtype=np.float64)
+    assert chosen["inertia"] == pytest.approx((distance ** 2).sum(), rel=1e-4)
+
+
+def test_silhouette_on_large_sets_is_scored_on_a_fixed_seeded_sample(
+        small_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clustering, "SILHOUETTE_SAMPLE", 120)
+    x = np.asarray(small_run.features("pca"))
+    result = fit_clustering(x, 2, 4, progress=False)
+    again = fit_clustering(x, 2, 4, progress=False)
+    assert result.reduction["silhouette_rows"] == 120
+    rows = np.sort(np.random.default_rng(clustering.SEED).choice(180, 120, replace=False))
+    y = result.reduced
+    for method, labels in (("kmeans", result.kmeans_labels), ("gmm", result.gmm_labels)):
+        scores = result.scores[method]
+        sampled = silhouette_score(y[rows], labels[rows])
+        assert scores["silhouette"] == pytest.approx(sampled, rel=1e-5)
+        assert scores["silhouette"] != pytest.approx(silhouette_score(y, labels), rel=1e-5)
+        assert again.scores[method]["silhouette"] == scores["silhouette"]
+        # Davies-Bouldin and Calinski-Harabasz are cheap: always on every row.
+        assert scores["davies_bouldin"] == pytest.approx(davies_bouldin_score(y, labels),
+                                                         rel=1e-5)
+        assert scores["calinski_harabasz"] == pytest.approx(calinski_harabasz_score(y, labels),
+                                                            rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- GMM memberships
+@pytest.mark.parametrize("name", NAMES)
+def test_gmm_responsibilities_sum_to_one_and_give_the_hard_labels(clustered: Run,
+                                                                  name: str) -> None:
+    c = load_clustering(clustered, name)
+    resp = np.load(c.path / "responsibilities.npy")
+    assert resp.dtype == np.float32 and resp.shape == (180, c.summary["gmm"]["k"])
+    assert (resp >= 0).all()
+    np.testing.assert_allclose(resp.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(resp.argmax(axis=1), c.assignments["gmm"])
+    np.testing.assert_array_equal(resp.max(axis=1), c.assignments["gmm_p"])
+    rows = np.array([5, 0, 179, 5])
+    np.testing.assert_array_equal(c.responsibilities_of(rows), resp[rows])
+    # New rows go through the stored reducer and models: the catalog's own features give back
+    # the stored memberships and clusters.
+    x = np.asarray(clustered.features(name))
+    np.testing.assert_allclose(c.responsibilities(x), resp, atol=1e-5)
+    np.testing.assert_array_equal(c.predict(x), c.assignments["kmeans"])
+    np.testing.assert_array_equal(c.predict(x[7]), c.assignments["kmeans"][7:8])
+
+
+# ---------------------------------------------------------------------------- reproducibility
+@pytest.mark.parametrize("name", NAMES)
+def test_clustering_twice_from_scratch_gives_identical_results(clustered: Run, reclustered: Run,
+                                                               name: str) -> None:
+    a, b = load_clustering(clustered, name), load_clustering(reclustered, name)
+    pd.testing.assert_frame_equal(a.assignments, b.assignments, check_exact=True)
+    pd.testing.assert_frame_equal(a.sweep, b.sweep, check_exact=True)
+    pd.testing.assert_frame_equal(a.profiles, b.profiles, check_exact=True)
+    pd.testing.assert_frame_equal(a.typical, b.typical, check_exact=True)
+    np.testing.assert_array_equal(np.load(a.path / "responsibilities.npy"),
+                                  np.load(b.path / "responsibilities.npy"))
+    for key in ("k", "choice", "scores", "agreement", "sizes", "reduction", "input"):
+        assert a.summary[key] == b.summary[key], key
+
+
+def test_a_second_run_is_up_to_date_and_rewrites_nothing(clustered: Run,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    files = sorted(p for p in clustered.clusters_dir.glob("*/*"))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    capsys.readouterr()
+    assert cmd_cluster(run=str(clustered.root), k_min=K_MIN, k_max=K_MAX, progress=False) == 0
+    out = capsys.readouterr().out
+    for name in NAMES:
+        assert f"{name}: k = " in out and "(up to date;" in out.split(f"{name}: k = ")[1]
+    assert {p: p.stat().st_mtime_ns for p in files} == before
+    stage = clustered.manifest()["stages"]["cluster"]
+    assert stage["clustered"] == {name: "up to date" for name in NAMES}
+    assert stage["k_min"] == K_MIN and stage["k_max"] == K_MAX
+
+
+def test_a_changed_k_range_or_changed_labels_recluster(small_run: Run, tmp_path: Path) -> None:
+    run = copy_run(small_run, tmp_path / "run")
+    first = cluster_features(run, "pca", 2, 4, progress=False)
+    assert not first["up_to_date"]
+    assert cluster_features(run, "pca", 2, 4, progress=False)["up_to_date"]
+    wider = cluster_features(run, "pca", 2, 5, progress=False)
+    assert not wider["up_to_date"]
+    assert load_clustering(run, "pca").sweep["k"].tolist() == [2, 3, 4, 5]
+    # A corrected attribution changes no image and no feature, but the profiles are stale.
+    catalog = run.catalog()
+    catalog["genre"] = "portrait"
+    catalog.to_parquet(run.catalog_path, index=False)
+    relabelled = cluster_features(run, "pca", 2, 5, progress=False)
+    assert not relabelled["up_to_date"]
+    genres = load_clustering(run, "pca").profiles.query("field == 'genre'")
+    assert set(genres["value"]) == {"portrait"}
+
+
+# -------------------------------------------------------------------------- the files on disk
+@pytest.mark.parametrize("name", NAMES)
+def test_assignments_follow_the_catalog_row_for_row(clustered: Run, name: str) -> None:
+    c = load_clustering(clustered, name)
+    a = c.assignments
+    assert a.columns.tolist() == ASSIGNMENT_COLUMNS
+    assert a["image_id"].tolist() == clustered.catalog()["image_id"].tolist()
+    k = c.summary["k"]
+    assert K_MIN <= k <= K_MAX
+    for method in ("kmeans", "gmm"):
+        assert pd.api.types.is_integer_dtype(a[method])
+        assert a[method].between(0, k - 1).all()
+        assert np.bincount(a[method], minlength=k).tolist() == c.summary["sizes"][method]
+    assert set(a["kmeans"]) == set(range(k))
+    assert ((a["gmm_p"] >= 1 / k - 1e-6) & (a["gmm_p"] <= 1 + 1e-6)).all()
+    assert np.isfinite(a[["umap_x", "umap_y"]].to_numpy()).all()
+    # kmeans_distance is the distance to the painting's own centre, the nearest one.
+    y = reduced(clustered, name)
+    centres = c._model["kmeans"].cluster_centers_
+    d = np.linalg.norm(y[:, None, :] - centres[None], axis=2)
+    np.testing.assert_allclose(a["kmeans_distance"], d[np.arange(180), a["kmeans"]], rtol=1e-4)
+    np.testing.assert_array_equal(d.argmin(axis=1), a["kmeans"])
+
+
+def test_the_reduction_standardises_only_correlated_features(clustered: Run) -> None:
+    pca = load_clustering(clustered, "pca").summary["reduction"]
+    mobilenet = load_clustering(clustered, "mobilenet_v2").summary["reduction"]
+    # The pca extractor's columns are already principal components: centred, not rescaled.
+    assert pca["standardised"] is False and pca["mean_abs_correlation"] < 0.05
+    assert mobilenet["standardised"] is True and mobilenet["mean_abs_correlation"] >= 0.05
+    for r, name in ((pca, "pca"), (mobilenet, "mobilenet_v2")):
+        assert r["input_dims"] == clustered.features(name).shape[1]
+        assert 1 <= r["pca_dims"] <= clustering.MAX_DIMS
+        # Dims are chosen on exact eigenvalues; the randomized PCA fit may fall a hair short.
+        assert r["explained_variance"] >= clustering.VARIANCE - 0.01 or r["pca_dims"] == 50
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_profiles_count_shares_and_lifts_per_cluster(clustered: Run, name: str) -> None:
+    c = load_clustering(clustered, name)
+    catalog = clustered.catalog()
+    p = c.profiles
+    assert p.columns.tolist() == ["method", "cluster", "field", "value", "count", "share",
+                                  "collection_share", "lift"]
+    assert set(p["method"]) == {"kmeans", "gmm"}
+    assert set(p["field"]) == set(FIELDS) & set(catalog.columns)
+    sums = p.groupby(["method", "cluster", "field"])["share"].sum()
+    np.testing.assert_allclose(sums, 1.0, atol=1e-9)
+    np.testing.assert_allclose(p["lift"], p["share"] / p["collection_share"])
+    for method in ("kmeans", "gmm"):
+        for field in ("artist", "nationality"):
+            known = catalog[field].notna()
+            table = pd.crosstab(c.assignments[method][known],
+                                catalog[field][known].astype(str)).stack()
+            table = table[table > 0]
+            got = p[(p["method"] == method) & (p["field"] == field)]
+            got = got.set_index(["cluster", "value"])["count"]
+            assert got.sort_index().tolist() == table.sort_index().tolist()
+            overall = catalog[field][known].astype(str).value_counts(normalize=True)
+            shares = p[(p["method"] == method) & (p["field"] == field)]
+            np.testing.assert_allclose(shares["collection_share"],
+                                       shares["value"].map(overall))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_typical_paintings_are_their_clusters_closest_members(clustered: Run, name: str) -> None:
+    c = load_clustering(clustered, name)
+    a = c.assignments.set_index("image_id")
+    t = c.typical
+    assert t.columns.tolist() == ["method", "cluster", "rank", "image_id", "distance"]
+    for (method, cluster), group in t.groupby(["method", "cluster"]):
+        members = a[a[method] == cluster]
+        assert group["rank"].tolist() == list(range(min(clustering.TYPICAL, len(members))))
+        assert (a.loc[group["image_id"], method] == cluster).all()
+        assert group["distance"].is_monotonic_increasing
+        if method == "kmeans":
+            np.testing.assert_array_equal(group["distance"],
+                                          a.loc[group["image_id"], "kmeans_distance"])
+            # Rank 0 is the closest of all its cluster's paintings.
+            assert group["distance"].iloc[0] == members["kmeans_distance"].min()
+
+
+def test_every_feature_set_has_its_plots_and_a_comparison_row_per_method(clustered: Run) -> None:
+    for name in NAMES:
+        out = clustered.clusters_dir / name
+        for png in ("elbow.png", "silhouette.png"):
+            with Image.open(out / png) as im:
+                assert im.format == "PNG" and im.width > 300 and im.height > 200
+        summary = read_json(out / "summary.json")
+        assert summary["features"] == name and summary["rows"] == 180
+        assert summary["weights"] == clustered.features_info(name)["weights"]
+        assert set(summary["agreement"]) == {"kmeans", "gmm"}
+        assert summary["config"]["k_min"] == K_MIN and summary["config"]["k_max"] == K_MAX
+    sweep = load_clustering(clustered, "pca").sweep
+    assert sweep.columns.tolist() == ["k", "inertia", "silhouette", "davies_bouldin",
+                                      "calinski_harabasz", "gmm_bic"]
+    assert sweep["k"].tolist() == list(range(K_MIN, K_MAX + 1))
+    table = pd.read_csv(clustered.clusters_dir / "comparison.csv")
+    assert table.columns.tolist()[:7] == ["features", "weights", "method", "k", "silhouette",
+                                          "davies_bouldin", "calinski_harabasz"]
+    assert table.columns.tolist()[7:] == [f"{m}_{f}" for f in FIELDS for m in ("nmi", "ari")]
+    assert sorted(zip(table["features"], table["method"], strict=True)) == sorted(
+        (n, m) for n in NAMES for m in ("kmeans", "gmm"))
+    for row in table.itertuples():
+        assert row.k == load_clustering(clustered, row.features).summary["k"]
+    assert clustering.clustered_features(clustered) == sorted(NAMES)
+
+
+# ------------------------------------------------------------------------------------- errors
+def test_clustering_a_run_without_features_says_to_extract_first(small_run: Run,
+                                                                  tmp_path: Path) -> None:
+    (tmp_path / "bare").mkdir()
+    shutil.copy(small_run.catalog_path, tmp_path / "bare" / "catalog.parquet")
+    shutil.copy(small_run.manifest_path, tmp_path / "bare" / "run.json")
+    with pytest.raises(InfluenceError, match=r"no extracted features .* run `extract` first"):
+        cmd_cluster(run=str(tmp_path / "bare"), progress=False)
+    with pytest.raises(InfluenceError, match="no features 'pca'"):
+        cmd_cluster(run=str(tmp_path / "bare"), features="pca", progress=False)
+
+
+def test_loading_an_unclustered_feature_set_names_the_stage_to_run(small_run: Run,
+                                                                   clustered: Run,
+                                                                   tmp_path: Path) -> None:
+    fresh = copy_run(small_run, tmp_path / "fresh")
+    with pytest.raises(InfluenceError, match=r"'pca' are not clustered .*\(clustered: none\)"):
+        load_clustering(fresh, "pca")
+    with pytest.raises(InfluenceError, match=r"run `cluster` first"):
+        load_clustering(clustered, "kpca")
+    with pytest.raises(InfluenceError, match=r"clustered: mobilenet_v2, pca"):
+        load_clustering(clustered, "kpca")
+    assert clustering.clustered_features(fresh) == []
