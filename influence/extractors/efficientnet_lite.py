@@ -63,7 +63,6 @@ class EfficientNetLite0(Extractor):
             self.weights_used = f"file {path}"
         net = EfficientNet.from_name("efficientnet-lite0")
         load_checked(net, state, self.name, optional_prefixes=("_fc.",))
-        net.set_swish(memory_efficient=False)
         self._net = optimize(_Features(net), torch.zeros(2, 3, 224, 224))
         return self
 
