@@ -19,6 +19,7 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 
 from influence.classify import Head, load_head, trained_heads
@@ -100,7 +101,11 @@ class Explorer:
         if self.features not in indexed_features(run):
             raise InfluenceError(f"feature set '{self.features}' is not indexed in run "
                                  f"{run.root}: run `index --features {self.features}` first")
+        # One image per query: one thread each for faiss and torch (set explicitly, since the two
+        # share an OpenMP runtime only when torch was loaded first); spare cores serve other
+        # requests, and two threads on a busy 2-core machine made a query ~30x slower.
         set_threads(1)
+        torch.set_num_threads(1)
         catalog = run.catalog()
         self._index = load_index(run, self.features)
         if self._index.ntotal != len(catalog):
