@@ -73,7 +73,10 @@ def _profile_chart(profiles: object, method: str, cluster: int, field: str) -> g
                "(%{customdata} paintings), %{text} the collection's share<extra></extra>"),
     ])
     fig.update_layout(barmode="group", bargap=0.25, showlegend=field == LABEL_FIELDS[0])
-    return tidy(fig, field, 90 + 34 * len(labels), ".0%")
+    fig = tidy(fig, field, 90 + 34 * len(labels), ".0%")
+    # Room right of the longest bar for its "×lift" label.
+    widest = float(max(rows["share"].max(), rows["collection_share"].max()))
+    return fig.update_xaxes(range=[0, widest * 1.25])
 
 
 def register(app: Dash, data: RunData) -> None:
