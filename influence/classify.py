@@ -11,6 +11,7 @@ with fewer than `MIN_PER_CLASS` paintings are dropped from that head, and the he
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -178,7 +179,7 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
         if info.get("input") == key:
             return {**info, "up_to_date": True}
     if split.empty:
-        raise InfluenceError(f"head {target}/{features}: fewer than 2 labels with at least "
+        raise NothingToLearn(f"head {target}/{features}: fewer than 2 labels with at least "
                              f"{MIN_PER_CLASS} paintings each; nothing to learn")
     x_all = run.features(features)
     row = pd.Series(np.arange(len(catalog)), index=catalog["image_id"].to_numpy())
@@ -247,10 +248,21 @@ def train_heads(run: Run, targets: Sequence[str], features: Sequence[str],
                              f"(targets: {', '.join(TARGETS)})")
     catalog = run.catalog()
     jobs = [(t, f) for f in features for t in targets]
-    out = []
+    out, skipped = [], []
     for target, name in tqdm(jobs, desc="train", unit="head", disable=not progress):
-        out.append(train_head(run, target, name, catalog))
+        try:
+            out.append(train_head(run, target, name, catalog))
+        except NothingToLearn as e:
+            skipped.append(str(e))
+    if not out and skipped:
+        raise InfluenceError(skipped[0])
+    for reason in dict.fromkeys(skipped):
+        print(f"note: skipped {reason}", file=sys.stderr)
     return out
+
+
+class NothingToLearn(InfluenceError):
+    """A head whose target has too few labelled paintings: skipped when others can be trained."""
 
 
 @dataclass(frozen=True)

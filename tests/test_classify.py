@@ -191,3 +191,20 @@ def test_unknown_target_is_a_clear_error(trained: Run, capsys: pytest.CaptureFix
     assert main(["train", "--run", str(trained.root), "--target", "colour"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown target(s) colour" in err
+
+
+def test_a_target_with_nothing_to_learn_is_skipped_unless_it_is_all_there_is(
+        small_run: Run, tmp_path_factory: pytest.TempPathFactory,
+        capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(small_run, tmp_path_factory.mktemp("no-nationality"))
+    catalog = run.catalog()
+    catalog["nationality"] = pd.NA
+    catalog.to_parquet(run.catalog_path, index=False)
+    assert cmd_train(run=str(run.root), target="nationality,artist", features="pca",
+                     progress=False) == 0
+    assert head_paths(run, "artist", "pca")["model"].exists()
+    assert not head_paths(run, "nationality", "pca")["model"].exists()
+    assert "skipped head nationality/pca" in capsys.readouterr().err
+    assert main(["train", "--run", str(run.root), "--target", "nationality",
+                 "--features", "pca"]) == 2
+    assert "nothing to learn" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from influence.extractors import Extractor, register
@@ -64,6 +65,9 @@ class StyleEncoder(Extractor):
             raise InfluenceError(f"style encoder model not found: {path}")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        # As many threads as torch is given (one per query in the explorer): onnxruntime's
+        # own default oversubscribes a busy machine and halves its speed.
+        opts.intra_op_num_threads = torch.get_num_threads()
         self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.weights_used = f"file {path}"
         return self
