@@ -445,33 +445,35 @@ def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed:
 
 def plot_sweep(sweep: pd.DataFrame, k: int, name: str, out: Path) -> None:
     """elbow.png (inertia and GMM BIC against k) and silhouette.png, chosen k marked."""
+    _plot_against_k(sweep, k, ("inertia", "KMeans inertia", "inertia"),
+                    ("gmm_bic", "GMM BIC", "tab:green"), f"{name}: elbow",
+                    f"chosen k = {k} (Kneedle)", out / "elbow.png")
+    _plot_against_k(sweep, k, ("silhouette", "silhouette", "silhouette (higher is better)"),
+                    ("davies_bouldin", "Davies-Bouldin (lower is better)", "tab:purple"),
+                    f"{name}: silhouette against k", f"chosen k = {k}", out / "silhouette.png")
+
+
+def _plot_against_k(sweep: pd.DataFrame, k: int, left: tuple[str, str, str],
+                    right: tuple[str, str, str], title: str, chosen: str, path: Path) -> None:
+    """One sweep column (column, legend, axis label) and another on a twin axis (column, axis
+    label, colour) against k, with the chosen k marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    column, legend, ylabel = left
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(sweep["k"], sweep["inertia"], "o-", ms=3, label="KMeans inertia")
-    ax.axvline(k, color="tab:red", ls="--", label=f"chosen k = {k} (Kneedle)")
-    ax.set(xlabel="k (clusters)", ylabel="inertia", title=f"{name}: elbow")
-    bic = ax.twinx()
-    bic.plot(sweep["k"], sweep["gmm_bic"], "s-", ms=3, color="tab:green", alpha=0.6)
-    bic.set_ylabel("GMM BIC", color="tab:green")
+    ax.plot(sweep["k"], sweep[column], "o-", ms=3, label=legend)
+    ax.axvline(k, color="tab:red", ls="--", label=chosen)
+    ax.set(xlabel="k (clusters)", ylabel=ylabel, title=title)
+    column, ylabel, colour = right
+    twin = ax.twinx()
+    twin.plot(sweep["k"], sweep[column], "s-", ms=3, color=colour, alpha=0.6)
+    twin.set_ylabel(ylabel, color=colour)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(out / "elbow.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(sweep["k"], sweep["silhouette"], "o-", ms=3, label="silhouette")
-    ax.axvline(k, color="tab:red", ls="--", label=f"chosen k = {k}")
-    ax.set(xlabel="k (clusters)", ylabel="silhouette (higher is better)",
-           title=f"{name}: silhouette against k")
-    db = ax.twinx()
-    db.plot(sweep["k"], sweep["davies_bouldin"], "s-", ms=3, color="tab:purple", alpha=0.6)
-    db.set_ylabel("Davies-Bouldin (lower is better)", color="tab:purple")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(out / "silhouette.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
