@@ -16,11 +16,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("reduce", "kmeans_sweep", "gmm_sweep", "scores", "umap", "profiles", "write", "total")
@@ -90,18 +91,11 @@ def main() -> None:
     try:
         for name in names:
             run = scratch_run(source.root, name, scratch / name)
-            child = subprocess.Popen([sys.executable, __file__, "--one", str(run), name,
-                                      "--k-min", str(args.k_min), "--k-max", str(args.k_max)],
-                                     stdout=subprocess.PIPE, text=True)
-            out = child.stdout.read()
-            _, status, usage = os.wait4(child.pid, 0)
-            if os.waitstatus_to_exitcode(status):
-                features[name] = {"error": f"exit status {os.waitstatus_to_exitcode(status)}"}
-                continue
-            record = json.loads(out.strip().splitlines()[-1])
-            # ru_maxrss of the waited child (Linux: kB).
-            record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+            record = in_child([__file__, "--one", str(run), name, "--k-min", str(args.k_min),
+                               "--k-max", str(args.k_max)])
             features[name] = record
+            if "error" in record:
+                continue
             print(f"{name}: {record['wall_s']} s, k = {record['k']}", file=sys.stderr)
     except InfluenceError as e:
         raise SystemExit(f"error: {e}") from None

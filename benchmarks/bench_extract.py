@@ -16,11 +16,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import in_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -121,17 +122,10 @@ def main() -> None:
         shutil.copytree(base.root, run.root)
         if name in limits:
             catalog.head(limits[name]).to_parquet(run.catalog_path, index=False)
-        child = subprocess.Popen([sys.executable, __file__, "--one", str(run.root), name],
-                                 stdout=subprocess.PIPE, text=True)
-        out = child.stdout.read()
-        _, status, usage = os.wait4(child.pid, 0)
-        if os.waitstatus_to_exitcode(status):
-            extractors[name] = {"error": f"exit status {os.waitstatus_to_exitcode(status)}"}
-            continue
-        record = json.loads(out.strip().splitlines()[-1])
-        # ru_maxrss of the waited child (Linux: kB), its reader workers included.
-        record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+        record = in_child([__file__, "--one", str(run.root), name])
         extractors[name] = record
+        if "error" in record:
+            continue
         print(name, record["images_per_s"], "img/s", file=sys.stderr)
     results["extractors"] = extractors
 

@@ -1,0 +1,27 @@
+"""What the benchmarks share: run one measurement in a fresh child process and read its record."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def in_child(args: Sequence[str]) -> dict[str, Any]:
+    """Run `python ARGS` (its last stdout line a JSON record) and add the child's peak memory.
+
+    A fresh process per measurement, so one model's memory and warm caches do not count against
+    the next; ru_maxrss of the waited child (Linux: kB) includes its own worker processes.
+    """
+    child = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    out = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        return {"error": f"exit status {code}"}
+    record = json.loads(out.strip().splitlines()[-1])
+    record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    return record
