@@ -11,6 +11,9 @@ import pandas as pd
 from PIL import Image
 
 from influence.catalog import LABEL_FIELDS
+from influence.classify import head_paths, trained_heads
+from influence.clustering import clustered_features, load_clustering
+from influence.query import Explorer
 from influence.runs import InfluenceError, Run, read_json
 from influence.thumbnails import thumbs_dir
 
@@ -80,16 +83,12 @@ class RunData:
 
 def _heads(run: Run) -> pd.DataFrame | None:
     """One row per trained classifier head with its held-out metrics."""
-    from influence.query import trained_heads
-
     rows = []
     for target, features in trained_heads(run):
-        path = run.models_dir / f"{target}-{features}.json"
-        info = read_json(path) if path.exists() else {}
-        metrics = info.get("metrics", info)
+        info = read_json(head_paths(run, target, features)["json"])
         rows.append({"target": target, "features": features,
-                     **{k: metrics.get(k) for k in ("accuracy", "macro_f1", "top5_accuracy",
-                                                    "n_train", "n_test")}})
+                     **{k: info.get(k) for k in ("accuracy", "macro_f1", "top5_accuracy",
+                                                 "n_train", "n_test")}})
     return pd.DataFrame(rows) if rows else None
 
 
@@ -101,27 +100,13 @@ def load_run_data(run_dir: str | Path) -> RunData:
     catalog = run.catalog().reset_index(drop=True)
     for name in LABEL_FIELDS:
         catalog[name] = catalog[name].astype("string")
-    clusterings: dict[str, Any] = {}
-    try:
-        from influence.clustering import clustered_features, load_clustering
-
-        for name in clustered_features(run):
-            clusterings[name] = load_clustering(run, name)
-    except (ImportError, InfluenceError):
-        clusterings = {}
+    clusterings = {name: load_clustering(run, name) for name in clustered_features(run)}
     explorer, explorer_error = None, None
     try:
-        from influence.query import Explorer
-
         explorer = Explorer(run)
-    except ImportError:
-        explorer_error = "this installation has no search module"
     except InfluenceError as e:
         explorer_error = str(e)
-    try:
-        heads = _heads(run)
-    except (ImportError, InfluenceError):
-        heads = None
+    heads = _heads(run)
     comparison_path = run.clusters_dir / "comparison.csv"
     comparison = pd.read_csv(comparison_path) if comparison_path.exists() else None
     return RunData(run, catalog, clusterings, explorer, explorer_error, comparison, heads)
