@@ -46,12 +46,7 @@ def open_rgb(source: Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
-                w, h = img.size
-                if w * h > limits.max_pixels:
-                    raise BadImage(f"{w}x{h} pixels is more than {limits.max_pixels:,} "
-                                   "(possible decompression bomb)")
-                if min(w, h) < limits.min_side:
-                    raise BadImage(f"{w}x{h} is too small (shortest side under {limits.min_side})")
+                check_size(img, limits)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
@@ -65,6 +60,16 @@ def open_rgb(source: Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
         raise BadImage(f"corrupt or truncated image: {e}") from None
     except (ValueError, SyntaxError) as e:
         raise BadImage(f"unreadable image {name}: {e}") from None
+
+
+def check_size(img: Image.Image, limits: ImageLimits = DEFAULT_LIMITS) -> None:
+    """Raise BadImage for an image too large to decode safely or too small to use."""
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise BadImage(f"{w}x{h} pixels is more than {limits.max_pixels:,} "
+                       "(possible decompression bomb)")
+    if min(w, h) < limits.min_side:
+        raise BadImage(f"{w}x{h} is too small (shortest side under {limits.min_side})")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -24,8 +24,9 @@ import torch
 from PIL import Image
 
 from influence.classify import Head, load_head, trained_heads
+from influence.clustering import Clustering, load_clustering
 from influence.extractors import Extractor, get_extractor
-from influence.images import DEFAULT_LIMITS, BadImage, open_rgb, to_rgb
+from influence.images import BadImage, check_size, open_rgb, to_rgb
 from influence.neighbours import (
     ARTIST_POOL,
     index_paths,
@@ -79,14 +80,8 @@ def load_extractor(run: Run, features: str) -> Extractor:
     return extractor.load()
 
 
-def _load_clustering(run: Run, features: str) -> Any | None:
+def _load_clustering(run: Run, features: str) -> Clustering | None:
     """The run's clustering of this feature set, or None when it is not clustered."""
-    try:
-        from influence.clustering import load_clustering
-    except ModuleNotFoundError as e:
-        if e.name == "influence.clustering":
-            return None
-        raise
     try:
         return load_clustering(run, features)
     except InfluenceError:
@@ -190,11 +185,7 @@ def _open(image: Path | str | bytes | Image.Image) -> Image.Image:
     """An RGB image from a path, bytes or a PIL image, within the same limits as extraction."""
     if not isinstance(image, Image.Image):
         return open_rgb(image if isinstance(image, bytes) else Path(image))
-    w, h = image.size
-    if w * h > DEFAULT_LIMITS.max_pixels:
-        raise BadImage(f"{w}x{h} pixels is more than {DEFAULT_LIMITS.max_pixels:,}")
-    if min(w, h) < DEFAULT_LIMITS.min_side:
-        raise BadImage(f"{w}x{h} is too small (shortest side under {DEFAULT_LIMITS.min_side})")
+    check_size(image)
     return to_rgb(image)
 
 
