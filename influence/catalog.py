@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,13 @@ LABEL_FIELDS = ("artist", "nationality", "era", "genre", "style")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 ERA_WIDTH = 50
 REJECTED_COLUMNS = ["row", "file", "reason", "detail", *TEXT_FIELDS]
+
+
+def artist_slug(name: str) -> str:
+    """An artist's id in URLs and JSON: ASCII, lower case, words joined by '-' ("Claude Monet"
+    -> "claude-monet"); stable, so a link to an artist survives a rebuilt run."""
+    ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-") or "unknown"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from influence.catalog import artist_slug
 from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
 
 #: Largest collection searched exactly; bigger ones get an HNSW index.
@@ -88,7 +89,8 @@ def rank_artists(scores: Sequence[float], artists: Sequence[Any], best_of: int =
     has the empty places filled with `floor`, by default the pool's lowest score: a bound on the
     similarity of any painting outside the pool. So many mediocre matches do not beat a few close
     ones, and one lucky match does not beat a consistent artist. Ties go to more paintings, then
-    to the name. Returns [{artist, score, paintings (in the pool)}], best first.
+    to the name. Returns [{artist, artist_id (see `artist_slug`), score, paintings (in the
+    pool)}], best first.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) == 0:
@@ -103,7 +105,8 @@ def rank_artists(scores: Sequence[float], artists: Sequence[Any], best_of: int =
     for artist, sims in found.items():
         best = sorted(sims, reverse=True)[:best_of]
         value = (sum(best) + floor * (best_of - len(best))) / best_of
-        ranked.append({"artist": artist, "score": round(value, 4), "paintings": len(sims)})
+        ranked.append({"artist": artist, "artist_id": artist_slug(artist),
+                       "score": round(value, 4), "paintings": len(sims)})
     ranked.sort(key=lambda r: (-r["score"], -r["paintings"], r["artist"]))
     return ranked
 

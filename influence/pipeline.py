@@ -182,6 +182,33 @@ def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist
     return 0
 
 
+# -------------------------------------------------------------------------------------- influence
+def cmd_influence(run: str, features: str | None = None, recorded: str | None = None,
+                  progress: bool = True) -> int:
+    """Artists, time-ordered artist pairs with painting evidence, and family flows."""
+    from influence.influences import HIT_AT, build_influence, influence_dir
+
+    out = Run(Path(run))
+    s = build_influence(out, features, Path(recorded).resolve() if recorded else None,
+                        progress=progress)
+    state = "up to date" if s["up_to_date"] else f"{s['timings']['total_s']:.1f} s"
+    out.record_stage("influence", features=s["features"], recorded=recorded,
+                     seconds=s["timings"]["total_s"], artists=s["artists"], pairs=s["pairs"],
+                     evaluation=s["evaluation"])
+    print(f"influence ({s['features']}): {s['artists']} artists, {s['pairs']} time-ordered "
+          f"pairs, {s['families']} visual families ({state}) -> {influence_dir(out)}")
+    if s["evaluation"]:
+        hit = f"hit@{HIT_AT}"
+        _table(["scores", "AUC", hit, "MRR"],
+               [(r["scores"], _fmt(r["auc"]), _fmt(r[hit]), _fmt(r["mrr"]))
+                for r in s["evaluation"]])
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 # ---------------------------------------------------------------------------------------- similar
 def cmd_similar(run: str, images: Sequence[str], k: int = 10, features: str | None = None,
                 json: bool = False, progress: bool = True) -> int:
@@ -223,7 +250,7 @@ def _print_answer(answer: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- run
-STAGE_ORDER = ["extract", "cluster", "index", "train"]
+STAGE_ORDER = ["extract", "cluster", "index", "train", "influence"]
 
 
 def cmd_run(config: str, progress: bool = True) -> int:
@@ -244,7 +271,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
         raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")
     for stage in STAGE_ORDER:
         options = dict(cfg.get(stage, {}))
-        for key in ("collection", "metadata", "images"):
+        for key in ("collection", "metadata", "images", "recorded"):
             if key in options:
                 options[key] = str((base / options[key]).resolve())
         if stage == "extract":
@@ -259,7 +286,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "cluster": cmd_cluster, "index": cmd_index, "train": cmd_train,
-    "similar": cmd_similar,
+    "influence": cmd_influence, "similar": cmd_similar,
 }
 
 
@@ -307,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="style,genre,artist,nationality",
                    help="comma-separated: style, genre, artist, nationality (default: all)")
     p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
+
+    p = sub.add_parser("influence", help="who looks like whom across artists, ordered by time")
+    p.add_argument("--run", required=True)
+    p.add_argument("--features", help="feature set (default: the search default)")
+    p.add_argument("--recorded", metavar="CSV",
+                   help="recorded influences (columns artist, influenced_by) to evaluate against")
 
     p = sub.add_parser("similar", help="paintings and artists that an image resembles")
     p.add_argument("--run", required=True)

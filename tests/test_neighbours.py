@@ -43,8 +43,8 @@ def test_prolific_artist_with_mediocre_matches_loses_to_fewer_closer_ones() -> N
     artists = ["Few"] * 3 + ["Many"] * 12 + ["Other"]
     ranked = rank_artists(scores, artists)
     assert [r["artist"] for r in ranked[:2]] == ["Few", "Many"]
-    assert ranked[0] == {"artist": "Few", "score": pytest.approx(0.9333, abs=1e-4),
-                         "paintings": 3}
+    assert ranked[0] == {"artist": "Few", "artist_id": "few",
+                         "score": pytest.approx(0.9333, abs=1e-4), "paintings": 3}
     assert ranked[1]["paintings"] == 12
     # The naive vote would have chosen the prolific painter.
     assert neighbours.vote_artists(artists)[0] == "Many"

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from influence import query
+from influence.catalog import artist_slug
 from influence.clustering import load_clustering
 from influence.pipeline import cmd_cluster, cmd_index, cmd_train, main
 from influence.query import Explorer
@@ -114,7 +115,10 @@ def test_json_output_is_one_object_per_line_in_the_design_schema(
         assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1.001
 
         artists = answer["artists"]
-        assert artists and all(set(a) == {"artist", "score", "paintings"} for a in artists)
+        assert artists and all(set(a) == {"artist", "artist_id", "score", "paintings"}
+                               for a in artists)
+        # The id is the one the explorer's artist pages use.
+        assert all(a["artist_id"] == artist_slug(a["artist"]) for a in artists)
         assert all(isinstance(a["artist"], str) and isinstance(a["score"], float)
                    and isinstance(a["paintings"], int) and a["paintings"] >= 1 for a in artists)
         assert [a["score"] for a in artists] == sorted((a["score"] for a in artists),

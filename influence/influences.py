@@ -1,0 +1,520 @@
+"""Artist-to-artist influence: who looks like whom, ordered by time, with painting-level evidence.
+
+A score here is visual resemblance ordered by time: evidence for an art historian to weigh, never
+proof that one painter influenced another.
+
+The recipe (`score_pairs`), on one indexed feature set:
+
+1. **Painting to artist.** Every painting searches the run's faiss index for its `POOL` nearest
+   paintings (itself left out). Its similarity to an artist is the `rank_artists` rule of
+   `similar`: the mean of its `BEST_OF` best similarities to that artist's paintings in the pool,
+   empty places filled with the pool's lowest similarity (a bound on anything outside it).
+2. **Standardise per painting.** Each painting's similarities to all artists become z-scores, so
+   a painting that resembles everything (a dark portrait, a plain landscape) weighs no more than
+   a distinctive one.
+3. **Artist to artist.** `visual(A, B)` is the mean z of A's paintings towards B: how much more A's
+   work resembles B's than it resembles an average artist. `reverse` is the same from B's
+   paintings towards A. The score is their mean, so both artists' work must point at each other.
+4. **Time rule.** A directed pair (artist A, influenced_by B) is written only when B had begun
+   working by the middle of A's working life (`B.active_start <= A.active_mid`): B active before
+   or alongside A. `relation` is "earlier" when B's working life ended before A's began
+   (`B.active_end < A.active_start`), else "alongside"; when either artist has no active years the
+   pair is kept in both directions as "undated". Any two dated artists have at least one allowed
+   direction, so every artist pair is scored.
+5. **Evidence.** Each pair keeps the `EVIDENCE` most similar painting pairs that link the two
+   artists in the index: one painting is among the other's `POOL` nearest neighbours.
+
+Active years come from the artist's dated works when at least `MIN_DATED` are dated (first to
+last dated work), else from their life like the catalog's era rule (age 20 to death; birth + 20
+to birth + 60 with only a birth year; death - 40 to death with only a death year).
+
+`build_influence` runs it on a run and writes `RUN/influence/`; `load_influence` reads it back.
+With a table of recorded influences, `evaluate` scores the method against two baselines computed
+in the same run: cosine between artists' mean vectors, and metadata alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+from tqdm.auto import tqdm
+
+from influence.catalog import artist_slug
+from influence.clustering import load_clustering
+from influence.neighbours import BEST_OF, load_index, search, set_threads
+from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+
+__all__ = ["Influence", "artist_slug", "build_influence", "load_influence"]
+
+#: Nearest paintings each painting's artist similarities are computed from.
+POOL = 200
+#: Painting pairs kept as each artist pair's evidence.
+EVIDENCE = 3
+#: Artists with at least this many dated works take their active years from them.
+MIN_DATED = 3
+#: Working life from the artist's life: from this age, and its length with only a birth year.
+START_AGE = 20
+SPAN = 40
+#: Candidates per artist counted for hit@k, and queries of the evaluation.
+HIT_AT = 5
+#: Each artist's strongest earlier candidates drawn by default in the influence graph.
+GRAPH_PER_ARTIST = 3
+PAIR_COLUMNS = ["artist", "influenced_by", "score", "visual", "reverse", "relation", "gap",
+                "rank", "recorded", "evidence"]
+
+
+# ------------------------------------------------------------------------------------- artists
+def active_years(catalog: pd.DataFrame) -> pd.DataFrame:
+    """Per artist: active_start, active_end, active_mid and active_source (rule: module doc)."""
+    rows = []
+    for artist, group in catalog.groupby("artist", sort=True):
+        dated = group["year"].dropna().astype(float)
+        birth = _first(group["birth_year"])
+        death = _first(group["death_year"])
+        if len(dated) >= MIN_DATED:
+            start, end, source = dated.min(), dated.max(), "dated works"
+        elif not np.isnan(birth) and not np.isnan(death):
+            start, end, source = birth + START_AGE, death, "life"
+        elif not np.isnan(birth):
+            start, end, source = birth + START_AGE, birth + START_AGE + SPAN, "life"
+        elif not np.isnan(death):
+            start, end, source = death - SPAN, death, "life"
+        else:
+            start, end, source = np.nan, np.nan, None
+        end = max(start, end) if not np.isnan(start) else end
+        rows.append({"artist": artist, "birth_year": birth, "death_year": death,
+                     "active_start": start, "active_end": end,
+                     "active_mid": (start + end) / 2, "active_source": source})
+    return pd.DataFrame(rows)
+
+
+def _first(values: pd.Series) -> float:
+    known = values.dropna()
+    return float(known.iloc[0]) if len(known) else np.nan
+
+
+def _mix(values: pd.Series, top: int | None = None) -> list[dict[str, Any]]:
+    """Shares of each value, largest first: [{label, share}]."""
+    shares = values.dropna().astype(str).value_counts(normalize=True)
+    return [{"label": k, "share": round(float(v), 4)} for k, v in shares.head(top).items()]
+
+
+def artists_table(catalog: pd.DataFrame, families: np.ndarray) -> pd.DataFrame:
+    """One row per artist: counts, nationality, life and active years, style/genre/family mix."""
+    years = active_years(catalog).set_index("artist")
+    cat = catalog.assign(_family=families)
+    rows = []
+    for artist, group in cat.groupby("artist", sort=True):
+        fam = group["_family"].value_counts(normalize=True)
+        rows.append({
+            "artist": artist, "artist_id": artist_slug(artist), "paintings": len(group),
+            "nationality": (group["nationality"].dropna().astype(str).mode().iat[0]
+                            if group["nationality"].notna().any() else None),
+            **years.loc[artist].to_dict(),
+            "styles": _mix(group["style"]), "genres": _mix(group["genre"]),
+            "families": [{"cluster": int(c), "share": round(float(s), 4)}
+                         for c, s in fam.items()],
+            "family": int(fam.index[0]),
+        })
+    return pd.DataFrame(rows)
+
+
+def time_rule(artists: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(allowed, relation): allowed[i, j] when artist j may have influenced artist i."""
+    start, end, mid = (artists[c].to_numpy(dtype=float)
+                       for c in ("active_start", "active_end", "active_mid"))
+    undated = np.isnan(mid)
+    either = undated[:, None] | undated[None, :]
+    allowed = (start[None, :] <= mid[:, None]) | either
+    np.fill_diagonal(allowed, False)
+    relation = np.where(either, "undated",
+                        np.where(end[None, :] < start[:, None], "earlier", "alongside"))
+    return allowed, relation.astype(object)
+
+
+# -------------------------------------------------------------------------------- the visual part
+def painting_artist_similarity(index: Any, x: np.ndarray, codes: np.ndarray, n_artists: int,
+                               pool: int = POOL, best_of: int = BEST_OF, batch: int = 1024,
+                               progress: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
+    """(S, links): S[p, a] is painting p's similarity to artist a (rule: module doc, step 1);
+    links are the index's (row, neighbour, similarity) pairs between different artists."""
+    n = len(x)
+    sims = np.empty((n, n_artists), dtype=np.float32)
+    link_rows, link_nbrs, link_sims = [], [], []
+    for lo in tqdm(range(0, n, batch), desc="neighbours", unit="batch", disable=not progress):
+        hi = min(n, lo + batch)
+        scores, rows = search(index, np.asarray(x[lo:hi]), pool + 1)
+        for q in range(hi - lo):
+            p = lo + q
+            keep = (rows[q] != p) & (rows[q] >= 0)
+            s, nbr = scores[q][keep][:pool], rows[q][keep][:pool]
+            floor = float(s[-1]) if len(s) else 0.0
+            sims[p] = floor
+            owner = codes[nbr]
+            # Best `best_of` per artist: neighbours come best first, so a stable sort by artist
+            # keeps each artist's similarities in descending order.
+            order = np.argsort(owner, kind="stable")
+            owner_sorted, s_sorted = owner[order], s[order]
+            first = np.searchsorted(owner_sorted, owner_sorted, side="left")
+            rank = np.arange(len(order)) - first
+            top = rank < best_of
+            total = np.zeros(n_artists)
+            count = np.zeros(n_artists)
+            np.add.at(total, owner_sorted[top], s_sorted[top])
+            np.add.at(count, owner_sorted[top], 1)
+            seen = count > 0
+            sims[p, seen] = (total[seen] + floor * (best_of - count[seen])) / best_of
+            other = (owner != codes[p]) & (owner >= 0)
+            link_rows.append(np.full(int(other.sum()), p, dtype=np.int64))
+            link_nbrs.append(nbr[other].astype(np.int64))
+            link_sims.append(s[other].astype(np.float32))
+    links = pd.DataFrame({"row": np.concatenate(link_rows), "neighbour": np.concatenate(link_nbrs),
+                          "similarity": np.concatenate(link_sims)})
+    return sims, links
+
+
+def artist_resemblance(sims: np.ndarray, codes: np.ndarray, n_artists: int) -> np.ndarray:
+    """V[a, b]: mean over artist a's paintings of their standardised similarity to artist b."""
+    z = (sims - sims.mean(axis=1, keepdims=True)) / (sims.std(axis=1, keepdims=True) + 1e-9)
+    total = np.zeros((n_artists, n_artists))
+    np.add.at(total, codes[codes >= 0], z[codes >= 0])
+    count = np.bincount(codes[codes >= 0], minlength=n_artists).astype(float)
+    out = total / np.maximum(count, 1)[:, None]
+    np.fill_diagonal(out, np.nan)
+    return out
+
+
+def evidence(links: pd.DataFrame, codes: np.ndarray, ids: np.ndarray,
+             keep: int = EVIDENCE) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """The `keep` strongest index links per unordered artist pair, keyed (a, b) with a < b."""
+    a, b = codes[links["row"].to_numpy()], codes[links["neighbour"].to_numpy()]
+    lo_is_row = a < b
+    frame = pd.DataFrame({
+        "lo": np.minimum(a, b), "hi": np.maximum(a, b),
+        "lo_row": np.where(lo_is_row, links["row"], links["neighbour"]),
+        "hi_row": np.where(lo_is_row, links["neighbour"], links["row"]),
+        "similarity": links["similarity"].to_numpy(),
+    })
+    # A link found from both ends is one painting pair.
+    frame = frame.drop_duplicates(["lo_row", "hi_row"])
+    frame = frame.sort_values(["lo", "hi", "similarity"], ascending=[True, True, False],
+                              kind="stable")
+    frame = frame.groupby(["lo", "hi"], sort=False).head(keep)
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in frame.itertuples(index=False):
+        out.setdefault((int(r.lo), int(r.hi)), []).append(
+            {"lo": ids[r.lo_row], "hi": ids[r.hi_row], "similarity": round(float(r.similarity), 4)})
+    return out
+
+
+def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.DataFrame,
+                pool: int = POOL, progress: bool = False) -> pd.DataFrame:
+    """Every time-allowed directed pair with its score, parts and evidence (module doc)."""
+    names = artists["artist"].tolist()
+    code_of = {a: i for i, a in enumerate(names)}
+    codes = catalog["artist"].map(code_of).fillna(-1).to_numpy(dtype=np.int64)
+    ids = catalog["image_id"].to_numpy(dtype=object)
+    sims, links = painting_artist_similarity(index, x, codes, len(names), pool,
+                                             progress=progress)
+    visual = artist_resemblance(sims, codes, len(names))
+    score = (visual + visual.T) / 2
+    allowed, relation = time_rule(artists)
+    linked = evidence(links, codes, ids)
+    mid = artists["active_mid"].to_numpy(dtype=float)
+    rows = []
+    for i, j in zip(*np.nonzero(allowed), strict=True):
+        pairs = linked.get((min(i, j), max(i, j)), [])
+        # Orient each painting pair as (painting of the artist, painting of the influencer).
+        ev = [{"image_id": p["lo"] if i < j else p["hi"],
+               "influenced_by_image_id": p["hi"] if i < j else p["lo"],
+               "similarity": p["similarity"]} for p in pairs]
+        rows.append((names[i], names[j], score[i, j], visual[i, j], visual[j, i],
+                     relation[i, j], mid[i] - mid[j], ev))
+    pairs = pd.DataFrame(rows, columns=["artist", "influenced_by", "score", "visual", "reverse",
+                                        "relation", "gap", "evidence"])
+    pairs["rank"] = (pairs.groupby("artist")["score"].rank(ascending=False, method="first")
+                     .astype(int))
+    pairs["recorded"] = False
+    for col in ("score", "visual", "reverse", "gap"):
+        pairs[col] = pairs[col].astype(float).round(4)
+    return pairs.sort_values(["artist", "rank"], kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------- flows
+def flows_table(catalog: pd.DataFrame, families: np.ndarray, method: str = "kmeans"
+                ) -> pd.DataFrame:
+    """Each visual family's paintings per era and per nationality, against the collection."""
+    frames = []
+    for dimension in ("era", "nationality"):
+        values = catalog[dimension].astype("string")
+        known = values.notna().to_numpy()
+        collection = values[known].value_counts(normalize=True)
+        counts = (pd.DataFrame({"family": families[known], "value": values[known].to_numpy()})
+                  .value_counts().rename("count").reset_index())
+        counts["share"] = counts["count"] / counts.groupby("family")["count"].transform("sum")
+        counts["collection_share"] = counts["value"].map(collection).astype(float)
+        counts["lift"] = counts["share"] / counts["collection_share"]
+        frames.append(counts.assign(method=method, dimension=dimension))
+    out = pd.concat(frames, ignore_index=True)
+    out = out[["method", "family", "dimension", "value", "count", "share", "collection_share",
+               "lift"]]
+    out["family"] = out["family"].astype(int)
+    return out.sort_values(["dimension", "family", "value"], kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def read_recorded(path: Path) -> pd.DataFrame:
+    """A table of recorded influences with columns artist, influenced_by (others kept)."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise InfluenceError(f"cannot read recorded influences {path}: {e}") from None
+    missing = {"artist", "influenced_by"} - set(table.columns)
+    if missing:
+        raise InfluenceError(f"recorded influences {path} lack column(s) "
+                             f"{', '.join(sorted(missing))} (need artist, influenced_by)")
+    table["artist"] = table["artist"].str.strip()
+    table["influenced_by"] = table["influenced_by"].str.strip()
+    return table[(table["artist"] != "") & (table["influenced_by"] != "")]
+
+
+def baselines(x: np.ndarray, catalog: pd.DataFrame, artists: pd.DataFrame
+              ) -> dict[str, np.ndarray]:
+    """Artist x artist scores of the two baselines: mean-vector cosine and metadata alone.
+
+    Metadata: +1 for the same main style, +1 for the same nationality, minus the gap between
+    birth years in centuries (an unknown birth year counts as a century apart).
+    """
+    names = artists["artist"].tolist()
+    code_of = {a: i for i, a in enumerate(names)}
+    codes = catalog["artist"].map(code_of).fillna(-1).to_numpy(dtype=np.int64)
+    x = np.asarray(x, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    mean = np.zeros((len(names), x.shape[1]))
+    np.add.at(mean, codes[codes >= 0], x[codes >= 0])
+    mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    style = np.array([s[0]["label"] if len(s) else None for s in artists["styles"]], dtype=object)
+    nation = artists["nationality"].to_numpy(dtype=object)
+    birth = artists["birth_year"].to_numpy(dtype=float)
+    gap = np.nan_to_num(np.abs(birth[:, None] - birth[None, :]), nan=100.0) / 100.0
+    return {"mean_vector_cosine": mean @ mean.T,
+            "metadata": _same(style) + _same(nation) - gap}
+
+
+def _same(values: np.ndarray) -> np.ndarray:
+    """1.0 where two known values are equal, else 0.0 (artist x artist)."""
+    known = pd.notna(values)
+    return ((values[:, None] == values[None, :]) & known[:, None] & known[None, :]).astype(float)
+
+
+def evaluate(scores: np.ndarray, allowed: np.ndarray, names: Sequence[str],
+             recorded: pd.DataFrame, at: int = HIT_AT) -> dict[str, Any]:
+    """AUC over all artist pairs (a pair scores its larger allowed direction), hit@k and MRR."""
+    code_of = {a: i for i, a in enumerate(names)}
+    known = recorded[recorded["artist"].isin(code_of) & recorded["influenced_by"].isin(code_of)]
+    directed = np.where(allowed, scores, -np.inf)
+    pair = np.maximum(directed, directed.T)
+    positive = np.zeros_like(allowed)
+    for r in known.itertuples(index=False):
+        positive[code_of[r.artist], code_of[r.influenced_by]] = True
+    upper = np.triu_indices(len(names), 1)
+    labels = (positive | positive.T)[upper]
+    values = pair[upper]
+    auc = float(roc_auc_score(labels, values)) if 0 < labels.sum() < len(labels) else None
+    hits, reciprocal, per_artist = [], [], []
+    for artist, group in known.groupby("artist", sort=True):
+        i = code_of[artist]
+        candidates = np.flatnonzero(allowed[i])
+        order = candidates[np.argsort(-scores[i, candidates], kind="stable")]
+        rank_of = {int(j): n + 1 for n, j in enumerate(order)}
+        ranks = sorted(rank_of[code_of[b]] for b in group["influenced_by"]
+                       if code_of[b] in rank_of)
+        first = ranks[0] if ranks else None
+        hits.append(first is not None and first <= at)
+        reciprocal.append(1.0 / first if first else 0.0)
+        per_artist.append({"artist": artist, "recorded": group["influenced_by"].tolist(),
+                           "first_rank": first, "candidates": len(order)})
+    return {"auc": None if auc is None else round(auc, 4),
+            f"hit@{at}": round(float(np.mean(hits)), 4) if hits else None,
+            "mrr": round(float(np.mean(reciprocal)), 4) if reciprocal else None,
+            "artists": per_artist}
+
+
+def evaluation_report(pairs: pd.DataFrame, base: dict[str, np.ndarray], artists: pd.DataFrame,
+                      recorded: pd.DataFrame, source: str) -> dict[str, Any]:
+    """evaluation.json: the method and both baselines on the same pairs and candidates."""
+    names = artists["artist"].tolist()
+    code_of = {a: i for i, a in enumerate(names)}
+    allowed, _ = time_rule(artists)
+    method = np.full(allowed.shape, -np.inf)
+    method[pairs["artist"].map(code_of), pairs["influenced_by"].map(code_of)] = pairs["score"]
+    unknown = recorded[~(recorded["artist"].isin(code_of)
+                         & recorded["influenced_by"].isin(code_of))]
+    known = recorded.drop(unknown.index)
+    blocked = [f"{r.artist} <- {r.influenced_by}" for r in known.itertuples(index=False)
+               if not allowed[code_of[r.artist], code_of[r.influenced_by]]]
+    results = {"method": evaluate(method, allowed, names, known)}
+    for name, matrix in base.items():
+        results[name] = evaluate(matrix, allowed, names, known)
+    table = [{"scores": k, "auc": v["auc"], f"hit@{HIT_AT}": v[f"hit@{HIT_AT}"], "mrr": v["mrr"]}
+             for k, v in results.items()]
+    return {"recorded": source, "edges": len(recorded), "edges_used": len(known),
+            "artists_with_recorded": int(known["artist"].nunique()),
+            "unknown_artists": [f"{r.artist} <- {r.influenced_by}"
+                                for r in unknown.itertuples(index=False)],
+            "against_time_rule": blocked, "pairs": int(len(names) * (len(names) - 1) / 2),
+            "rule": "AUC over all unordered artist pairs, a pair scoring the larger of its "
+                    "time-allowed directions; hit@5 and MRR over artists with a recorded "
+                    "influencer, ranking their time-allowed candidates",
+            "table": table, "results": results}
+
+
+# ------------------------------------------------------------------------------------ the stage
+def influence_dir(run: Run) -> Path:
+    return run.root / "influence"
+
+
+FILES = ("artists.parquet", "pairs.parquet", "flows.parquet", "influence.json")
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def build_influence(run: Run, features: str | None = None, recorded: Path | None = None,
+                    progress: bool = True) -> dict[str, Any]:
+    """`influence` stage: write RUN/influence/ for a feature set; returns its summary."""
+    from influence.query import default_features
+
+    features = features or default_features(run)
+    catalog = run.catalog()
+    x = run.features(features)
+    if len(x) != len(catalog):
+        raise InfluenceError(f"features '{features}' have {len(x)} rows but the catalog has "
+                             f"{len(catalog)}: run `extract` again")
+    clustering = load_clustering(run, features)
+    index = load_index(run, features)
+    table = read_recorded(Path(recorded)) if recorded else None
+    out = influence_dir(run)
+    config = {"pool": POOL, "best_of": BEST_OF, "evidence": EVIDENCE, "min_dated": MIN_DATED,
+              "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
+    labels = fingerprint(f"{f}={v}" for f in ("artist", "nationality", "style", "genre", "year",
+                                              "birth_year", "death_year", "era")
+                         for v in catalog[f].astype(str))
+    key = fingerprint([features, run.features_info(features).get("catalog", ""),
+                       clustering.summary.get("input", ""), labels,
+                       _file_hash(Path(recorded)) if recorded else "none",
+                       repr(sorted(config.items()))])
+    summary_path = out / "influence.json"
+    if summary_path.exists() and all((out / f).exists() for f in FILES):
+        old = read_json(summary_path)
+        if old.get("input") == key and (out / "evaluation.json").exists() == bool(recorded):
+            return {**old, "up_to_date": True}
+    summary_path.unlink(missing_ok=True)
+    set_threads()
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    families = clustering.assignments["kmeans"].to_numpy()
+    artists = artists_table(catalog, families)
+    timings["artists_s"] = time.perf_counter() - start
+    t = time.perf_counter()
+    pairs = score_pairs(index, x, catalog, artists, progress=progress)
+    timings["pairs_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    flows = flows_table(catalog, families)
+    evaluation = None
+    if table is not None:
+        known = set(zip(table["artist"], table["influenced_by"], strict=True))
+        pairs["recorded"] = [(a, b) in known for a, b in
+                             zip(pairs["artist"], pairs["influenced_by"], strict=True)]
+        evaluation = evaluation_report(pairs, baselines(x, catalog, artists), artists, table,
+                                       str(recorded))
+    timings["flows_and_evaluation_s"] = time.perf_counter() - t
+    out.mkdir(parents=True, exist_ok=True)
+    artists.to_parquet(out / "artists.parquet", index=False)
+    pairs[PAIR_COLUMNS].to_parquet(out / "pairs.parquet", index=False)
+    flows.to_parquet(out / "flows.parquet", index=False)
+    evaluation_path = out / "evaluation.json"
+    if evaluation is not None:
+        write_json(evaluation_path, evaluation)
+    else:
+        evaluation_path.unlink(missing_ok=True)
+    summary = {"features": features, "weights": run.features_info(features).get("weights"),
+               "artists": len(artists), "pairs": len(pairs), "families": int(families.max()) + 1,
+               "family_method": "kmeans", "config": config,
+               "rules": {"active_years": _doc_rule("Active years"),
+                         "time": "a pair (artist A, influenced_by B) is kept when B's active "
+                                 "start <= A's active middle; 'earlier' when B's active end < A's "
+                                 "active start, else 'alongside'; 'undated' (both directions) "
+                                 "when either has no active years",
+                         "score": "mean of visual (A's paintings towards B) and reverse (B's "
+                                  "towards A), each the mean per-painting z-score of "
+                                  "similarity to the other artist"},
+               "evaluation": None if evaluation is None else evaluation["table"],
+               "timings": {k: round(v, 3) for k, v in
+                           {**timings, "total_s": time.perf_counter() - start}.items()},
+               "input": key, "versions": versions()}
+    write_json(summary_path, summary)
+    return {**summary, "up_to_date": False}
+
+
+def _doc_rule(heading: str) -> str:
+    """The paragraph of this module's docstring starting with `heading`, recorded as a rule."""
+    for paragraph in (__doc__ or "").split("\n\n"):
+        if paragraph.startswith(heading):
+            return " ".join(paragraph.split())
+    return ""
+
+
+# ---------------------------------------------------------------------------------- reading back
+@dataclass
+class Influence:
+    """A run's stored influence stage: artists, directed pairs, family flows and evaluation."""
+
+    features: str
+    artists: pd.DataFrame
+    pairs: pd.DataFrame
+    flows: pd.DataFrame
+    evaluation: dict[str, Any] | None
+    summary: dict[str, Any]
+
+    def artist(self, slug: str) -> dict[str, Any] | None:
+        """The row of the artist with this id (see `artist_slug`), or None."""
+        found = self.artists[self.artists["artist_id"] == slug]
+        return None if found.empty else found.iloc[0].to_dict()
+
+    def earlier(self, name: str, n: int = 10) -> pd.DataFrame:
+        """Possible influences of an artist: candidates active before or alongside, best first."""
+        return self.pairs[self.pairs["artist"] == name].nlargest(n, "score")
+
+    def later(self, name: str, n: int = 10) -> pd.DataFrame:
+        """Artists this one may have influenced, best first."""
+        return self.pairs[self.pairs["influenced_by"] == name].nlargest(n, "score")
+
+    def edges(self, per_artist: int = GRAPH_PER_ARTIST) -> pd.DataFrame:
+        """The strongest links for a graph: each artist's best `per_artist` candidates."""
+        return self.pairs[self.pairs["rank"] <= per_artist].reset_index(drop=True)
+
+
+def load_influence(run: Run) -> Influence:
+    """The stored influence stage of a run; InfluenceError if `influence` has not been run."""
+    out = influence_dir(run)
+    run.require(out / "influence.json", "influence")
+    evaluation_path = out / "evaluation.json"
+    summary = read_json(out / "influence.json")
+    return Influence(
+        features=summary["features"],
+        artists=pd.read_parquet(out / "artists.parquet"),
+        pairs=pd.read_parquet(out / "pairs.parquet"),
+        flows=pd.read_parquet(out / "flows.parquet"),
+        evaluation=read_json(evaluation_path) if evaluation_path.exists() else None,
+        summary=summary,
+    )
