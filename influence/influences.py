@@ -9,19 +9,29 @@ The recipe (`score_pairs`), on one indexed feature set:
    paintings (itself left out). Its similarity to an artist is the `rank_artists` rule of
    `similar`: the mean of its `BEST_OF` best similarities to that artist's paintings in the pool,
    empty places filled with the pool's lowest similarity (a bound on anything outside it).
+
 2. **Standardise per painting.** Each painting's similarities to all artists become z-scores, so
    a painting that resembles everything (a dark portrait, a plain landscape) weighs no more than
    a distinctive one.
-3. **Artist to artist.** `visual(A, B)` is the mean z of A's paintings towards B: how much more A's
-   work resembles B's than it resembles an average artist. `reverse` is the same from B's
-   paintings towards A. The score is their mean, so both artists' work must point at each other.
-4. **Time rule.** A directed pair (artist A, influenced_by B) is written only when B had begun
+
+3. **Artist to artist.** `visual(A, B)` is the mean z towards B of the `TOP_PAINTINGS` paintings
+   of A most like B's work: influence shows in part of a body of work, not all of it. `reverse`
+   is the same from B's paintings towards A. Their mean is the visual part of the score, so
+   both artists' work must point at each other.
+
+4. **Time part.** Influence flows mostly from those who were working first: a candidate B who
+   began working after A did is pushed down, `time = -LATE_PENALTY * clip((B.active_start -
+   A.active_start) / LATE_YEARS, 0, 1)`, so a painter who started 10 or more years later ranks
+   only on an overwhelming resemblance. `score = (visual + reverse) / 2 + time`.
+
+5. **Time rule.** A directed pair (artist A, influenced_by B) is written only when B had begun
    working by the middle of A's working life (`B.active_start <= A.active_mid`): B active before
    or alongside A. `relation` is "earlier" when B's working life ended before A's began
    (`B.active_end < A.active_start`), else "alongside"; when either artist has no active years the
-   pair is kept in both directions as "undated". Any two dated artists have at least one allowed
-   direction, so every artist pair is scored.
-5. **Evidence.** Each pair keeps the `EVIDENCE` most similar painting pairs that link the two
+   pair is kept in both directions as "undated" with no time part. Any two dated artists have at
+   least one allowed direction, so every artist pair is scored.
+
+6. **Evidence.** Each pair keeps the `EVIDENCE` most similar painting pairs that link the two
    artists in the index: one painting is among the other's `POOL` nearest neighbours.
 
 Active years come from the artist's dated works when at least `MIN_DATED` are dated (first to
@@ -56,6 +66,13 @@ __all__ = ["Influence", "artist_slug", "build_influence", "load_influence"]
 
 #: Nearest paintings each painting's artist similarities are computed from.
 POOL = 200
+#: An artist resembles another through their `TOP_PAINTINGS` paintings most like the other's:
+#: influence shows in part of a body of work, and ten is more than one lucky match.
+TOP_PAINTINGS = 10
+#: The time part: a candidate who began working after the artist did is pushed down, by up to
+#: `LATE_PENALTY` (in the visual part's standard-deviation units) at `LATE_YEARS` later.
+LATE_PENALTY = 4.0
+LATE_YEARS = 10.0
 #: Painting pairs kept as each artist pair's evidence.
 EVIDENCE = 3
 #: Artists with at least this many dated works take their active years from them.
@@ -67,8 +84,8 @@ SPAN = 40
 HIT_AT = 5
 #: Each artist's strongest earlier candidates drawn by default in the influence graph.
 GRAPH_PER_ARTIST = 3
-PAIR_COLUMNS = ["artist", "influenced_by", "score", "visual", "reverse", "relation", "gap",
-                "rank", "recorded", "evidence"]
+PAIR_COLUMNS = ["artist", "influenced_by", "score", "visual", "reverse", "time", "relation",
+                "gap", "rank", "recorded", "evidence"]
 
 
 # ------------------------------------------------------------------------------------- artists
@@ -148,48 +165,61 @@ def painting_artist_similarity(index: Any, x: np.ndarray, codes: np.ndarray, n_a
     links are the index's (row, neighbour, similarity) pairs between different artists."""
     n = len(x)
     sims = np.empty((n, n_artists), dtype=np.float32)
-    link_rows, link_nbrs, link_sims = [], [], []
+    links = []
     for lo in tqdm(range(0, n, batch), desc="neighbours", unit="batch", disable=not progress):
         hi = min(n, lo + batch)
         scores, rows = search(index, np.asarray(x[lo:hi]), pool + 1)
-        for q in range(hi - lo):
-            p = lo + q
-            keep = (rows[q] != p) & (rows[q] >= 0)
-            s, nbr = scores[q][keep][:pool], rows[q][keep][:pool]
-            floor = float(s[-1]) if len(s) else 0.0
-            sims[p] = floor
-            owner = codes[nbr]
-            # Best `best_of` per artist: neighbours come best first, so a stable sort by artist
-            # keeps each artist's similarities in descending order.
-            order = np.argsort(owner, kind="stable")
-            owner_sorted, s_sorted = owner[order], s[order]
-            first = np.searchsorted(owner_sorted, owner_sorted, side="left")
-            rank = np.arange(len(order)) - first
-            top = rank < best_of
-            total = np.zeros(n_artists)
-            count = np.zeros(n_artists)
-            np.add.at(total, owner_sorted[top], s_sorted[top])
-            np.add.at(count, owner_sorted[top], 1)
-            seen = count > 0
-            sims[p, seen] = (total[seen] + floor * (best_of - count[seen])) / best_of
-            other = (owner != codes[p]) & (owner >= 0)
-            link_rows.append(np.full(int(other.sum()), p, dtype=np.int64))
-            link_nbrs.append(nbr[other].astype(np.int64))
-            link_sims.append(s[other].astype(np.float32))
-    links = pd.DataFrame({"row": np.concatenate(link_rows), "neighbour": np.concatenate(link_nbrs),
-                          "similarity": np.concatenate(link_sims)})
-    return sims, links
+        rows_here = np.arange(lo, hi)[:, None]
+        # Drop each painting itself (and faiss's -1 padding), keeping `pool` neighbours a row.
+        keep = (rows != rows_here) & (rows >= 0)
+        keep &= np.cumsum(keep, axis=1) <= pool
+        query = np.broadcast_to(rows_here, rows.shape)[keep]
+        nbr, sim = rows[keep], scores[keep]
+        owner = codes[nbr]
+        floor = np.full(hi - lo, np.inf, dtype=np.float32)
+        np.minimum.at(floor, query - lo, sim)
+        floor[np.isinf(floor)] = 0.0
+        # Neighbours come best first in each row: a stable sort by (row, artist) keeps each
+        # artist's similarities in descending order, so the first `best_of` are its best.
+        order = np.lexsort((owner, query))
+        q_sorted, o_sorted, s_sorted = query[order], owner[order], sim[order]
+        group = np.r_[True, (q_sorted[1:] != q_sorted[:-1]) | (o_sorted[1:] != o_sorted[:-1])]
+        starts = np.flatnonzero(group)
+        rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+        top = (rank < best_of) & (o_sorted >= 0)
+        total = np.zeros((hi - lo, n_artists))
+        count = np.zeros((hi - lo, n_artists))
+        np.add.at(total, (q_sorted[top] - lo, o_sorted[top]), s_sorted[top])
+        np.add.at(count, (q_sorted[top] - lo, o_sorted[top]), 1)
+        sims[lo:hi] = (total + floor[:, None] * (best_of - count)) / best_of
+        other = (owner != codes[query]) & (owner >= 0) & (codes[query] >= 0)
+        links.append(pd.DataFrame({"row": query[other].astype(np.int64),
+                                   "neighbour": nbr[other].astype(np.int64),
+                                   "similarity": sim[other].astype(np.float32)}))
+    return sims, pd.concat(links, ignore_index=True)
 
 
-def artist_resemblance(sims: np.ndarray, codes: np.ndarray, n_artists: int) -> np.ndarray:
-    """V[a, b]: mean over artist a's paintings of their standardised similarity to artist b."""
+def artist_resemblance(sims: np.ndarray, codes: np.ndarray, n_artists: int,
+                       top: int = TOP_PAINTINGS) -> np.ndarray:
+    """V[a, b]: mean standardised similarity to artist b of artist a's `top` paintings most
+    like b (all of them when a has fewer)."""
     z = (sims - sims.mean(axis=1, keepdims=True)) / (sims.std(axis=1, keepdims=True) + 1e-9)
-    total = np.zeros((n_artists, n_artists))
-    np.add.at(total, codes[codes >= 0], z[codes >= 0])
-    count = np.bincount(codes[codes >= 0], minlength=n_artists).astype(float)
-    out = total / np.maximum(count, 1)[:, None]
+    out = np.zeros((n_artists, n_artists))
+    for a in range(n_artists):
+        mine = z[codes == a]
+        if len(mine) > top:
+            mine = np.partition(mine, len(mine) - top, axis=0)[-top:]
+        out[a] = mine.mean(axis=0) if len(mine) else np.nan
     np.fill_diagonal(out, np.nan)
     return out
+
+
+def seniority(artists: pd.DataFrame, penalty: float = LATE_PENALTY,
+              years: float = LATE_YEARS) -> np.ndarray:
+    """T[a, b] <= 0: the time part, pushing down candidates b who began working after a did."""
+    start = artists["active_start"].to_numpy(dtype=float)
+    later = np.clip((start[None, :] - start[:, None]) / years, 0.0, 1.0)
+    return -penalty * np.nan_to_num(later, nan=0.0)
 
 
 def evidence(links: pd.DataFrame, codes: np.ndarray, ids: np.ndarray,
@@ -225,7 +255,8 @@ def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.Da
     sims, links = painting_artist_similarity(index, x, codes, len(names), pool,
                                              progress=progress)
     visual = artist_resemblance(sims, codes, len(names))
-    score = (visual + visual.T) / 2
+    timing = seniority(artists)
+    score = (visual + visual.T) / 2 + timing
     allowed, relation = time_rule(artists)
     linked = evidence(links, codes, ids)
     mid = artists["active_mid"].to_numpy(dtype=float)
@@ -237,13 +268,13 @@ def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.Da
                "influenced_by_image_id": p["hi"] if i < j else p["lo"],
                "similarity": p["similarity"]} for p in pairs]
         rows.append((names[i], names[j], score[i, j], visual[i, j], visual[j, i],
-                     relation[i, j], mid[i] - mid[j], ev))
+                     timing[i, j], relation[i, j], mid[i] - mid[j], ev))
     pairs = pd.DataFrame(rows, columns=["artist", "influenced_by", "score", "visual", "reverse",
-                                        "relation", "gap", "evidence"])
+                                        "time", "relation", "gap", "evidence"])
     pairs["rank"] = (pairs.groupby("artist")["score"].rank(ascending=False, method="first")
                      .astype(int))
     pairs["recorded"] = False
-    for col in ("score", "visual", "reverse", "gap"):
+    for col in ("score", "visual", "reverse", "time", "gap"):
         pairs[col] = pairs[col].astype(float).round(4)
     return pairs.sort_values(["artist", "rank"], kind="stable").reset_index(drop=True)
 
@@ -404,7 +435,9 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
     index = load_index(run, features)
     table = read_recorded(Path(recorded)) if recorded else None
     out = influence_dir(run)
-    config = {"pool": POOL, "best_of": BEST_OF, "evidence": EVIDENCE, "min_dated": MIN_DATED,
+    config = {"pool": POOL, "best_of": BEST_OF, "top_paintings": TOP_PAINTINGS,
+              "late_penalty": LATE_PENALTY, "late_years": LATE_YEARS,
+              "evidence": EVIDENCE, "min_dated": MIN_DATED,
               "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
     labels = fingerprint(f"{f}={v}" for f in ("artist", "nationality", "style", "genre", "year",
                                               "birth_year", "death_year", "era")
@@ -451,13 +484,8 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
                "artists": len(artists), "pairs": len(pairs), "families": int(families.max()) + 1,
                "family_method": "kmeans", "config": config,
                "rules": {"active_years": _doc_rule("Active years"),
-                         "time": "a pair (artist A, influenced_by B) is kept when B's active "
-                                 "start <= A's active middle; 'earlier' when B's active end < A's "
-                                 "active start, else 'alongside'; 'undated' (both directions) "
-                                 "when either has no active years",
-                         "score": "mean of visual (A's paintings towards B) and reverse (B's "
-                                  "towards A), each the mean per-painting z-score of "
-                                  "similarity to the other artist"},
+                         "time": _doc_rule("5. **Time rule"),
+                         "score": " ".join(_doc_rule(f"{n}. ") for n in (1, 2, 3, 4))},
                "evaluation": None if evaluation is None else evaluation["table"],
                "timings": {k: round(v, 3) for k, v in
                            {**timings, "total_s": time.perf_counter() - start}.items()},

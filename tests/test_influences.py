@@ -89,6 +89,15 @@ def test_time_rule_orders_pairs_and_keeps_undated_both_ways() -> None:
     assert not allowed.diagonal().any()
 
 
+def test_time_part_pushes_down_candidates_who_started_later() -> None:
+    artists = pd.DataFrame({"active_start": [1600, 1605, 1630, 1590, np.nan]})
+    timing = influences.seniority(artists)
+    assert timing[0, 3] == 0  # began earlier: no penalty
+    assert timing[0, 1] == pytest.approx(-influences.LATE_PENALTY / 2)  # 5 of 10 years later
+    assert timing[0, 2] == -influences.LATE_PENALTY  # 30 years later: the full penalty
+    assert timing[0, 4] == timing[4, 0] == 0  # undated: no time part
+
+
 def test_files_and_schemas(built: Run) -> None:
     inf = load_influence(built)
     assert inf.features == FEATURES
@@ -109,15 +118,17 @@ def test_files_and_schemas(built: Run) -> None:
     assert inf.artist("no-such-artist") is None
 
     pairs = inf.pairs
-    assert {"artist", "influenced_by", "score", "visual", "reverse", "relation", "gap", "rank",
-            "recorded", "evidence"} <= set(pairs.columns)
+    assert {"artist", "influenced_by", "score", "visual", "reverse", "time", "relation", "gap",
+            "rank", "recorded", "evidence"} <= set(pairs.columns)
     assert not (pairs["artist"] == pairs["influenced_by"]).any()
     assert not pairs.duplicated(["artist", "influenced_by"]).any()
     # Every unordered pair of artists is scored in at least one direction.
     unordered = {frozenset(p) for p in zip(pairs["artist"], pairs["influenced_by"], strict=True)}
     assert len(unordered) == len(ARTISTS) * (len(ARTISTS) - 1) // 2
     # The score is made of its parts, and ranks follow it within each artist.
-    assert np.allclose(pairs["score"], (pairs["visual"] + pairs["reverse"]) / 2, atol=2e-4)
+    assert np.allclose(pairs["score"], (pairs["visual"] + pairs["reverse"]) / 2 + pairs["time"],
+                       atol=2e-4)
+    assert (pairs["time"] <= 0).all() and (pairs["time"] >= -influences.LATE_PENALTY).all()
     for _, group in pairs.groupby("artist"):
         assert list(group.sort_values("rank")["score"]) == sorted(group["score"], reverse=True)
 
