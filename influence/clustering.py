@@ -47,6 +47,11 @@ KMEANS_INIT = 3
 COVARIANCE = "diag"
 #: Silhouette is exact up to this many paintings; above it, on a fixed seeded sample this size.
 SILHOUETTE_SAMPLE = 8000
+#: Up to this many paintings everything is fitted on all of them. Past it, the reducer, the
+#: KMeans and GMM sweeps and UMAP are fitted on a fixed seeded sample this size, and every
+#: painting is then assigned (KMeans, GMM responsibilities) or placed (UMAP transform) by the
+#: fitted models; the cost of that shortcut against a full fit is measured in the README.
+FIT_SAMPLE = 20_000
 UMAP_NEIGHBOURS = 15
 UMAP_MIN_DIST = 0.1
 #: Paintings closest to each cluster's centre kept in typical.parquet.
@@ -136,6 +141,14 @@ def _gmm_start(y: np.ndarray, labels: np.ndarray, k: int,
     return counts / counts.sum(), means, 1.0 / var
 
 
+def fit_rows(n: int, seed: int = SEED, limit: int | None = None) -> np.ndarray | None:
+    """The sorted seeded sample of rows models are fitted on, or None to fit on all n."""
+    limit = FIT_SAMPLE if limit is None else limit
+    if n <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
 def _silhouette_plan(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows silhouette is scored on (all, or a seeded sample) and their distance matrix."""
     from sklearn.metrics import pairwise_distances
@@ -188,20 +201,26 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
     if k_max >= n:
         raise InfluenceError(f"{name}: k-max {k_max} needs more than {n} paintings")
     timings: dict[str, float] = {}
+    sample = fit_rows(n, seed)
     with timed(timings, "reduce"):
-        reducer, reduction = make_reducer(x, seed)
+        reducer, reduction = make_reducer(x if sample is None else x[sample], seed)
         y = reducer.transform(x).astype(np.float32)
+    y_fit = y if sample is None else y[sample]
     with timed(timings, "scores"):
         sil_rows, sil_d = _silhouette_plan(y, seed)
     reduction["silhouette_rows"] = int(len(sil_rows))
+    reduction["fit_rows"] = int(len(y_fit))
+    reduction["fit"] = ("all paintings" if sample is None else
+                        f"a seeded sample of {len(y_fit)} of {n} paintings; the rest assigned by "
+                        "the fitted KMeans and GMM and placed by UMAP's transform")
     ks = list(range(k_min, k_max + 1))
     rows, kms, gmms = [], {}, {}
     for k in tqdm(ks, desc=f"{name}: kmeans k={k_min}..{k_max}", disable=not progress,
                   leave=False):
         with timed(timings, "kmeans_sweep"):
-            km = KMeans(n_clusters=k, n_init=KMEANS_INIT, random_state=seed).fit(y)
+            km = KMeans(n_clusters=k, n_init=KMEANS_INIT, random_state=seed).fit(y_fit)
+            labels = km.labels_ if sample is None else km.predict(y)
         with timed(timings, "scores"):
-            labels = km.labels_
             rows.append({
                 "k": k, "inertia": float(km.inertia_),
                 "silhouette": float(silhouette_score(sil_d, labels[sil_rows],
@@ -214,11 +233,11 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
                            leave=False), rows, strict=True):
         with timed(timings, "gmm_sweep"):
             reg = 1e-6
-            weights, means, precisions = _gmm_start(y, kms[k].labels_, k, reg)
+            weights, means, precisions = _gmm_start(y_fit, kms[k].labels_, k, reg)
             gmm = GaussianMixture(n_components=k, covariance_type=COVARIANCE, reg_covar=reg,
                                   weights_init=weights, means_init=means,
-                                  precisions_init=precisions, random_state=seed).fit(y)
-            row["gmm_bic"] = float(gmm.bic(y))
+                                  precisions_init=precisions, random_state=seed).fit(y_fit)
+            row["gmm_bic"] = float(gmm.bic(y_fit))
         gmms[k] = gmm
     sweep = pd.DataFrame(rows, columns=["k", "inertia", *SCORES, "gmm_bic"])
     if k_min == k_max:
@@ -237,7 +256,7 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
     choice["silhouette_best_k"] = int(sweep["k"][int(sweep["silhouette"].idxmax())])
     choice["gmm_bic_best_k"] = int(sweep["k"][int(sweep["gmm_bic"].idxmin())])
     km, gmm = kms[k], gmms[k]
-    kmeans_labels = km.labels_.astype(np.int32)
+    kmeans_labels = (km.labels_ if sample is None else km.predict(y)).astype(np.int32)
     distance = np.linalg.norm(y - km.cluster_centers_[kmeans_labels], axis=1)
     resp = gmm.predict_proba(y)
     gmm_labels = resp.argmax(axis=1).astype(np.int32)
@@ -245,7 +264,7 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
         scores = {"kmeans": {s: float(sweep.loc[sweep["k"] == k, s].iloc[0]) for s in SCORES},
                   "gmm": _scores(y, gmm_labels, sil_rows, sil_d)}
     with timed(timings, "umap"):
-        coords = umap_2d(y, seed, progress, name)
+        coords = umap_2d(y, seed, progress, name, sample)
     return Result(reducer, reduction, y, sweep, k, choice, km, gmm, kmeans_labels,
                   distance.astype(np.float32), resp.astype(np.float32), gmm_labels, scores,
                   coords, timings)
@@ -265,15 +284,24 @@ def _scores(y: np.ndarray, labels: np.ndarray, sil_rows: np.ndarray,
 
 
 def umap_2d(y: np.ndarray, seed: int = SEED, progress: bool = True,
-            name: str = "features") -> np.ndarray:
-    """A seeded 2-D UMAP of the reduced features (single-threaded, so it is reproducible)."""
+            name: str = "features", sample: np.ndarray | None = None) -> np.ndarray:
+    """A seeded 2-D UMAP of the reduced features (single-threaded, so it is reproducible);
+    with `sample`, fitted on those rows and the others placed by UMAP's transform."""
     import umap
 
-    reducer = umap.UMAP(n_components=2, n_neighbors=min(UMAP_NEIGHBOURS, len(y) - 1),
+    fit = y if sample is None else y[sample]
+    reducer = umap.UMAP(n_components=2, n_neighbors=min(UMAP_NEIGHBOURS, len(fit) - 1),
                         min_dist=UMAP_MIN_DIST, random_state=seed, n_jobs=1,
                         tqdm_kwds={"disable": not progress, "desc": f"{name}: umap",
                                    "leave": False})
-    return reducer.fit_transform(y).astype(np.float32)
+    placed = reducer.fit_transform(fit).astype(np.float32)
+    if sample is None:
+        return placed
+    coords = np.empty((len(y), 2), dtype=np.float32)
+    coords[sample] = placed
+    rest = np.setdiff1d(np.arange(len(y)), sample)
+    coords[rest] = reducer.transform(y[rest])
+    return coords
 
 
 # ------------------------------------------------------------------------------ labels, profiles
@@ -354,7 +382,7 @@ def stage_config(k_min: int, k_max: int, seed: int = SEED) -> dict[str, Any]:
             "max_dims": MAX_DIMS, "decorrelated": DECORRELATED, "kmeans_init": KMEANS_INIT,
             "covariance": COVARIANCE, "silhouette_sample": SILHOUETTE_SAMPLE,
             "umap_neighbours": UMAP_NEIGHBOURS, "umap_min_dist": UMAP_MIN_DIST,
-            "typical": TYPICAL}
+            "typical": TYPICAL, "fit_sample": FIT_SAMPLE}
 
 
 FILES = ("sweep.csv", "assignments.parquet", "responsibilities.npy", "profiles.parquet",

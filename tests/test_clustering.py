@@ -168,6 +168,31 @@ def test_silhouette_on_large_sets_is_scored_on_a_fixed_seeded_sample(
                                                             rel=1e-5)
 
 
+def test_large_sets_fit_on_a_seeded_sample_and_assign_every_painting(
+        small_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clustering, "FIT_SAMPLE", 100)
+    x = np.asarray(small_run.features("mobilenet_v2"))
+    result = fit_clustering(x, 2, 5, progress=False)
+    rows = clustering.fit_rows(len(x))
+    assert rows is not None and len(rows) == 100
+    assert result.reduction["fit_rows"] == 100
+    # The models were fitted on the sample: the reducer's mean is the sample's.
+    scaler = result.reducer.steps[0][1]
+    assert np.allclose(scaler.mean_, x[rows].mean(axis=0), atol=1e-5)
+    # ... and every painting, in the sample or not, is assigned by the fitted models.
+    y = result.reduced
+    assert len(result.kmeans_labels) == len(result.gmm_labels) == len(x)
+    assert np.array_equal(result.kmeans_labels, result.kmeans.predict(y))
+    assert np.allclose(result.responsibilities, result.gmm.predict_proba(y), atol=1e-5)
+    assert np.isfinite(result.umap).all() and result.umap.shape == (len(x), 2)
+    # Scores cover every painting's label, not only the sample's.
+    assert result.scores["kmeans"]["davies_bouldin"] == pytest.approx(
+        davies_bouldin_score(y, result.kmeans_labels), rel=1e-5)
+    again = fit_clustering(x, 2, 5, progress=False)
+    assert np.array_equal(again.kmeans_labels, result.kmeans_labels)
+    assert np.array_equal(again.umap, result.umap)
+
+
 # ---------------------------------------------------------------------------- GMM memberships
 @pytest.mark.parametrize("name", NAMES)
 def test_gmm_responsibilities_sum_to_one_and_give_the_hard_labels(clustered: Run,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
@@ -119,6 +120,25 @@ def test_large_collections_get_an_approximate_index(monkeypatch: pytest.MonkeyPa
     assert neighbours.describe(index)["kind"].startswith("IndexHNSWFlat")
     _, rows = search(index, x, 1)
     assert np.mean(rows[:, 0] == np.arange(len(x))) >= 0.98
+    # Its recall@10 against exact search is measured the way the index JSON records it.
+    queries = np.arange(0, len(x), 3)
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(neighbours.normalise(x))
+    _, truth = search(exact, x[queries], 10)
+    _, found = search(index, x[queries], 10)
+    expected = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
+    assert neighbours.recall_at(index, x, queries) == pytest.approx(expected, abs=1e-4)
+    assert neighbours.recall_at(exact, x, queries) == 1.0
+
+
+def test_the_index_json_records_recall_at_10(monkeypatch: pytest.MonkeyPatch, small_run: Run,
+                                             tmp_path: Path) -> None:
+    monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
+    run = copy_run(small_run, tmp_path / "run")
+    info = build_run_index(run, "mobilenet_v2")
+    assert info["kind"].startswith("IndexHNSWFlat")
+    assert info["recall_at_10"]["queries"] == len(run.catalog())
+    assert 0.9 <= info["recall_at_10"]["value"] <= 1.0
 
 
 def test_index_of_unknown_features_is_a_clear_error(indexed: Run,
