@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def in_child(args: Sequence[str]) -> dict[str, Any]:
-    """Run `python ARGS` (its last stdout line a JSON record) and add the child's peak memory.
+def in_child(args: Sequence[str], record: bool = True) -> dict[str, Any]:
+    """Run `python ARGS` (its last stdout line a JSON record, unless `record` is False) and add
+    the child's peak memory.
 
     A fresh process per measurement, so one model's memory and warm caches do not count against
     the next; ru_maxrss of the waited child (Linux: kB) includes its own worker processes.
@@ -22,6 +23,6 @@ def in_child(args: Sequence[str]) -> dict[str, Any]:
     code = os.waitstatus_to_exitcode(status)
     if code:
         return {"error": f"exit status {code}"}
-    record = json.loads(out.strip().splitlines()[-1])
-    record["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
-    return record
+    found = json.loads(out.strip().splitlines()[-1]) if record else {}
+    found["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
+    return found

@@ -141,6 +141,24 @@ def _gmm_start(y: np.ndarray, labels: np.ndarray, k: int,
     return counts / counts.sum(), means, 1.0 / var
 
 
+def _fit_gmm(y: np.ndarray, labels: np.ndarray, k: int, seed: int) -> Any:
+    """A diagonal GMM started from a KMeans partition. A component that collapses onto a few
+    near-identical paintings (small collections, large k) is refitted with its variances
+    floored at a thousandth of the features' mean variance instead of failing the stage."""
+    from sklearn.mixture import GaussianMixture
+
+    for reg in (1e-6, 1e-3 * float(y.var(axis=0).mean()) + 1e-6):
+        weights, means, precisions = _gmm_start(y, labels, k, reg)
+        gmm = GaussianMixture(n_components=k, covariance_type=COVARIANCE, reg_covar=reg,
+                              weights_init=weights, means_init=means,
+                              precisions_init=precisions, random_state=seed)
+        try:
+            return gmm.fit(y)
+        except ValueError:
+            continue
+    raise InfluenceError(f"the Gaussian mixture with k = {k} does not fit these features")
+
+
 def fit_rows(n: int, seed: int = SEED, limit: int | None = None) -> np.ndarray | None:
     """The sorted seeded sample of rows models are fitted on, or None to fit on all n."""
     limit = FIT_SAMPLE if limit is None else limit
@@ -186,7 +204,6 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
     """Reduce x, sweep KMeans and GMM over k_min..k_max, choose k, and project with UMAP."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
-    from sklearn.mixture import GaussianMixture
     from tqdm.auto import tqdm
 
     x = np.asarray(x, dtype=np.float64)
@@ -232,11 +249,7 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
     for k, row in zip(tqdm(ks, desc=f"{name}: gmm k={k_min}..{k_max}", disable=not progress,
                            leave=False), rows, strict=True):
         with timed(timings, "gmm_sweep"):
-            reg = 1e-6
-            weights, means, precisions = _gmm_start(y_fit, kms[k].labels_, k, reg)
-            gmm = GaussianMixture(n_components=k, covariance_type=COVARIANCE, reg_covar=reg,
-                                  weights_init=weights, means_init=means,
-                                  precisions_init=precisions, random_state=seed).fit(y_fit)
+            gmm = _fit_gmm(y_fit, kms[k].labels_, k, seed)
             row["gmm_bic"] = float(gmm.bic(y_fit))
         gmms[k] = gmm
     sweep = pd.DataFrame(rows, columns=["k", "inertia", *SCORES, "gmm_bic"])

@@ -26,8 +26,10 @@ from influence.clustering import (
     kneedle,
     load_clustering,
 )
-from influence.pipeline import cmd_cluster
+from influence.pipeline import cmd_cluster, cmd_extract
 from influence.runs import InfluenceError, Run, read_json
+
+from .conftest import COLLECTION
 
 K_MIN, K_MAX = 2, 8
 NAMES = ("mobilenet_v2", "pca")
@@ -191,6 +193,23 @@ def test_large_sets_fit_on_a_seeded_sample_and_assign_every_painting(
     again = fit_clustering(x, 2, 5, progress=False)
     assert np.array_equal(again.kmeans_labels, result.kmeans_labels)
     assert np.array_equal(again.umap, result.umap)
+
+
+def test_a_mixture_component_that_collapses_is_refitted_not_fatal(tmp_path: Path) -> None:
+    # The collection's first 300 paintings with k near 30: before the fallback, the GMM at
+    # k = 28 stopped the stage with scikit-learn's "ill-defined empirical covariance".
+    source = pd.read_csv(COLLECTION / "paintings.csv", dtype=str, keep_default_na=False)
+    rows = source.head(300)
+    (tmp_path / "images").mkdir()
+    for file in rows["file"]:
+        shutil.copy(COLLECTION / file, tmp_path / file)
+    rows.to_csv(tmp_path / "paintings.csv", index=False)
+    run = tmp_path / "run"
+    assert cmd_extract(run=str(run), collection=str(tmp_path), extractors="pca",
+                       progress=False) == 0
+    assert cmd_cluster(run=str(run), features="pca", k_min=27, k_max=29, progress=False) == 0
+    sweep = load_clustering(Run(run), "pca").sweep
+    assert list(sweep["k"]) == [27, 28, 29] and np.isfinite(sweep["gmm_bic"]).all()
 
 
 # ---------------------------------------------------------------------------- GMM memberships
