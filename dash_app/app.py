@@ -1,56 +1,73 @@
-"""Build the explorer app over one run: `create_app(run_dir)` returns a ready Dash app."""
+"""Build the explorer app over one run: `create_app(run_dir)` returns a ready Dash app.
+
+Pages are Dash Pages, registered here with their paths (`/painting/<image_id>` is a path
+template); each page module has `layout(**url_values)` and `register(app)` for its callbacks.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import parse_qs
 
+import dash
 from dash import Dash, Input, Output, dcc, html
 
-from dash_app.components import message
-from dash_app.data import RunData, load_run_data
+from dash_app import search
+from dash_app.data import EXTENSION, RunData, load_run_data
 from dash_app.pages import clusters, painting, scores, upload
 from dash_app.pages import map as map_page
 from dash_app.routes import add_routes
 
-NAV = [("/", "Map"), ("/clusters", "Clusters"), ("/upload", "Upload"), ("/scores", "Scores")]
+#: (module, path or path template, name in the menu or None, page title).
+PAGES = [
+    (map_page, "/", "Map", "Map"),
+    (clusters, "/clusters", "Clusters", "Clusters"),
+    (upload, "/upload", "Upload", "Upload"),
+    (scores, "/scores", "Scores", "Scores"),
+    (painting, "/painting/<image_id>", None, "Painting"),
+]
 
 
 def create_app(run_dir: str | Path, data: RunData | None = None) -> Dash:
     """The Dash app over a run directory; everything heavy is loaded here, once."""
     data = data or load_run_data(run_dir)
     app = Dash(__name__, title=f"influence · {data.name}", suppress_callback_exceptions=True,
-               assets_folder=str(Path(__file__).parent / "assets"), update_title=None)
+               assets_folder=str(Path(__file__).parent / "assets"), update_title=None,
+               use_pages=True, pages_folder="")
+    app.server.extensions[EXTENSION] = data
     # Uploads are checked in the browser first; this caps anything that bypasses it.
     app.server.config["MAX_CONTENT_LENGTH"] = upload.MAX_REQUEST_BYTES
     add_routes(app.server, data)
+    for module, path, name, title in PAGES:
+        dash.register_page(module.__name__, path_template=path if "<" in path else None,
+                           path=None if "<" in path else path, name=name or title,
+                           title=f"{title} · influence", layout=module.layout)
     app.layout = html.Div([
         dcc.Location(id="url", refresh="callback-nav"),
+        dcc.Store(id="view-state"),
+        html.Div(id="view-state-sink", hidden=True),
         html.Header([
             dcc.Link("influence", href="/", className="brand"),
-            html.Nav([dcc.Link(label, href=href, className="nav-link", id=f"nav-{label.lower()}")
-                      for href, label in NAV]),
+            html.Nav([dcc.Link(name, href=path, className="nav-link", id=f"nav-{name.lower()}")
+                      for _, path, name, _ in PAGES if name]),
+            search.box(),
             html.Span(f"{data.name} · {len(data.catalog):,} paintings", className="run-name"),
         ], className="header"),
-        html.Main(id="page", className="page"),
+        html.Main(dash.page_container, className="page"),
     ])
+    # The view's state goes into the address bar without reloading the page, so a copied link
+    # reopens the same view (each page's layout reads it back from its arguments).
+    app.clientside_callback(
+        """function(query) {
+            if (query === null || query === undefined) { return window.dash_clientside.no_update; }
+            const url = window.location.pathname + (query ? '?' + query : '');
+            if (url !== window.location.pathname + window.location.search) {
+                window.history.replaceState(window.history.state, '', url);
+            }
+            return window.dash_clientside.no_update;
+        }""", Output("view-state-sink", "children"), Input("view-state", "data"),
+        prevent_initial_call=True)
 
-    @app.callback(Output("page", "children"), Input("url", "pathname"), Input("url", "search"))
-    def route(pathname: str | None, search: str | None) -> object:
-        query = {k: v[0] for k, v in parse_qs((search or "").lstrip("?")).items()}
-        path = (pathname or "/").rstrip("/") or "/"
-        if path == "/":
-            return map_page.layout(data, query)
-        if path == "/clusters":
-            return clusters.layout(data, query)
-        if path.startswith("/painting/"):
-            return painting.layout(data, path.removeprefix("/painting/"), query)
-        if path == "/upload":
-            return upload.layout(data)
-        if path == "/scores":
-            return scores.layout(data)
-        return message(f"No page at {path}.", "error")
-
-    for page in (map_page, clusters, painting, upload, scores):
-        page.register(app, data)
+    search.register(app)
+    for module, *_ in PAGES:
+        module.register(app)
     return app

@@ -5,11 +5,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlencode
 
+import dash_ag_grid as dag
+import pandas as pd
 import plotly.graph_objects as go
-from dash import dcc, html
+from dash import ctx, dcc, html
 
-from dash_app.data import RunData
+from dash_app.data import RunData, current
 from dash_app.routes import thumb_url
+from influence.catalog import LABEL_FIELDS
+from influence.export import Export, table_bytes
+from influence.selections import slug
 
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
            "#8c8c8c", "#ccb974", "#64b5cd")
@@ -17,6 +22,12 @@ PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#d
 
 def painting_href(image_id: str) -> str:
     return f"/painting/{image_id}"
+
+
+def artist_href(artist: str) -> str | None:
+    """The artist's page, where the run has the influence stage's artist table."""
+    data = current()
+    return f"/artist/{slug(artist)}" if data.influence is not None else None
 
 
 def cluster_href(features: str, method: str, cluster: int) -> str:
@@ -84,6 +95,72 @@ def tidy(fig: go.Figure, title: str | None, height: int, tick_format: str = "") 
 
 def chart(fig: go.Figure, **kwargs: object) -> dcc.Graph:
     return dcc.Graph(figure=fig, config={"displayModeBar": False}, **kwargs)
+
+
+def profile_chart(rows: pd.DataFrame, field: str, what: str, bars: int = 8) -> go.Figure | None:
+    """Shares of a field's commonest values in a set of paintings (`what`: "this cluster")
+    against the whole collection, with the lift written beside each bar."""
+    if rows.empty:
+        return None
+    rows = rows.sort_values("share", ascending=False).head(bars).iloc[::-1]
+    labels = [str(v) for v in rows["value"]]
+    lift = [f"×{v:.1f}" for v in rows["lift"]]
+    fig = go.Figure([
+        go.Bar(y=labels, x=rows["collection_share"], orientation="h", name="whole collection",
+               marker_color="#c8c8c8", hovertemplate="%{y}: %{x:.1%} of the collection"
+               "<extra></extra>"),
+        go.Bar(y=labels, x=rows["share"], orientation="h", name=what,
+               marker_color=PALETTE[0], text=lift, textposition="outside",
+               customdata=rows["count"], hovertemplate=f"%{{y}}: %{{x:.1%}} of {what} "
+               "(%{customdata} paintings), %{text} the collection's share<extra></extra>"),
+    ])
+    fig.update_layout(barmode="group", bargap=0.25, showlegend=field == LABEL_FIELDS[0])
+    fig = tidy(fig, field, 90 + 34 * len(labels), ".0%")
+    # Room right of the longest bar for its "×lift" label.
+    widest = float(max(rows["share"].max(), rows["collection_share"].max()))
+    return fig.update_xaxes(range=[0, widest * 1.25])
+
+
+PROFILE_NOTE = ("Grey: share in the whole collection; blue: share here, with how many times the "
+                "collection's share it is (×1 = as common as anywhere).")
+
+
+def grid(frame: pd.DataFrame, grid_id: str, height: int | None = None,
+         links: dict[str, str] | None = None) -> dag.AgGrid:
+    """A sortable, filterable table; numbers rounded for reading. `links` maps a column to a
+    URL prefix: its cells become links (prefix + the cell's value)."""
+    shown = frame.copy()
+    for column in shown.select_dtypes("number").columns:
+        if not pd.api.types.is_integer_dtype(shown[column]):
+            shown[column] = shown[column].round(3)
+    columns = []
+    for column in shown.columns:
+        spec: dict = {"field": column, "filter": True, "sortable": True}
+        if column in (links or {}):
+            spec["cellRenderer"] = "markdown"
+            shown[column] = [f"[{v}]({links[column]}{v})" for v in shown[column]]
+        columns.append(spec)
+    return dag.AgGrid(id=grid_id, rowData=shown.to_dict("records"), columnDefs=columns,
+                      columnSize="autoSize", className="ag-theme-alpine",
+                      dashGridOptions={"domLayout": "autoHeight"} if height is None else {},
+                      style={"height": height} if height else None)
+
+
+def downloads(prefix: str, what: str) -> html.Div:
+    """CSV and Parquet buttons (ids PREFIX-csv, PREFIX-parquet) and their dcc.Download."""
+    return html.Div([
+        html.Span(f"Download {what}:", className="hint"),
+        html.Button("CSV", id=f"{prefix}-csv", className="button"),
+        html.Button("Parquet", id=f"{prefix}-parquet", className="button"),
+        dcc.Download(id=f"{prefix}-download"),
+    ], className="downloads")
+
+
+def send(export: Export) -> dict:
+    """The download of an export in the format of the button that was clicked (PREFIX-csv or
+    PREFIX-parquet): the same bytes the `export` stage writes."""
+    fmt = str(ctx.triggered_id).rsplit("-", 1)[1]
+    return dcc.send_bytes(table_bytes(export.frame, fmt), f"{export.name}.{fmt}")
 
 
 def needs(stage: str, data: RunData) -> html.Div:

@@ -1,13 +1,19 @@
-"""Everything the app shows, loaded once and read-only when it starts: shared by all users."""
+"""Everything the app shows, loaded once per server process and read-only: shared by all users.
+
+Pages and callbacks reach it with `current()`, through the Flask app serving the request, so
+two apps over two runs can live in one process (the tests do).
+"""
 
 from __future__ import annotations
 
+import resource
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from flask import current_app
 from PIL import Image
 
 from influence.catalog import LABEL_FIELDS
@@ -15,7 +21,11 @@ from influence.classify import head_paths, trained_heads
 from influence.clustering import clustered_features, load_clustering
 from influence.query import Explorer
 from influence.runs import InfluenceError, Run, read_json
+from influence.selections import plot_paths, read_comparison
 from influence.thumbnails import thumbs_dir
+
+#: Where the app keeps its RunData among the Flask app's extensions.
+EXTENSION = "influence"
 
 METHODS = {"kmeans": "KMeans", "gmm": "GMM"}
 
@@ -31,6 +41,10 @@ class RunData:
     explorer_error: str | None
     comparison: pd.DataFrame | None
     heads: pd.DataFrame | None
+    #: The `influence` stage's tables (influence.influences.Influence), None before that stage.
+    influence: Any | None = None
+    #: The process's peak resident memory before and after loading the run (MB).
+    memory_mb: dict[str, float] = field(default_factory=dict)
     _row: dict[str, int] = field(default_factory=dict)
     _query_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,6 +84,10 @@ class RunData:
         path = (root / self.catalog["file"].iat[row]).resolve()
         return path if path.is_relative_to(root) and path.is_file() else None
 
+    def plots(self, features: str) -> dict[str, Path]:
+        """The sweep plots of a clustered feature set, by name."""
+        return plot_paths(self.run, features) if features in self.clusterings else {}
+
     def has_thumbnails(self) -> bool:
         return (thumbs_dir(self.run) / "thumbs.json").exists()
 
@@ -92,8 +110,19 @@ def _heads(run: Run) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def current() -> RunData:
+    """The run of the app serving this request."""
+    return current_app.extensions[EXTENSION]
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far (Linux reports kB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def load_run_data(run_dir: str | Path) -> RunData:
     """Load a run for the app: raises InfluenceError when it has no catalog."""
+    before = peak_rss_mb()
     run = Run(Path(run_dir))
     if not run.root.is_dir():
         raise InfluenceError(f"no run directory at {run.root}")
@@ -106,7 +135,5 @@ def load_run_data(run_dir: str | Path) -> RunData:
         explorer = Explorer(run)
     except InfluenceError as e:
         explorer_error = str(e)
-    heads = _heads(run)
-    comparison_path = run.clusters_dir / "comparison.csv"
-    comparison = pd.read_csv(comparison_path) if comparison_path.exists() else None
-    return RunData(run, catalog, clusterings, explorer, explorer_error, comparison, heads)
+    return RunData(run, catalog, clusterings, explorer, explorer_error, read_comparison(run),
+                   _heads(run), None, {"before_load": before, "after_load": peak_rss_mb()})

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import io
 
-from flask import Flask, Response, abort, send_file
+from flask import Flask, Response, abort, jsonify, send_file
 
-from dash_app.data import RunData
+from dash_app.data import RunData, peak_rss_mb
 from influence.images import BadImage, open_rgb
 from influence.thumbnails import IMAGE_ID, thumbnail_bytes, thumbnail_path
 
 CACHE_SECONDS = 7 * 24 * 3600
-PLOTS = ("elbow", "silhouette")
 
 
 def thumb_url(image_id: str) -> str:
@@ -69,9 +68,16 @@ def add_routes(server: Flask, data: RunData) -> None:
 
     @server.route("/plots/<features>/<plot>.png")
     def plot(features: str, plot: str) -> Response:
-        if features not in data.clusterings or plot not in PLOTS:
-            abort(404)
-        path = data.run.clusters_dir / features / f"{plot}.png"
-        if not path.is_file():
+        path = data.plots(features).get(plot)
+        if path is None:
             abort(404)
         return send_file(path, mimetype="image/png", max_age=300)
+
+    @server.route("/health")
+    def health() -> Response:
+        """For a load balancer or a supervisor: the run is loaded and what it costs in memory."""
+        return jsonify({"status": "ok", "run": data.name, "paintings": len(data.catalog),
+                        "features": data.features,
+                        "search": data.explorer.features if data.explorer else None,
+                        "influence": data.influence is not None,
+                        "memory_mb": {**data.memory_mb, "peak_now": peak_rss_mb()}})

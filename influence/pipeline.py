@@ -249,6 +249,65 @@ def _print_answer(answer: dict[str, Any]) -> None:
                                        for c in answer["clusters"]))
 
 
+# ----------------------------------------------------------------------------------------- export
+def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: str | None = None,
+               method: str = "gmm", min_p: float | None = None, ids: str | None = None,
+               table: str | None = None, format: str | Sequence[str] = "csv,parquet",
+               artist: str | None = None, nationality: str | None = None,
+               style: str | None = None, genre: str | None = None, year_from: int | None = None,
+               year_to: int | None = None, progress: bool = True) -> int:
+    """Write a cluster, chosen paintings, a filter's paintings or an influence table as files.
+
+    Reads the run only; the files go to `out`, named for what they hold (see influence.export).
+    """
+    from influence import export as ex
+    from influence.clustering import load_clustering
+    from influence.selections import MIN_P, Filter
+
+    source = Run(Path(run))
+    formats = _names(format) or list(ex.FORMATS)
+    where = Filter.from_query({"artist": artist, "nationality": nationality, "style": style,
+                               "genre": genre, "year_from": year_from, "year_to": year_to})
+    if sum(x is not None for x in (cluster, ids, table)) > 1:
+        raise InfluenceError("give one of --cluster, --ids or --table (filters narrow either)")
+    if table is not None:
+        export = ex.influence_export(source, table)
+    else:
+        catalog = source.catalog()
+        if cluster is not None:
+            from influence.query import default_features
+
+            name = features or _clustered_default(source, default_features)
+            export = ex.cluster_export(source.root.name, catalog, load_clustering(source, name),
+                                       method, cluster, MIN_P if min_p is None else min_p, where)
+        elif ids is not None:
+            path = Path(ids)
+            wanted = path.read_text().split() if path.is_file() else ids.split(",")
+            export = ex.selection_export(source.root.name, catalog, wanted, "selection", where)
+        elif where:
+            export = ex.filter_export(source.root.name, catalog, where)
+        else:
+            raise InfluenceError("nothing to export: give --cluster N, --ids, --table or a filter "
+                                 "(--artist, --style, ..., --year-from/--year-to)")
+    paths = ex.write_export(export, Path(out), formats)
+    print(f"{len(export.frame)} rows -> " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _clustered_default(run: Run, default_features: Callable[[Run], str]) -> str:
+    """The search's feature set when it is clustered, else the first clustered one."""
+    from influence.clustering import clustered_features
+
+    names = clustered_features(run)
+    if not names:
+        raise InfluenceError(f"run {run.root} has no clusters: run `cluster` first")
+    try:
+        best = default_features(run)
+    except InfluenceError:
+        best = None
+    return best if best in names else names[0]
+
+
 # ------------------------------------------------------------------------------------------- run
 STAGE_ORDER = ["extract", "cluster", "index", "train", "influence"]
 
@@ -286,7 +345,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "cluster": cmd_cluster, "index": cmd_index, "train": cmd_train,
-    "influence": cmd_influence, "similar": cmd_similar,
+    "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
 }
 
 
@@ -347,6 +406,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="how many paintings (default 10)")
     p.add_argument("--features", help="feature set to search (default: the run's best)")
     p.add_argument("--json", action="store_true", help="one JSON object per image, per line")
+
+    p = sub.add_parser("export", help="write a cluster, a selection, a filter or an influence "
+                       "table as CSV and Parquet (reads the run only)")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", default=".", help="folder for the files (default: here)")
+    p.add_argument("--cluster", type=int, help="a cluster's members")
+    p.add_argument("--features", help="feature set of the clustering (default: the search's)")
+    p.add_argument("--method", default="gmm", choices=["kmeans", "gmm"])
+    p.add_argument("--min-p", type=float, help="GMM soft members from this responsibility "
+                   "(default 0.2)")
+    p.add_argument("--ids", help="image ids, comma-separated, or a file of them")
+    p.add_argument("--table", choices=["artists", "pairs"], help="an `influence` stage table")
+    p.add_argument("--format", default="csv,parquet", help="csv, parquet or both (default)")
+    for name in ("artist", "nationality", "style", "genre"):
+        p.add_argument(f"--{name}", help=f"keep only this {name} (several: separate with |)")
+    p.add_argument("--year-from", type=int, help="keep paintings from this year (dated or "
+                   "estimated from the artist's life)")
+    p.add_argument("--year-to", type=int, help="... up to this year")
 
     p = sub.add_parser("run", help="run every stage of a pipeline configuration")
     p.add_argument("--config", required=True, help="pipelines/NAME.toml")

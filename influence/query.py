@@ -32,6 +32,7 @@ from influence.neighbours import (
     index_paths,
     indexed_features,
     load_index,
+    normalise,
     rank_artists,
     search,
     set_threads,
@@ -149,6 +150,19 @@ class Explorer:
         clusters = (self._clustering.responsibilities_of(np.array([row]))[0]
                     if self._clustering is not None else None)
         return self._answer(image_id, x, k, row, clusters, start)
+
+    def like(self, image_ids: Sequence[str], k: int = 12) -> list[dict[str, Any]]:
+        """Paintings like a set of indexed ones: the search with the mean of their normalised
+        vectors, the set itself left out; [{"image_id", "score"}], best first."""
+        rows = sorted({self._row[i] for i in image_ids if i in self._row})
+        if not rows:
+            return []
+        x = normalise(np.asarray(self._x[rows], dtype=np.float32)).mean(axis=0, keepdims=True)
+        scores, found = search(self._index, x, k + len(rows))
+        chosen = set(rows)
+        return [{"image_id": self._ids[r], "score": round(float(s), 4)}
+                for s, r in zip(scores[0], found[0], strict=True)
+                if r >= 0 and r not in chosen][:k]
 
     def _answer(self, label: str, x: np.ndarray, k: int, exclude: int | None,
                 clusters: np.ndarray | None, start: float) -> dict[str, Any]:

@@ -1,22 +1,45 @@
-"""The map: every painting on the UMAP plane of a feature set, coloured by cluster or metadata."""
+"""The map: every painting on the UMAP plane of a feature set, coloured by cluster or metadata,
+narrowed by filters; a box or lasso selection opens a panel with what it holds."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from urllib.parse import urlencode
 
+import numpy as np
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, dcc, html, no_update
+from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 from plotly.colors import qualitative
 
-from dash_app.components import needs, painting_href, text
-from dash_app.data import METHODS, RunData
+from dash_app import filters
+from dash_app.components import (
+    PROFILE_NOTE,
+    chart,
+    downloads,
+    gallery,
+    message,
+    needs,
+    painting_href,
+    profile_chart,
+    send,
+    text,
+)
+from dash_app.data import METHODS, RunData, current
 from dash_app.routes import thumb_url
 from influence.catalog import LABEL_FIELDS
+from influence.export import filter_export, selection_export
+from influence.runs import InfluenceError
+from influence.selections import Filter, in_region, label_shares
 
 #: Categories shown in the legend before the rest are pooled as "other".
 MAX_GROUPS = 20
 COLOURS = qualitative.Dark24 + qualitative.Light24
 OTHER = "#c8c8c8"
+#: A view holding at most this many paintings draws them as thumbnails.
+THUMBS = 300
+#: A thumbnail's side as a share of the view's width.
+THUMB_SHARE = 0.035
+SELECTION_SHOWN = 48
+LIKE = 12
 
 
 def colour_options() -> list[dict[str, str]]:
@@ -24,63 +47,265 @@ def colour_options() -> list[dict[str, str]]:
             + [{"label": name, "value": name} for name in LABEL_FIELDS])
 
 
-def layout(data: RunData, query: dict[str, str]) -> html.Div:
-    features = data.default_features(query.get("features"))
+# ---------------------------------------------------------------------------- state in the URL
+def parse_region(box: str | None = None, lasso: str | None = None) -> dict | None:
+    """A selection from the URL: box=x0,x1,y0,y1 or lasso=x1,y1,x2,y2,..."""
+    try:
+        if box:
+            x0, x1, y0, y1 = (float(v) for v in box.split(","))
+            return {"x": [x0, x1], "y": [y0, y1]}
+        if lasso:
+            values = [float(v) for v in lasso.split(",")]
+            if len(values) >= 6 and len(values) % 2 == 0:
+                return {"lasso_x": values[0::2], "lasso_y": values[1::2]}
+    except ValueError:
+        pass
+    return None
+
+
+def region_query(region: dict | None) -> dict[str, str]:
+    if not region:
+        return {}
+    if "lasso_x" in region:
+        return {"lasso": ",".join(f"{x:.3f},{y:.3f}" for x, y in
+                                  zip(region["lasso_x"], region["lasso_y"], strict=True))}
+    return {"box": ",".join(f"{v:.3f}" for v in (*region["x"], *region["y"]))}
+
+
+def region_of(selected: dict | None) -> dict | None:
+    """The region of a Plotly selection event (its box range or lasso outline)."""
+    if not selected:
+        return None
+    if selected.get("lassoPoints"):
+        points = selected["lassoPoints"]
+        return {"lasso_x": list(points["x"]), "lasso_y": list(points["y"])}
+    if selected.get("range"):
+        return {"x": list(selected["range"]["x"]), "y": list(selected["range"]["y"])}
+    return None
+
+
+def layout(features: str | None = None, colour: str | None = None, box: str | None = None,
+           lasso: str | None = None, **query: str) -> html.Div:
+    data = current()
+    features = data.default_features(features)
     if features is None:
         return needs("cluster", data)
-    colour = query.get("colour", "kmeans")
     colour = colour if colour in {o["value"] for o in colour_options()} else "kmeans"
+    try:
+        where = Filter.from_query(query)
+    except InfluenceError:
+        where = Filter()
     return html.Div([
+        dcc.Store(id="map-region", data=parse_region(box, lasso)),
         html.Div([
             html.Label(["Feature set", dcc.Dropdown(data.features, features, id="map-features",
                                                     clearable=False)]),
             html.Label(["Colour by", dcc.Dropdown(colour_options(), colour, id="map-colour",
                                                   clearable=False)]),
-            html.Span("Hover a point to see the painting, click to open it.", className="hint"),
+            html.Span("Hover a point to see the painting, click to open it; box or lasso "
+                      "select (toolbar) to see what a region holds.", className="hint"),
         ], className="controls"),
+        filters.controls(data, where, "map"),
+        html.Div([html.Span(id="map-count"), downloads("map", "these paintings")],
+                 className="controls"),
         dcc.Loading(dcc.Graph(id="map-graph", clear_on_unhover=True, className="map-graph",
                               config={"displaylogo": False, "scrollZoom": True}),
                     delay_show=300),
         dcc.Tooltip(id="map-tooltip", direction="right"),
+        html.Div(id="selection-panel"),
     ])
 
 
-def register(app: Dash, data: RunData) -> None:
-    @lru_cache(maxsize=32)
-    def figure(features: str, colour: str) -> go.Figure:
-        """The scatter for one (feature set, colouring); shared read-only by every user."""
-        assignments = data.clusterings[features].assignments
-        if colour in METHODS:
-            groups = assignments[colour].astype(int)
-            order = groups.value_counts().index
-            names = {g: f"cluster {g}" for g in order}
-        else:
-            groups = data.catalog[colour].fillna("unknown")
-            counts = groups.value_counts()
-            order = list(counts.index[:MAX_GROUPS])
-            groups = groups.where(groups.isin(order), "other")
-            if len(counts) > MAX_GROUPS:
-                order.append("other")
-            names = {g: str(g) for g in order}
-        fig = go.Figure()
-        for n, group in enumerate(order):
-            mask = (groups == group).to_numpy()
-            fig.add_trace(go.Scattergl(
-                x=assignments["umap_x"].to_numpy()[mask], y=assignments["umap_y"].to_numpy()[mask],
-                mode="markers", name=f"{names[group]} ({mask.sum():,})",
-                customdata=assignments["image_id"].to_numpy()[mask], hoverinfo="none",
-                marker={"size": 5, "opacity": 0.8,
-                        "color": OTHER if group == "other" else COLOURS[n % len(COLOURS)]}))
-        fig.update_layout(template="plotly_white", height=680, margin={"l": 0, "r": 0, "t": 10,
-                          "b": 0}, legend={"itemsizing": "constant", "font": {"size": 11}},
-                          xaxis={"visible": False}, yaxis={"visible": False},
-                          dragmode="pan", uirevision=features)
-        return fig
+# ------------------------------------------------------------------------------------ figures
+def shown_rows(data: RunData, where: Filter) -> np.ndarray:
+    return np.flatnonzero(where.mask(data.catalog))
 
-    @app.callback(Output("map-graph", "figure"), Input("map-features", "value"),
-                  Input("map-colour", "value"))
-    def show(features: str, colour: str) -> go.Figure:
-        return figure(data.default_features(features), colour)
+
+def selected_rows(data: RunData, features: str, where: Filter, region: dict | None) -> np.ndarray:
+    """Catalog rows inside the region among those the filter keeps."""
+    if not region:
+        return np.array([], dtype=int)
+    a = data.clusterings[features].assignments
+    rows = shown_rows(data, where)
+    inside = in_region(a["umap_x"].to_numpy()[rows], a["umap_y"].to_numpy()[rows], region)
+    return rows[inside]
+
+
+def thumbnails(data: RunData, features: str, rows: np.ndarray,
+               view: tuple[float, float, float, float] | None = None) -> list[dict]:
+    """Layout images drawing each painting (rows) in view as its thumbnail, or [] when the view
+    holds more than THUMBS."""
+    a = data.clusterings[features].assignments
+    x, y = a["umap_x"].to_numpy()[rows], a["umap_y"].to_numpy()[rows]
+    if view is not None:
+        x0, x1, y0, y1 = view
+        inside = (x >= min(x0, x1)) & (x <= max(x0, x1)) & (y >= min(y0, y1)) & (y <= max(y0, y1))
+        rows, x, y = rows[inside], x[inside], y[inside]
+        width = abs(x1 - x0)
+    else:
+        width = float(x.max() - x.min()) if len(x) else 1.0
+    if len(rows) == 0 or len(rows) > THUMBS:
+        return []
+    size = max(width, 1e-3) * THUMB_SHARE * (2 if len(rows) < 40 else 1)
+    ids = a["image_id"].to_numpy()[rows]
+    return [{"source": thumb_url(i), "xref": "x", "yref": "y", "x": float(px), "y": float(py),
+             "sizex": size, "sizey": size, "xanchor": "center", "yanchor": "middle",
+             "layer": "above"} for i, px, py in zip(ids, x, y, strict=True)]
+
+
+def figure(data: RunData, features: str, colour: str, where: Filter,
+           region: dict | None) -> go.Figure:
+    """The scatter of the paintings the filter keeps, one trace per colour group."""
+    assignments = data.clusterings[features].assignments
+    rows = shown_rows(data, where)
+    if colour in METHODS:
+        groups = assignments[colour].astype(int)
+        order = list(groups.value_counts().index)
+        names = {g: f"cluster {g}" for g in order}
+    else:
+        groups = data.catalog[colour].fillna("unknown")
+        counts = groups.value_counts()
+        order = list(counts.index[:MAX_GROUPS])
+        groups = groups.where(groups.isin(order), "other")
+        if len(counts) > MAX_GROUPS:
+            order.append("other")
+        names = {g: str(g) for g in order}
+    groups = groups.to_numpy()[rows]
+    x, y = assignments["umap_x"].to_numpy()[rows], assignments["umap_y"].to_numpy()[rows]
+    ids = assignments["image_id"].to_numpy()[rows]
+    fig = go.Figure()
+    for n, group in enumerate(order):
+        mask = groups == group
+        if not mask.any():
+            continue
+        fig.add_trace(go.Scattergl(
+            x=x[mask], y=y[mask], mode="markers", name=f"{names[group]} ({mask.sum():,})",
+            customdata=ids[mask], hoverinfo="none",
+            marker={"size": 5 if len(rows) > THUMBS else 9, "opacity": 0.8,
+                    "color": OTHER if group == "other" else COLOURS[n % len(COLOURS)]}))
+    fig.update_layout(template="plotly_white", height=680, margin={"l": 0, "r": 0, "t": 10,
+                      "b": 0}, legend={"itemsizing": "constant", "font": {"size": 11}},
+                      xaxis={"visible": False}, yaxis={"visible": False},
+                      dragmode="pan", uirevision=f"{features}|{where}",
+                      images=thumbnails(data, features, rows))
+    if region and "lasso_x" in region:
+        path = "M" + "L".join(f"{a},{b}" for a, b in zip(region["lasso_x"], region["lasso_y"],
+                                                         strict=True)) + "Z"
+        fig.update_layout(selections=[{"type": "path", "path": path}])
+    elif region:
+        fig.update_layout(selections=[{"type": "rect", "x0": region["x"][0],
+                                       "x1": region["x"][1], "y0": region["y"][0],
+                                       "y1": region["y"][1]}])
+    return fig
+
+
+def selection_panel(data: RunData, features: str, where: Filter, region: dict | None) -> list:
+    rows = selected_rows(data, features, where, region)
+    if not region:
+        return []
+    if len(rows) == 0:
+        return [message("The selection holds no paintings.", id="selection-title")]
+    ids = data.catalog["image_id"].to_numpy()[rows]
+    shares = label_shares(data.catalog, rows)
+    charts = [chart(fig) for fig in (profile_chart(shares[shares["field"] == f], f,
+                                                   "the selection") for f in LABEL_FIELDS)
+              if fig is not None]
+    parts = [
+        html.H2(f"Selection: {len(rows):,} paintings", id="selection-title"),
+        downloads("selection", "the selection"),
+        gallery(data, ids[:SELECTION_SHOWN], id="selection-gallery"),
+        html.P(f"Showing {SELECTION_SHOWN} of {len(rows):,}; the download has them all."
+               if len(rows) > SELECTION_SHOWN else "", className="hint"),
+        html.H3("Who and what is in it, against the whole collection"),
+        html.P(PROFILE_NOTE, className="hint"),
+        html.Div(charts, className="chart-grid"),
+    ]
+    if data.explorer is not None:
+        like = data.explorer.like(list(ids), k=LIKE)
+        parts += [html.H3(f"Paintings like these (the selection's mean {data.explorer.features} "
+                          "vector)"),
+                  gallery(data, [p["image_id"] for p in like],
+                          [f"similarity {p['score']:.2f}" for p in like], id="selection-like")]
+    return parts
+
+
+# ---------------------------------------------------------------------------------- callbacks
+def register(app: Dash) -> None:
+    @app.callback(Output("map-graph", "figure"), Output("map-count", "children"),
+                  Input("map-features", "value"), Input("map-colour", "value"),
+                  *filters.inputs("map"), State("map-region", "data"))
+    def show(features: str, colour: str, *values: object) -> tuple:
+        *values, region = values
+        data = current()
+        where = filters.read(data, *values)
+        features = data.default_features(features)
+        shown = int(where.mask(data.catalog).sum())
+        count = (f"{shown:,} of {len(data.catalog):,} paintings" if where
+                 else f"all {shown:,} paintings")
+        return figure(data, features, colour, where, region), count
+
+    @app.callback(Output("map-graph", "figure", allow_duplicate=True),
+                  Input("map-graph", "relayoutData"), State("map-features", "value"),
+                  *[State(i.component_id, i.component_property) for i in filters.inputs("map")],
+                  prevent_initial_call=True)
+    def zoom(relayout: dict | None, features: str, *values: object) -> Patch:
+        """Thumbnails instead of dots once the view holds few enough paintings."""
+        relayout = relayout or {}
+        keys = ("xaxis.range[0]", "xaxis.range[1]", "yaxis.range[0]", "yaxis.range[1]")
+        if not (all(k in relayout for k in keys) or relayout.get("xaxis.autorange")):
+            return no_update
+        data = current()
+        rows = shown_rows(data, filters.read(data, *values))
+        view = None if relayout.get("xaxis.autorange") else tuple(relayout[k] for k in keys)
+        patch = Patch()
+        patch["layout"]["images"] = thumbnails(data, data.default_features(features), rows, view)
+        return patch
+
+    @app.callback(Output("map-region", "data"), Input("map-graph", "selectedData"),
+                  prevent_initial_call=True)
+    def select(selected: dict | None) -> dict | None:
+        return region_of(selected)
+
+    @app.callback(Output("selection-panel", "children"), Input("map-region", "data"),
+                  Input("map-features", "value"), *filters.inputs("map"))
+    def panel(region: dict | None, features: str, *values: object) -> list:
+        data = current()
+        return selection_panel(data, data.default_features(features),
+                               filters.read(data, *values), region)
+
+    @app.callback(Output("view-state", "data", allow_duplicate=True),
+                  Input("map-features", "value"), Input("map-colour", "value"),
+                  *filters.inputs("map"), Input("map-region", "data"), prevent_initial_call=True)
+    def state(features: str, colour: str, *values: object) -> str:
+        *values, region = values
+        where = filters.read(current(), *values)
+        return urlencode({"features": features, "colour": colour, **where.to_query(),
+                          **region_query(region)})
+
+    @app.callback(Output("selection-download", "data"), Input("selection-csv", "n_clicks"),
+                  Input("selection-parquet", "n_clicks"), State("map-region", "data"),
+                  State("map-features", "value"),
+                  *[State(i.component_id, i.component_property) for i in filters.inputs("map")],
+                  prevent_initial_call=True)
+    def export_selection(_csv: int, _parquet: int, region: dict | None, features: str,
+                         *values: object) -> dict:
+        data = current()
+        features = data.default_features(features)
+        where = filters.read(data, *values)
+        rows = selected_rows(data, features, where, region)
+        export = selection_export(data.name, data.catalog,
+                                  data.catalog["image_id"].to_numpy()[rows],
+                                  f"{features}-map-selection")
+        return send(export)
+
+    @app.callback(Output("map-download", "data"), Input("map-csv", "n_clicks"),
+                  Input("map-parquet", "n_clicks"), *[State(i.component_id, i.component_property)
+                                                      for i in filters.inputs("map")],
+                  prevent_initial_call=True)
+    def export_filter(_csv: int, _parquet: int, *values: object) -> dict:
+        data = current()
+        export = filter_export(data.name, data.catalog, filters.read(data, *values))
+        return send(export)
 
     @app.callback(Output("map-tooltip", "show"), Output("map-tooltip", "bbox"),
                   Output("map-tooltip", "children"), Input("map-graph", "hoverData"))
@@ -88,7 +313,7 @@ def register(app: Dash, data: RunData) -> None:
         if not hover_data:
             return False, no_update, no_update
         point = hover_data["points"][0]
-        row = data.painting(str(point.get("customdata")))
+        row = current().painting(str(point.get("customdata")))
         if row is None:
             return False, no_update, no_update
         year = text(row["year"], "")
@@ -106,5 +331,5 @@ def register(app: Dash, data: RunData) -> None:
         if not click_data:
             return no_update
         image_id = click_data["points"][0].get("customdata")
-        return painting_href(image_id) if data.row_of(str(image_id)) is not None else no_update
-
+        return (painting_href(image_id) if current().row_of(str(image_id)) is not None
+                else no_update)

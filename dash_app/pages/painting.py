@@ -15,7 +15,7 @@ from dash_app.components import (
     painting_href,
     text,
 )
-from dash_app.data import RunData
+from dash_app.data import RunData, current
 from dash_app.routes import image_url
 from influence.runs import InfluenceError
 
@@ -68,13 +68,14 @@ def neighbours(data: RunData, image_id: str) -> list:
     ]
 
 
-def layout(data: RunData, image_id: str, query: dict[str, str]) -> html.Div:
-    row = data.painting(image_id)
+def layout(image_id: str | None = None, features: str | None = None, **_: str) -> html.Div:
+    data = current()
+    row = data.painting(image_id or "")
     if row is None:
         return message("No painting with this id in the run.", "error")
     meta = [html.Tr([html.Th(f), html.Td(text(row[f], "—"))]) for f in FIELDS]
     meta.append(html.Tr([html.Th("size"), html.Td(f"{row['width']} × {row['height']} px")]))
-    features = data.default_features(query.get("features"))
+    features = data.default_features(features)
     side: list = []
     if features is None:
         side.append(needs("cluster", data))
@@ -109,5 +110,5 @@ def layout(data: RunData, image_id: str, query: dict[str, str]) -> html.Div:
     ])
 
 
-def register(app: Dash, data: RunData) -> None:
+def register(app: Dash) -> None:
     """The painting page is built whole by the router; it has no callbacks of its own."""

@@ -11,10 +11,20 @@ import base64
 import binascii
 import time
 
-from dash import Dash, Input, Output, dcc, html, no_update
+from dash import Dash, Input, Output, State, dcc, html, no_update
 
-from dash_app.components import chart, cluster_href, gallery, hbar, message, needs
-from dash_app.data import RunData
+from dash_app.components import (
+    chart,
+    cluster_href,
+    downloads,
+    gallery,
+    hbar,
+    message,
+    needs,
+    send,
+)
+from dash_app.data import RunData, current
+from influence.export import answer_export
 from influence.images import BadImage, ImageLimits, open_rgb
 from influence.runs import InfluenceError
 from influence.thumbnails import thumbnail_bytes
@@ -28,7 +38,8 @@ MAX_REQUEST_BYTES = MAX_BASE64_CHARS + 1_000_000
 NEAREST = 12
 
 
-def layout(data: RunData) -> html.Div:
+def layout(**_: str) -> html.Div:
+    data = current()
     return html.Div([
         html.H2("Which paintings and artists does an image resemble?"),
         needs("index", data) if data.explorer is None else None,
@@ -38,6 +49,7 @@ def layout(data: RunData) -> html.Div:
                                       "not stored.", className="hint")]),
                    id="upload-image", accept="image/*", multiple=False, className="dropzone"),
         dcc.Store(id="upload-payload"),
+        dcc.Store(id="upload-answer"),
         dcc.Loading(html.Div(id="upload-result"), delay_show=200),
     ])
 
@@ -73,6 +85,7 @@ def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds:
                          id="upload-time"),
             ]),
         ], className="upload-head"),
+        downloads("upload", "the nearest paintings"),
         html.H3("Nearest paintings"),
         gallery(data, [p["image_id"] for p in paintings],
                 [f"similarity {p['score']:.2f}" for p in paintings], id="upload-neighbours"),
@@ -98,7 +111,7 @@ def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds:
     return [*parts, html.Div(columns, className="chart-grid")]
 
 
-def register(app: Dash, data: RunData) -> None:
+def register(app: Dash) -> None:
     app.clientside_callback(
         f"""function(contents, filename) {{
             if (!contents) {{ return window.dash_clientside.no_update; }}
@@ -110,22 +123,33 @@ def register(app: Dash, data: RunData) -> None:
         Output("upload-payload", "data"), Input("upload-image", "contents"),
         Input("upload-image", "filename"))
 
-    @app.callback(Output("upload-result", "children"), Input("upload-payload", "data"),
-                  prevent_initial_call=True)
-    def answer(payload: dict | None) -> object:
+    @app.callback(Output("upload-result", "children"), Output("upload-answer", "data"),
+                  Input("upload-payload", "data"), prevent_initial_call=True)
+    def answer(payload: dict | None) -> tuple:
         if not payload:
-            return no_update
+            return no_update, no_update
+        data = current()
         name = str(payload.get("filename") or "upload")[:80]
         if "error" in payload:
-            return message(str(payload["error"]), "error", id="upload-error")
+            return message(str(payload["error"]), "error", id="upload-error"), None
         start = time.perf_counter()
         try:
             image = open_rgb(decode(payload.get("contents")), LIMITS)
             result = data.query(image, k=NEAREST)
         except InfluenceError as e:
-            return message(f"{name}: {e}", "error", id="upload-error")
+            return message(f"{name}: {e}", "error", id="upload-error"), None
         if "error" in result:
-            return message(f"{name}: {result['error']}", "error", id="upload-error")
-        return answer_view(data, result, thumbnail_bytes(image, 240), name,
+            return message(f"{name}: {result['error']}", "error", id="upload-error"), None
+        view = answer_view(data, result, thumbnail_bytes(image, 240), name,
                            time.perf_counter() - start)
+        return view, {**result, "query": name}
+
+    @app.callback(Output("upload-download", "data"), Input("upload-csv", "n_clicks"),
+                  Input("upload-parquet", "n_clicks"), State("upload-answer", "data"),
+                  prevent_initial_call=True)
+    def export(_csv: int, _parquet: int, result: dict | None) -> dict:
+        if not result:
+            return no_update
+        data = current()
+        return send(answer_export(data.name, data.catalog, result))
 

@@ -1,0 +1,41 @@
+"""Filter controls shared by the map and the clusters page: artist, nationality, style, genre
+(several values each) and a year range. The URL carries them, so a link reopens the same view."""
+
+from __future__ import annotations
+
+from dash import Input, dcc, html
+
+from dash_app.data import RunData
+from influence.selections import FILTER_FIELDS, Filter, choices, year_span
+
+
+def controls(data: RunData, where: Filter, prefix: str) -> html.Div:
+    """The filter menus (ids PREFIX-artist, ...) and the year range (PREFIX-years)."""
+    first, last = year_span(data.catalog)
+    years = [where.year_from or first, where.year_to or last]
+    marks = {y: str(y) for y in range(first - first % 100 + 100, last + 1, 100)}
+    return html.Div([
+        *[html.Label([name.capitalize(), dcc.Dropdown(
+            choices(data.catalog, name), list(getattr(where, name)), id=f"{prefix}-{name}",
+            multi=True, placeholder=f"any {name}")], className="filter")
+          for name in FILTER_FIELDS],
+        html.Label(["Years (dated, or estimated from the artist's life)", dcc.RangeSlider(
+            first, last, 1, value=years, id=f"{prefix}-years", marks=marks,
+            tooltip={"placement": "bottom"}, allow_direct_input=False)],
+            className="filter years"),
+    ], className="filters")
+
+
+def inputs(prefix: str) -> list[Input]:
+    """The callback inputs of the controls, in the order `read` takes them."""
+    return [Input(f"{prefix}-{name}", "value") for name in (*FILTER_FIELDS, "years")]
+
+
+def read(data: RunData, *values: object) -> Filter:
+    """The filter the controls show; a year range spanning every year is no filter."""
+    *labels, years = values
+    first, last = year_span(data.catalog)
+    low, high = (years or [first, last])
+    return Filter.from_query({**dict(zip(FILTER_FIELDS, labels, strict=True)),
+                              "year_from": low if low > first else None,
+                              "year_to": high if high < last else None})

@@ -1,0 +1,244 @@
+"""Sets of paintings, read from a run without changing it: filters, title and artist search,
+cluster members, regions of the map, and what a set holds against the whole collection.
+
+The explorer and the `export` stage both go through these functions, so a view and its exported
+file always list the same paintings with the same numbers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from influence.clustering import Clustering, profiles
+from influence.runs import InfluenceError, Run
+
+#: Catalog fields a filter narrows by, besides the year range.
+FILTER_FIELDS = ("artist", "nationality", "style", "genre")
+#: The year a filter's range applies to: the painting's own, else estimated from the artist's
+#: life (the catalog's era rule).
+YEAR = "era_year"
+#: Soft members of a GMM cluster: paintings with at least this responsibility.
+MIN_P = 0.2
+PLOTS = ("elbow", "silhouette")
+
+
+# ------------------------------------------------------------------------------------- filters
+@dataclass(frozen=True)
+class Filter:
+    """Paintings whose labels are among the chosen values (every field given must match) and
+    whose year is in [year_from, year_to]; an empty filter keeps everything."""
+
+    artist: tuple[str, ...] = ()
+    nationality: tuple[str, ...] = ()
+    style: tuple[str, ...] = ()
+    genre: tuple[str, ...] = ()
+    year_from: int | None = None
+    year_to: int | None = None
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, Any]) -> Filter:
+        """A filter from URL or CLI values: lists or `|`-separated strings, years as text."""
+        def values(name: str) -> tuple[str, ...]:
+            raw = query.get(name) or ()
+            items = raw.split("|") if isinstance(raw, str) else raw
+            return tuple(sorted({str(v) for v in items if str(v).strip()}))
+
+        def year(name: str) -> int | None:
+            raw = query.get(name)
+            if raw in (None, ""):
+                return None
+            try:
+                return int(float(raw))
+            except (TypeError, ValueError):
+                raise InfluenceError(f"{name.replace('_', '-')} must be a year, got {raw!r}") \
+                    from None
+
+        return cls(*(values(f) for f in FILTER_FIELDS), year("year_from"), year("year_to"))
+
+    def to_query(self) -> dict[str, str]:
+        """The URL parameters of this filter (only those set)."""
+        out = {f: "|".join(getattr(self, f)) for f in FILTER_FIELDS if getattr(self, f)}
+        out.update({k: str(v) for k in ("year_from", "year_to")
+                    if (v := getattr(self, k)) is not None})
+        return out
+
+    def __bool__(self) -> bool:
+        return bool(self.to_query())
+
+    def mask(self, catalog: pd.DataFrame) -> np.ndarray:
+        """Which catalog rows pass (a boolean array in catalog order)."""
+        keep = np.ones(len(catalog), dtype=bool)
+        for name in FILTER_FIELDS:
+            if chosen := getattr(self, name):
+                keep &= catalog[name].isin(chosen).fillna(False).to_numpy(dtype=bool)
+        years = catalog[YEAR].astype("Float64")
+        if self.year_from is not None:
+            keep &= (years >= self.year_from).fillna(False).to_numpy(dtype=bool)
+        if self.year_to is not None:
+            keep &= (years <= self.year_to).fillna(False).to_numpy(dtype=bool)
+        return keep
+
+    def describe(self) -> str:
+        """A short slug for file names: 'style-impressionism_1870-1890'."""
+        parts = [f"{f}-{'-'.join(slug(v) for v in getattr(self, f))}" for f in FILTER_FIELDS
+                 if getattr(self, f)]
+        if self.year_from is not None or self.year_to is not None:
+            parts.append(f"{self.year_from or ''}-{self.year_to or ''}")
+        return "_".join(parts)[:80] or "all"
+
+
+def slug(text: str) -> str:
+    """Lower-case ASCII words joined by hyphens, for URLs and file names."""
+    import unicodedata
+
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-") or "x"
+
+
+def choices(catalog: pd.DataFrame, name: str) -> list[str]:
+    """A field's values, commonest first, for filter menus."""
+    return [str(v) for v in catalog[name].dropna().value_counts().index]
+
+
+def year_span(catalog: pd.DataFrame) -> tuple[int, int]:
+    """The first and last year a filter can choose."""
+    years = catalog[YEAR].dropna()
+    return (int(years.min()), int(years.max())) if len(years) else (0, 0)
+
+
+# -------------------------------------------------------------------------------------- search
+def search_catalog(catalog: pd.DataFrame, text: str, limit: int = 12) -> list[dict[str, str]]:
+    """Artists, then paintings, whose name or title contains every word of `text`.
+
+    Each match is {"kind": "artist" | "painting", "value": artist name or image id, "label"};
+    artists come first, the best known (most paintings) first; titles that start with the
+    text before others.
+    """
+    words = [w for w in str(text).lower().split() if w]
+    if not words:
+        return []
+    artists = catalog["artist"].dropna()
+    names = artists.value_counts()
+    lower = names.index.str.lower()
+    hit = np.ones(len(names), dtype=bool)
+    for w in words:
+        hit &= lower.str.contains(w, regex=False)
+    out = [{"kind": "artist", "value": str(a), "label": f"{a} (artist, {n} paintings)"}
+           for a, n in names[hit].head(limit).items()]
+    titles = catalog["title"].fillna("").str.lower()
+    hit = np.ones(len(catalog), dtype=bool)
+    for w in words:
+        hit &= titles.str.contains(w, regex=False).to_numpy(dtype=bool)
+    found = catalog[hit].assign(_first=~titles[hit].str.startswith(words[0]))
+    found = found.sort_values(["_first", "title"], kind="stable").head(max(0, limit - len(out)))
+    out += [{"kind": "painting", "value": str(r.image_id),
+             "label": f"{r.title} — {r.artist if pd.notna(r.artist) else 'unknown'}"
+                      + (f", {r.year}" if pd.notna(r.year) else "")}
+            for r in found.itertuples()]
+    return out
+
+
+# ------------------------------------------------------------------------ clusters, read back
+def cluster_sizes(clustering: Clustering, method: str) -> dict[int, int]:
+    """Paintings per cluster, as the cluster stage recorded them."""
+    return {c: int(n) for c, n in enumerate(clustering.summary["sizes"][method]) if n}
+
+
+def cluster_profile(clustering: Clustering, method: str, cluster: int,
+                    field: str) -> pd.DataFrame:
+    """A cluster's values of one label field (count, share, collection_share, lift), commonest
+    first, as the cluster stage stored them."""
+    p = clustering.profiles
+    rows = p[(p["method"] == method) & (p["cluster"] == cluster) & (p["field"] == field)]
+    return rows.sort_values(["count", "value"], ascending=[False, True], kind="stable")
+
+
+def top_label(clustering: Clustering, method: str, cluster: int, field: str) -> str | None:
+    """'Impressionism 64%': a cluster's commonest value of a field and its share."""
+    rows = cluster_profile(clustering, method, cluster, field)
+    if rows.empty:
+        return None
+    best = rows.iloc[0]
+    return f"{best['value']} {best['share']:.0%}"
+
+
+def typical_members(clustering: Clustering, method: str, cluster: int) -> list[str]:
+    """A cluster's stored most typical paintings, most typical first."""
+    t = clustering.typical
+    return list(t[(t["method"] == method) & (t["cluster"] == cluster)]
+                .sort_values("rank")["image_id"])
+
+
+def cluster_members(clustering: Clustering, method: str, cluster: int,
+                    min_p: float = MIN_P) -> pd.DataFrame:
+    """A cluster's paintings: `image_id`, `member` ("hard" when assigned to it, "soft" for a GMM
+    responsibility of at least `min_p` without the assignment) and the stored scores: the
+    distance to the centre (KMeans) or the responsibility `p` (GMM); most central first."""
+    a = clustering.assignments
+    if method == "kmeans":
+        rows = a.index[a["kmeans"] == cluster].to_numpy()
+        out = pd.DataFrame({"row": rows, "image_id": a["image_id"].to_numpy()[rows],
+                            "member": "hard",
+                            "kmeans_distance": a["kmeans_distance"].to_numpy()[rows]})
+        return out.sort_values("kmeans_distance", kind="stable").reset_index(drop=True)
+    if method != "gmm":
+        raise InfluenceError(f"unknown clustering method '{method}' (kmeans or gmm)")
+    p = clustering.responsibilities_of(np.arange(len(a)))[:, cluster]
+    hard = (a["gmm"] == cluster).to_numpy()
+    rows = np.flatnonzero(hard | (p >= min_p))
+    out = pd.DataFrame({"row": rows, "image_id": a["image_id"].to_numpy()[rows],
+                        "member": np.where(hard[rows], "hard", "soft"), "p": p[rows]})
+    return out.sort_values(["member", "p"], ascending=[True, False],
+                           kind="stable").reset_index(drop=True)
+
+
+def plot_paths(run: Run, features: str) -> dict[str, Path]:
+    """The cluster stage's sweep plots of a feature set that exist, by name."""
+    folder = run.clusters_dir / features
+    return {p: folder / f"{p}.png" for p in PLOTS if (folder / f"{p}.png").is_file()}
+
+
+def read_comparison(run: Run) -> pd.DataFrame | None:
+    """The cluster stage's table comparing feature sets, or None before clustering."""
+    path = run.clusters_dir / "comparison.csv"
+    return pd.read_csv(path) if path.exists() else None
+
+
+# --------------------------------------------------------------------------- regions and sets
+def in_region(x: np.ndarray, y: np.ndarray, region: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """Points inside a map region: a box {"x": [x0, x1], "y": [y0, y1]} or a lasso
+    {"lasso_x": [...], "lasso_y": [...]} (a closed polygon)."""
+    if "lasso_x" in region:
+        from matplotlib.path import Path as Polygon
+
+        polygon = Polygon(np.column_stack([region["lasso_x"], region["lasso_y"]]))
+        return polygon.contains_points(np.column_stack([x, y]))
+    (x0, x1), (y0, y1) = sorted(region["x"]), sorted(region["y"])
+    return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+
+
+def label_shares(catalog: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """For a set of catalog rows, each label value's count, share, collection_share and lift
+    (the same numbers the cluster stage stores for a cluster), commonest first per field."""
+    member = np.zeros(len(catalog), dtype=int)
+    member[np.asarray(rows, dtype=int)] = 1
+    out = profiles(member, catalog, "selection")
+    return out[out["cluster"] == 1].drop(columns=["method", "cluster"]).reset_index(drop=True)
+
+
+def normalise_ids(run_ids: Iterable[str], wanted: Iterable[str]) -> list[str]:
+    """The wanted image ids that are in the run, in the order given; InfluenceError for others."""
+    known = set(run_ids)
+    wanted = list(dict.fromkeys(str(w).strip() for w in wanted if str(w).strip()))
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise InfluenceError(f"{len(unknown)} image id(s) not in the run, e.g. {unknown[0]!r}")
+    return wanted
+
