@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from influence.pipeline import cmd_extract
+from influence.pipeline import cmd_cluster, cmd_extract, cmd_index, cmd_train
 from influence.runs import Run
 
 #: What the project is given beside its root (the collection, the weights); movable for CI.
@@ -51,3 +51,18 @@ def small_run(slice_collection: Path, tmp_path_factory: pytest.TempPathFactory) 
                          progress=False)
     assert status == 0
     return Run(root)
+
+
+@pytest.fixture(scope="session")
+def explored_run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """A copy of `small_run`, clustered, indexed and with style and artist heads on mobilenet_v2:
+    what the explorer and the export stage read; treat as read-only."""
+    dest = tmp_path_factory.mktemp("explored-run")
+    shutil.copytree(small_run.root, dest, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.parts", "index", "models", "clusters"))
+    assert cmd_cluster(run=str(dest), features="mobilenet_v2", k_min=2, k_max=6,
+                       progress=False) == 0
+    assert cmd_index(run=str(dest), features="mobilenet_v2", progress=False) == 0
+    assert cmd_train(run=str(dest), target="style,artist", features="mobilenet_v2",
+                     progress=False) == 0
+    return Run(dest)

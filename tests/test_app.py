@@ -12,14 +12,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug.serving import make_server
 
 from dash_app.app import create_app
 from dash_app.data import RunData, load_run_data
 from dash_app.pages.upload import MAX_BASE64_CHARS
-from influence.pipeline import cmd_cluster, cmd_index, cmd_train
 from influence.runs import Run
 
 FEATURES = "mobilenet_v2"
@@ -35,16 +37,8 @@ RETRY = (StaleElementReferenceException, NoSuchElementException)
 
 # ------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def built(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A private copy of the fixture run, clustered, indexed, with style and artist heads."""
-    dest = tmp_path_factory.mktemp("app-run")
-    shutil.copytree(small_run.root, dest, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("*.parts", "index", "models", "clusters"))
-    assert cmd_cluster(run=str(dest), features=FEATURES, k_min=2, k_max=6, progress=False) == 0
-    assert cmd_index(run=str(dest), features=FEATURES, progress=False) == 0
-    assert cmd_train(run=str(dest), target="style,artist", features=FEATURES,
-                     progress=False) == 0
-    return Run(dest)
+def built(explored_run: Run) -> Run:
+    return explored_run
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +63,13 @@ def base_url(app) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    """Headless Chromium driven by selenium."""
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads: Path) -> Iterator[object]:
+    """Headless Chromium driven by selenium, saving downloads into `downloads`."""
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("chromium / chromium-driver not installed (scripts/install.sh installs them)")
     from selenium import webdriver
@@ -80,7 +79,11 @@ def browser() -> Iterator[object]:
     options.binary_location = str(CHROMIUM)
     for flag in CHROME_FLAGS:
         options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow",
+                                                        "downloadPath": str(downloads)})
     yield driver
     driver.quit()
 
@@ -105,6 +108,24 @@ def wait_text(browser, css: str, pattern: str) -> str:
         return bool(found) and re.search(pattern, found[0].text) is not None and found[0].text
 
     return WebDriverWait(browser, WAIT, ignored_exceptions=RETRY).until(match)
+
+
+def downloaded(folder: Path, suffix: str) -> Path:
+    """The finished download with this suffix, once there is exactly one."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def done(_) -> Path | bool:
+        found = [p for p in folder.glob(f"*{suffix}") if p.stat().st_size > 0]
+        return len(found) == 1 and found[0]
+
+    return WebDriverWait(None, WAIT).until(done)
+
+
+def map_ids(browser) -> list[str]:
+    """Every painting drawn on the map (the customdata of its traces)."""
+    return browser.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        return g.data.flatMap(t => Array.from(t.customdata || []));""")
 
 
 def painting_ids(elements: list) -> list[str]:
@@ -142,8 +163,9 @@ def test_thumbnail_made_in_memory_when_the_run_has_none(built: Run, data: RunDat
 
 def upload_request(client, contents: str, name: str) -> dict:
     """What the browser sends when the upload store changes; returns the rendered answer."""
-    body = {"output": "upload-result.children",
-            "outputs": {"id": "upload-result", "property": "children"},
+    body = {"output": "..upload-result.children...upload-answer.data..",
+            "outputs": [{"id": "upload-result", "property": "children"},
+                        {"id": "upload-answer", "property": "data"}],
             "inputs": [{"id": "upload-payload", "property": "data",
                         "value": {"contents": contents, "filename": name}}],
             "changedPropIds": ["upload-payload.data"], "state": []}
@@ -261,9 +283,10 @@ def test_upload_of_a_non_image_says_so_in_the_page(browser, base_url: str,
 
 def test_scores_table_and_sweep_plots(browser, base_url: str, data: RunData) -> None:
     browser.get(base_url + "/scores")
-    rows = wait_for(browser, "#scores-table tbody tr", 3)
-    assert len(rows) == 1 + len(data.comparison)          # header row + one per (features, method)
-    wait_for(browser, "#heads-table tbody tr", 3)
+    rows = wait_for(browser, "#scores-table .ag-center-cols-container .ag-row",
+                    len(data.comparison))
+    assert len(rows) == len(data.comparison)              # one per (features, method)
+    assert len(wait_for(browser, "#heads-table .ag-center-cols-container .ag-row", 2)) == 2
     plots = wait_for(browser, "img.score-plot", 2)
     assert all(browser.execute_script("return arguments[0].naturalWidth", p) > 0 for p in plots)
 
@@ -271,11 +294,84 @@ def test_scores_table_and_sweep_plots(browser, base_url: str, data: RunData) -> 
 def test_a_run_with_only_features_says_what_to_run(small_run: Run) -> None:
     client = create_app(small_run.root).server.test_client()
     for path, stage in (("/", "cluster"), ("/clusters", "cluster"), ("/upload", "index"),
-                        ("/scores", "cluster"), (f"/painting/{'0' * 16}", "No painting")):
-        body = {"output": "page.children", "outputs": {"id": "page", "property": "children"},
-                "inputs": [{"id": "url", "property": "pathname", "value": path},
-                           {"id": "url", "property": "search", "value": ""}],
-                "changedPropIds": ["url.pathname"], "state": []}
+                        ("/scores", "cluster"), (f"/painting/{'0' * 16}", "No painting"),
+                        ("/nowhere", "404")):
+        body = {"output": ".._pages_content.children..._pages_store.data..",
+                "outputs": [{"id": "_pages_content", "property": "children"},
+                            {"id": "_pages_store", "property": "data"}],
+                "inputs": [{"id": "_pages_location", "property": "pathname", "value": path},
+                           {"id": "_pages_location", "property": "search", "value": ""}],
+                "changedPropIds": ["_pages_location.pathname"], "state": []}
         response = client.post("/_dash-update-component", json=body)
         assert response.status_code == 200, path
         assert stage in response.get_data(as_text=True), path
+
+
+def test_lasso_selection_lists_exports_and_reopens_from_its_link(
+        browser, base_url: str, data: RunData, downloads: Path) -> None:
+    a = data.clusterings[FEATURES].assignments
+    x, y = a["umap_x"].to_numpy(), a["umap_y"].to_numpy()
+    x0, x1 = float(x.min()) - 0.01, float(np.quantile(x, 0.4))
+    y0, y1 = float(y.min()) - 0.01, float(np.quantile(y, 0.7))
+    inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+    expected = set(a["image_id"][inside])
+    assert 0 < len(expected) < len(a)
+    browser.get(base_url + "/?colour=style")
+    wait_for(browser, "#map-graph .legendtext")
+    browser.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        g.emit('plotly_selected', {points: [], lassoPoints: {x: arguments[0], y: arguments[1]}});
+        """, [x0, x1, x1, x0], [y0, y0, y1, y1])
+    wait_text(browser, "#selection-title", rf"^Selection: {len(expected)} paintings$")
+    shown = painting_ids(wait_for(browser, "#selection-gallery a"))
+    assert len(shown) == min(48, len(expected)) and set(shown) <= expected
+    like = painting_ids(wait_for(browser, "#selection-like a"))
+    assert len(like) == 12 and not set(like) & expected
+    wait_for(browser, "#selection-csv")[0].click()
+    table = pd.read_csv(downloaded(downloads, ".csv"))
+    assert len(table) == len(expected) and set(table["image_id"]) == expected
+    assert {"title", "artist", "style", "year"} <= set(table.columns)
+    # The address bar now carries the view: opening it again shows the same selection.
+    link = browser.current_url
+    assert "lasso=" in link and "colour=style" in link
+    browser.get(base_url + "/clusters")
+    wait_for(browser, ".cluster-tile")
+    browser.get(link)
+    wait_text(browser, "#selection-title", rf"^Selection: {len(expected)} paintings$")
+    legend = " ".join(e.text for e in wait_for(browser, "#map-graph .legendtext"))
+    assert "Baroque" in legend and "cluster" not in legend
+
+
+def test_a_filter_leaves_only_matching_points(browser, base_url: str, data: RunData) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(base_url + "/")
+    wait_for(browser, "#map-graph .legendtext")
+    assert len(map_ids(browser)) == len(data.catalog)
+    browser.find_element(By.CSS_SELECTOR, "#map-style").click()
+    wait_for(browser, "label.dash-dropdown-option input[value='Baroque']")[0].click()
+    baroque = set(data.catalog["image_id"][data.catalog["style"] == "Baroque"])
+    wait_text(browser, "#map-count", rf"^{len(baroque)} of {len(data.catalog)} paintings$")
+    WebDriverWait(browser, WAIT).until(lambda d: len(map_ids(d)) == len(baroque))
+    assert set(map_ids(browser)) == baroque
+    assert "style=Baroque" in browser.current_url
+
+
+def test_search_finds_a_painting_by_title(browser, base_url: str, data: RunData) -> None:
+    titles = data.catalog["title"].dropna()
+    title = titles[~titles.duplicated(keep=False)].iloc[20]
+    image_id = data.catalog.loc[titles.index[titles == title][0], "image_id"]
+    browser.get(base_url + "/scores")
+    wait_for(browser, "#search")[0].send_keys(title[1:-1].lower())
+    hit = wait_for(browser, f".search-hit.painting[href='/painting/{image_id}']")[0]
+    assert hit.text.startswith(title)
+    hit.click()
+    wait_text(browser, "#painting-title", "^" + re.escape(title) + "$")
+    assert browser.current_url.endswith(f"/painting/{image_id}")
+
+
+def test_health_says_the_run_is_loaded(app, data: RunData) -> None:
+    health = app.server.test_client().get("/health").get_json()
+    assert health["status"] == "ok" and health["paintings"] == len(data.catalog)
+    assert health["search"] == FEATURES
+    assert health["memory_mb"]["after_load"] >= health["memory_mb"]["before_load"] > 0

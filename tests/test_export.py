@@ -1,0 +1,129 @@
+"""The read-only run API (filters, search, cluster members, regions, label shares) and the
+`export` stage, on a small clustered run of the shared collection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from influence.clustering import load_clustering
+from influence.export import cluster_export, table_bytes
+from influence.pipeline import main
+from influence.runs import InfluenceError, Run
+from influence.selections import (
+    Filter,
+    cluster_members,
+    cluster_sizes,
+    in_region,
+    label_shares,
+    search_catalog,
+)
+
+FEATURES = "mobilenet_v2"
+
+
+@pytest.fixture(scope="module")
+def catalog(explored_run: Run) -> pd.DataFrame:
+    return explored_run.catalog()
+
+
+def test_filter_keeps_only_matching_paintings_and_round_trips_through_the_url(
+        catalog: pd.DataFrame) -> None:
+    where = Filter.from_query({"style": "Baroque|Rococo", "year_from": "1640",
+                               "nationality": ""})
+    keep = where.mask(catalog)
+    years = catalog["era_year"].astype("Float64")
+    expected = (catalog["style"].isin(["Baroque", "Rococo"]) & (years >= 1640)).fillna(False)
+    assert keep.sum() > 0 and (keep == expected.to_numpy(dtype=bool)).all()
+    assert Filter.from_query(where.to_query()) == where
+    assert not Filter() and Filter().mask(catalog).all()
+    with pytest.raises(InfluenceError, match="year-to must be a year"):
+        Filter.from_query({"year_to": "soon"})
+
+
+def test_search_finds_artists_then_titles(catalog: pd.DataFrame) -> None:
+    hits = search_catalog(catalog, "monet")
+    assert hits[0] == {"kind": "artist", "value": "Claude Monet",
+                       "label": "Claude Monet (artist, 30 paintings)"}
+    row = catalog.iloc[37]
+    words = str(row["title"]).split()[:3]
+    found = search_catalog(catalog, " ".join(words).upper(), limit=50)
+    assert row["image_id"] in [h["value"] for h in found if h["kind"] == "painting"]
+    assert search_catalog(catalog, "   ") == [] and search_catalog(catalog, "zzqqxx") == []
+
+
+def test_cluster_members_hard_and_soft_match_the_stored_clustering(explored_run: Run) -> None:
+    clustering = load_clustering(explored_run, FEATURES)
+    a = clustering.assignments
+    p = np.load(explored_run.clusters_dir / FEATURES / "responsibilities.npy")
+    for cluster, size in cluster_sizes(clustering, "gmm").items():
+        members = cluster_members(clustering, "gmm", cluster, min_p=0.05)
+        hard = members[members["member"] == "hard"]
+        assert len(hard) == size == int((a["gmm"] == cluster).sum())
+        soft = members[members["member"] == "soft"]
+        expected_soft = np.flatnonzero((p[:, cluster] >= 0.05) & (a["gmm"] != cluster))
+        assert sorted(soft["row"]) == list(expected_soft)
+        assert np.allclose(members["p"], p[members["row"], cluster])
+    kmeans = cluster_members(clustering, "kmeans", 0)
+    assert len(kmeans) == int((a["kmeans"] == 0).sum())
+    assert kmeans["kmeans_distance"].is_monotonic_increasing
+
+
+def test_regions_and_label_shares() -> None:
+    x, y = np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 1.0, 2.0, 3.0])
+    assert list(in_region(x, y, {"x": [2.5, 0.5], "y": [0.5, 2.5]})) == [False, True, True, False]
+    triangle = {"lasso_x": [-1, 4, -1], "lasso_y": [-1, -1, 4]}
+    assert list(in_region(x, y, triangle)) == [True, True, False, False]
+    catalog = pd.DataFrame({"artist": ["a", "a", "b", "b"], "nationality": ["x", "y", "x", "x"]})
+    shares = label_shares(catalog, np.array([0, 2]))
+    artists = shares[shares["field"] == "artist"].set_index("value")
+    assert artists.loc["a", "share"] == 0.5 and artists.loc["a", "collection_share"] == 0.5
+    nationality = shares[shares["field"] == "nationality"].set_index("value")
+    assert nationality.loc["x", "share"] == 1.0
+    assert nationality.loc["x", "lift"] == pytest.approx(1 / 0.75)
+
+
+def test_export_stage_writes_a_cluster_as_the_app_does(explored_run: Run, catalog: pd.DataFrame,
+                                                       tmp_path: Path) -> None:
+    before = sorted(p.relative_to(explored_run.root) for p in explored_run.root.rglob("*"))
+    assert main(["--no-progress", "export", "--run", str(explored_run.root), "--cluster", "1",
+                 "--features", FEATURES, "--method", "gmm", "--min-p", "0.1",
+                 "--out", str(tmp_path)]) == 0
+    assert sorted(p.relative_to(explored_run.root) for p in explored_run.root.rglob("*")) \
+        == before
+    name = f"{explored_run.root.name}_{FEATURES}_gmm-cluster-1_p0.1"
+    csv, parquet = tmp_path / f"{name}.csv", tmp_path / f"{name}.parquet"
+    table = pd.read_parquet(parquet)
+    members = cluster_members(load_clustering(explored_run, FEATURES), "gmm", 1, 0.1)
+    assert list(table["image_id"]) == list(members["image_id"])
+    assert {"title", "artist", "style", "year", "member", "p"} <= set(table.columns)
+    assert (table["p"] >= 0.1).all()
+    assert list(pd.read_csv(csv)["image_id"]) == list(table["image_id"])
+    # The app's download button sends exactly the bytes the stage wrote.
+    export = cluster_export(explored_run.root.name, catalog,
+                            load_clustering(explored_run, FEATURES), "gmm", 1, 0.1)
+    assert table_bytes(export.frame, "csv") == csv.read_bytes()
+
+
+def test_export_stage_filters_and_chosen_ids(explored_run: Run, catalog: pd.DataFrame,
+                                             tmp_path: Path, capsys) -> None:
+    run = str(explored_run.root)
+    assert main(["export", "--run", run, "--style", "Baroque", "--format", "csv",
+                 "--out", str(tmp_path)]) == 0
+    table = pd.read_csv(tmp_path / f"{explored_run.root.name}_filter_style-baroque.csv")
+    assert len(table) == int((catalog["style"] == "Baroque").sum()) > 0
+    ids = list(catalog["image_id"].iloc[[5, 3, 50]])
+    assert main(["export", "--run", run, "--ids", ",".join(ids), "--format", "parquet",
+                 "--out", str(tmp_path)]) == 0
+    assert list(pd.read_parquet(tmp_path / f"{explored_run.root.name}_selection-3.parquet")
+                ["image_id"]) == ids
+    capsys.readouterr()
+    assert main(["export", "--run", run, "--ids", "ffffffffffffffff"]) == 2
+    assert main(["export", "--run", run]) == 2
+    assert main(["export", "--run", run, "--cluster", "0", "--ids", ids[0]]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors)
+    assert "not in the run" in errors[0] and "nothing to export" in errors[1]
