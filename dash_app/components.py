@@ -12,9 +12,8 @@ from dash import ctx, dcc, html
 
 from dash_app.data import RunData, current
 from dash_app.routes import thumb_url
-from influence.catalog import LABEL_FIELDS
+from influence.catalog import LABEL_FIELDS, artist_slug
 from influence.export import Export, table_bytes
-from influence.selections import slug
 
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
            "#8c8c8c", "#ccb974", "#64b5cd")
@@ -26,8 +25,22 @@ def painting_href(image_id: str) -> str:
 
 def artist_href(artist: str) -> str | None:
     """The artist's page, where the run has the influence stage's artist table."""
-    data = current()
-    return f"/artist/{slug(artist)}" if data.influence is not None else None
+    return f"/artist/{artist_slug(artist)}" if current().influence is not None else None
+
+
+def similar_artists(artists: Sequence[dict], chart_id: str, shown: int = 10) -> list:
+    """The similar artists of a `similar` answer: a bar chart of their scores and, where the run
+    has artist pages, links to them (by the answer's `artist_id`)."""
+    artists = list(artists)[:shown]
+    parts: list = [chart(hbar([a["artist"] for a in artists], [a["score"] for a in artists],
+                              value_format=".2f", hover=[f"{a['paintings']} of the nearest "
+                                                         "paintings" for a in artists]),
+                         id=chart_id)]
+    if current().influence is not None:
+        parts.append(html.Div([dcc.Link(a["artist"], href=f"/artist/{a['artist_id']}",
+                                        className="chip") for a in artists],
+                              className="artist-links", id=f"{chart_id}-links"))
+    return parts
 
 
 def cluster_href(features: str, method: str, cluster: int) -> str:

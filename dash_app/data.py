@@ -19,6 +19,7 @@ from PIL import Image
 from influence.catalog import LABEL_FIELDS
 from influence.classify import head_paths, trained_heads
 from influence.clustering import clustered_features, load_clustering
+from influence.influences import load_influence
 from influence.query import Explorer
 from influence.runs import InfluenceError, Run, read_json
 from influence.selections import plot_paths, read_comparison
@@ -135,5 +136,9 @@ def load_run_data(run_dir: str | Path) -> RunData:
         explorer = Explorer(run)
     except InfluenceError as e:
         explorer_error = str(e)
+    try:
+        influence = load_influence(run)
+    except InfluenceError:
+        influence = None
     return RunData(run, catalog, clusterings, explorer, explorer_error, read_comparison(run),
-                   _heads(run), None, {"before_load": before, "after_load": peak_rss_mb()})
+                   _heads(run), influence, {"before_load": before, "after_load": peak_rss_mb()})

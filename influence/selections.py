@@ -7,7 +7,6 @@ file always list the same paintings with the same numbers.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from influence.catalog import artist_slug as slug
 from influence.clustering import Clustering, profiles
 from influence.runs import InfluenceError, Run
 
@@ -92,14 +92,6 @@ class Filter:
         if self.year_from is not None or self.year_to is not None:
             parts.append(f"{self.year_from or ''}-{self.year_to or ''}")
         return "_".join(parts)[:80] or "all"
-
-
-def slug(text: str) -> str:
-    """Lower-case ASCII words joined by hyphens, for URLs and file names."""
-    import unicodedata
-
-    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode()
-    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-") or "x"
 
 
 def choices(catalog: pd.DataFrame, name: str) -> list[str]:

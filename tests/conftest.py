@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from influence.pipeline import cmd_cluster, cmd_extract, cmd_index, cmd_train
+from influence.pipeline import cmd_cluster, cmd_extract, cmd_index, cmd_influence, cmd_train
 from influence.runs import Run
 
 #: What the project is given beside its root (the collection, the weights); movable for CI.
@@ -55,8 +55,9 @@ def small_run(slice_collection: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture(scope="session")
 def explored_run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """A copy of `small_run`, clustered, indexed and with style and artist heads on mobilenet_v2:
-    what the explorer and the export stage read; treat as read-only."""
+    """A copy of `small_run`, clustered, indexed, with style and artist heads and the influence
+    stage (Sisley recorded as influenced by Monet) on mobilenet_v2: what the explorer and the
+    export stage read; treat as read-only."""
     dest = tmp_path_factory.mktemp("explored-run")
     shutil.copytree(small_run.root, dest, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.parts", "index", "models", "clusters"))
@@ -65,4 +66,9 @@ def explored_run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Ru
     assert cmd_index(run=str(dest), features="mobilenet_v2", progress=False) == 0
     assert cmd_train(run=str(dest), target="style,artist", features="mobilenet_v2",
                      progress=False) == 0
+    recorded = dest / "recorded.csv"
+    pd.DataFrame({"artist": ["Alfred Sisley"], "influenced_by": ["Claude Monet"]}).to_csv(
+        recorded, index=False)
+    assert cmd_influence(run=str(dest), features="mobilenet_v2", recorded=str(recorded),
+                         progress=False) == 0
     return Run(dest)

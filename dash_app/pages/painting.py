@@ -13,6 +13,7 @@ from dash_app.components import (
     message,
     needs,
     painting_href,
+    similar_artists,
     text,
 )
 from dash_app.data import RunData, current
@@ -62,9 +63,7 @@ def neighbours(data: RunData, image_id: str) -> list:
         gallery(data, [p["image_id"] for p in paintings],
                 [f"similarity {p['score']:.2f}" for p in paintings], id="painting-neighbours"),
         html.H3("Nearest artists"),
-        chart(hbar([a["artist"] for a in artists[:10]], [a["score"] for a in artists[:10]],
-                   value_format=".2f",
-                   hover=[f"{a['paintings']} of the nearest paintings" for a in artists[:10]])),
+        *similar_artists(artists, "painting-artists"),
     ]
 
 

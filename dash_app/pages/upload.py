@@ -22,6 +22,7 @@ from dash_app.components import (
     message,
     needs,
     send,
+    similar_artists,
 )
 from dash_app.data import RunData, current
 from influence.export import answer_export
@@ -90,10 +91,8 @@ def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds:
         gallery(data, [p["image_id"] for p in paintings],
                 [f"similarity {p['score']:.2f}" for p in paintings], id="upload-neighbours"),
     ]
-    columns = [html.Div([html.H3("Similar artists"), chart(hbar(
-        [a["artist"] for a in artists[:10]], [a["score"] for a in artists[:10]],
-        value_format=".2f", hover=[f"{a['paintings']} of the nearest paintings"
-                                   for a in artists[:10]]), id="upload-artists")])]
+    columns = [html.Div([html.H3("Similar artists"),
+                         *similar_artists(artists, "upload-artists")])]
     for target, labels in answer.get("predictions", {}).items():
         columns.append(html.Div([html.H3(f"Predicted {target}"), chart(hbar(
             [p["label"] for p in labels], [p["p"] for p in labels]),
