@@ -256,6 +256,10 @@ def test_clusters_gallery_leads_to_a_painting_with_its_neighbours(
     assert neighbours == [p["image_id"] for p in
                           data.explorer.neighbours_of(shown[0], k=12)["paintings"]]
     wait_for(browser, "#painting-responsibilities .js-plotly-plot")
+    artists = data.explorer.neighbours_of(shown[0], k=12)["artists"][:10]
+    links = wait_for(browser, "#painting-artists-links a", len(artists))
+    assert [a.get_attribute("href").split("/artist/")[1] for a in links] == \
+        [a["artist_id"] for a in artists]
 
 
 def test_upload_in_the_page_finds_the_painting_itself(browser, base_url: str, data: RunData,
@@ -295,7 +299,8 @@ def test_a_run_with_only_features_says_what_to_run(small_run: Run) -> None:
     client = create_app(small_run.root).server.test_client()
     for path, stage in (("/", "cluster"), ("/clusters", "cluster"), ("/upload", "index"),
                         ("/scores", "cluster"), (f"/painting/{'0' * 16}", "No painting"),
-                        ("/nowhere", "404")):
+                        ("/artist/claude-monet", "influence"), ("/influence", "influence"),
+                        ("/journey", "influence"), ("/nowhere", "404")):
         body = {"output": ".._pages_content.children..._pages_store.data..",
                 "outputs": [{"id": "_pages_content", "property": "children"},
                             {"id": "_pages_store", "property": "data"}],
@@ -375,3 +380,61 @@ def test_health_says_the_run_is_loaded(app, data: RunData) -> None:
     assert health["status"] == "ok" and health["paintings"] == len(data.catalog)
     assert health["search"] == FEATURES
     assert health["memory_mb"]["after_load"] >= health["memory_mb"]["before_load"] > 0
+
+
+def test_artist_page_lists_look_alikes_with_their_painting_pairs(
+        browser, base_url: str, data: RunData) -> None:
+    inf = data.influence
+    browser.get(base_url + "/artist/alfred-sisley")
+    assert wait_text(browser, "#artist-name", "Sisley") == "Alfred Sisley"
+    own = set(data.catalog["image_id"][data.catalog["artist"] == "Alfred Sisley"])
+    shown = painting_ids(wait_for(browser, "#artist-paintings a", 24))
+    assert len(shown) == 24 and set(shown) <= own
+    earlier = inf.earlier("Alfred Sisley", 5)
+    later = inf.later("Alfred Sisley", 5)
+    assert len(earlier) and len(later)
+    for css, pairs, other in (("#artist-earlier", earlier, "influenced_by"),
+                              ("#artist-later", later, "artist")):
+        cards = wait_for(browser, f"{css} .candidate", len(pairs))
+        assert [c.find_element("css selector", ".candidate-name").text for c in cards] == \
+            list(pairs[other])
+        evidence = pairs.iloc[0]["evidence"]
+        first = painting_ids(cards[0].find_elements("css selector", ".evidence-pair a"))
+        assert first == [i for e in evidence for i in (e["influenced_by_image_id"],
+                                                      e["image_id"])]
+    recorded = wait_for(browser, "#artist-earlier .candidate")
+    marked = [c.find_element("css selector", ".candidate-name").text for c in recorded
+              if "recorded influence" in c.text]
+    assert marked == list(earlier[earlier["recorded"]]["influenced_by"]) == ["Claude Monet"]
+    wait_for(browser, "#artist-earlier .candidate-name")[0].click()
+    wait_text(browser, "#artist-name", "^" + re.escape(earlier.iloc[0]["influenced_by"]) + "$")
+
+
+def test_influence_graph_opens_an_artist_and_the_journey_a_family(
+        browser, base_url: str, data: RunData) -> None:
+    inf = data.influence
+    browser.get(base_url + "/influence")
+    wait_for(browser, "#graph-figure .legendtext")
+    drawn = browser.execute_script("""
+        const g = document.querySelector('#graph-figure .js-plotly-plot');
+        return g.data.filter(t => t.mode === 'markers').flatMap(t => Array.from(t.customdata));""")
+    assert sorted(drawn) == sorted(inf.artists.dropna(subset=["active_mid"])["artist_id"])
+    browser.execute_script("""
+        const g = document.querySelector('#graph-figure .js-plotly-plot');
+        g.emit('plotly_click', {points: [{curveNumber: 0, pointNumber: 0,
+                                          customdata: 'rembrandt'}]});""")
+    assert wait_text(browser, "#artist-name", "Rembrandt") == "Rembrandt"
+    assert browser.current_url.endswith("/artist/rembrandt")
+    browser.get(base_url + "/journey")
+    wait_for(browser, "#journey-figure .js-plotly-plot")
+    rows = browser.execute_script("""
+        const g = document.querySelector('#journey-figure .js-plotly-plot');
+        return g.data[0].y;""")
+    families = sorted(inf.flows["family"].unique())
+    assert rows == [f"family {f}" for f in families]
+    browser.execute_script("""
+        const g = document.querySelector('#journey-figure .js-plotly-plot');
+        g.emit('plotly_click', {points: [{curveNumber: 0, x: g.data[0].x[0],
+                                          y: g.data[0].y[1]}]});""")
+    wait_text(browser, "#cluster-title", rf"^Cluster {families[1]}: ")
+    assert f"cluster={families[1]}" in browser.current_url

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,17 @@ def test_export_stage_filters_and_chosen_ids(explored_run: Run, catalog: pd.Data
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 3 and all(e.startswith("error: ") for e in errors)
     assert "not in the run" in errors[0] and "nothing to export" in errors[1]
+
+
+def test_export_stage_writes_the_influence_tables(explored_run: Run, tmp_path: Path) -> None:
+    from influence.influences import load_influence
+
+    pairs = load_influence(explored_run).pairs
+    assert main(["export", "--run", str(explored_run.root), "--table", "pairs",
+                 "--out", str(tmp_path)]) == 0
+    name = f"{explored_run.root.name}_influence-pairs_{FEATURES}"
+    table = pd.read_parquet(tmp_path / f"{name}.parquet")
+    assert list(table["artist"]) == list(pairs["artist"]) and len(table) == len(pairs)
+    flat = pd.read_csv(tmp_path / f"{name}.csv")
+    first = json.loads(flat["evidence"].iat[0])
+    assert [e["image_id"] for e in first] == [e["image_id"] for e in pairs["evidence"].iat[0]]
