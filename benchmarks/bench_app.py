@@ -1,25 +1,40 @@
-"""How long the explorer takes on a run, measured in headless Chromium; optionally screenshots.
+"""How long the explorer takes on a run, in headless Chromium and under load; screenshots.
 
-    .venv/bin/python benchmarks/bench_app.py --run data/runs/wikiart-pd [--shots docs] [--out FILE]
+    .venv/bin/python benchmarks/bench_app.py --run data/runs/wikiart-pd [--shots docs]
+        [--parts views,load] [--uploads 50] [--pages 200] [--out FILE]
 
-Measures the app's start (loading the run), each view from navigation until its content is on
+views: the app's start (loading the run), each view from navigation until its content is on
 screen (cold: a fresh browser, nothing cached), and an upload of a collection painting from the
-file picker until the answer is shown, plus the server's own time for that query. The app only
-reads the run. With --shots, saves a screenshot of each view as app-<view>.png in that folder.
+file picker until the answer is shown, plus the server's own time for that query. With --shots,
+a screenshot of each view as app-<view>.png in that folder.
+
+load: the production server (`python -m dash_app`, waitress) in its own process on loopback, hit
+at once by `--uploads` concurrent uploads of collection paintings and `--pages` page loads (the
+page and its rendered layout, for as many different paintings): every answer must be correct and
+its own (an upload's nearest painting is the uploaded painting; a painting's page shows that
+painting), none lost. Writes p50 / p95 latency and the server's peak memory. The app only reads
+the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import platform
 import re
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
@@ -33,8 +48,10 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
 #: Each view, and what shows it is ready.
 VIEWS = {"map": ("/", "#map-graph .legendtext"),
          "clusters": ("/clusters", "#cluster-gallery img"),
-         "scores": ("/scores", "#scores-table tbody tr"),
+         "scores": ("/scores", "#scores-table .ag-row"),
          "upload": ("/upload", ".dropzone")}
+#: Seconds any one request of the load test may take before it counts as lost.
+REQUEST_TIMEOUT = 300
 
 
 def browser() -> webdriver.Chrome:
@@ -64,13 +81,8 @@ def shoot(driver: webdriver.Chrome, path: Path, full: bool = True) -> None:
     driver.set_window_size(1400, 1000)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--shots", help="folder for app-<view>.png screenshots")
-    parser.add_argument("--uploads", type=int, default=5, help="uploads to time")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "app.json"))
-    args = parser.parse_args()
+def views(args: argparse.Namespace) -> dict:
+    """Start, view and upload times in Chromium over an in-process server; screenshots."""
     from dash_app.app import create_app
     from dash_app.data import load_run_data
 
@@ -83,10 +95,9 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"
     shots = Path(args.shots) if args.shots else None
-    result: dict = {"run": str(Path(args.run).resolve()), "paintings": len(data.catalog),
-                    "features": data.features, "search_features": getattr(
-                        data.explorer, "features", None), "startup_s": round(startup, 2),
-                    "machine": platform.platform(), "views_s": {}}
+    result: dict = {"paintings": len(data.catalog), "features": data.features,
+                    "search_features": getattr(data.explorer, "features", None),
+                    "startup_s": round(startup, 2), "views_s": {}}
     driver = browser()
     try:
         for name, (path, css) in VIEWS.items():
@@ -105,8 +116,11 @@ def main() -> None:
         print(f"painting: {result['views_s']['painting']} s")
         if shots:
             shoot(driver, shots / "app-painting.png")
+        result["views_s"]["selection"] = round(select_region(driver, base, data, shots), 2)
+        if data.influence is not None:
+            result["views_s"].update(influence_views(driver, base, data, shots))
         totals, servers = [], []
-        for n in range(args.uploads):
+        for n in range(args.browser_uploads):
             image_id = data.catalog["image_id"].iat[(n * 997) % len(data.catalog)]
             driver.get(base + "/upload")
             field = WebDriverWait(driver, 60).until(
@@ -118,15 +132,191 @@ def main() -> None:
             timed_wait(driver, "#upload-neighbours img", start)
             totals.append(time.perf_counter() - start)
             servers.append(float(re.search(r"Answered in ([\d.]+) s", text).group(1)))
-        result["upload_s"] = {"browser_median": round(statistics.median(totals), 2),
-                              "browser_all": [round(t, 2) for t in totals],
-                              "server_median": round(statistics.median(servers), 2)}
-        print(f"upload: {result['upload_s']}")
-        if shots:
-            shoot(driver, shots / "app-upload.png")
+        if totals:
+            result["upload_s"] = {"browser_median": round(statistics.median(totals), 2),
+                                  "browser_all": [round(t, 2) for t in totals],
+                                  "server_median": round(statistics.median(servers), 2)}
+            print(f"upload: {result['upload_s']}")
+            if shots:
+                shoot(driver, shots / "app-upload.png")
     finally:
         driver.quit()
         server.shutdown()
+    return result
+
+
+def select_region(driver: webdriver.Chrome, base: str, data: object,
+                  shots: Path | None) -> float:
+    """Lasso the densest cluster's core on the map; seconds until the selection panel shows."""
+    features = data.features[0]
+    a = data.clusterings[features].assignments
+    centre = a.groupby("kmeans")[["umap_x", "umap_y"]].median().iloc[0].to_numpy()
+    radius = 0.08 * float(np.ptp(a["umap_x"]))
+    angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    driver.get(f"{base}/?colour=style")
+    WebDriverWait(driver, 300).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#map-graph .legendtext"))
+    start = time.perf_counter()
+    driver.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        g.emit('plotly_selected', {points: [], lassoPoints: {x: arguments[0], y: arguments[1]}});
+        """, list(centre[0] + radius * np.cos(angles)), list(centre[1] + radius * np.sin(angles)))
+    seconds = timed_wait(driver, "#selection-gallery img", start)
+    print(f"selection: {seconds:.2f} s")
+    if shots:
+        shoot(driver, shots / "app-selection.png")
+    return seconds
+
+
+def influence_views(driver: webdriver.Chrome, base: str, data: object,
+                    shots: Path | None) -> dict[str, float]:
+    """The artist page of the artist with most paintings, the graph and the journey."""
+    artist = data.influence.artists.sort_values("paintings").iloc[-1]["artist_id"]
+    out = {}
+    for name, path, css in (("artist", f"/artist/{artist}", "#artist-earlier .evidence img"),
+                            ("influence", "/influence", "#graph-figure .legendtext"),
+                            ("journey", "/journey", "#journey-figure .js-plotly-plot")):
+        start = time.perf_counter()
+        driver.get(base + path)
+        out[name] = round(timed_wait(driver, css, start), 2)
+        print(f"{name}: {out[name]} s")
+        if shots:
+            time.sleep(1.5)
+            shoot(driver, shots / f"app-{name}.png", full=name == "artist")
+    return out
+
+
+# ---------------------------------------------------------------------------------- load test
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def callback(session: requests.Session, base: str, outputs: list[tuple[str, str]],
+             inputs: list[tuple[str, str, object]]) -> dict:
+    """One Dash callback request, as the browser sends it; the JSON answer."""
+    output = ("..." if len(outputs) > 1 else "").join(f"{i}.{p}" for i, p in outputs)
+    body = {"output": f"..{output}.." if len(outputs) > 1 else output,
+            "outputs": [{"id": i, "property": p} for i, p in outputs] if len(outputs) > 1
+            else {"id": outputs[0][0], "property": outputs[0][1]},
+            "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
+            "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"], "state": []}
+    response = session.post(f"{base}/_dash-update-component", json=body,
+                            timeout=REQUEST_TIMEOUT)
+    response.raise_for_status()
+    return response.json()
+
+
+def upload(base: str, path: Path, own: str) -> tuple[float, bool]:
+    """Upload a painting; (seconds, whether the nearest painting is that painting)."""
+    contents = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+    start = time.perf_counter()
+    answer = callback(requests.Session(), base, [("upload-result", "children"),
+                                                 ("upload-answer", "data")],
+                      [("upload-payload", "data", {"contents": contents, "filename": own})])
+    seconds = time.perf_counter() - start
+    nearest = answer["response"]["upload-answer"]["data"]["paintings"][0]["image_id"]
+    return seconds, nearest == own
+
+
+def page(base: str, image_id: str) -> tuple[float, bool]:
+    """Load a painting's page (HTML, then its layout); (seconds, whether it is that painting)."""
+    session = requests.Session()
+    start = time.perf_counter()
+    session.get(f"{base}/painting/{image_id}", timeout=REQUEST_TIMEOUT).raise_for_status()
+    answer = callback(session, base, [("_pages_content", "children"), ("_pages_store", "data")],
+                      [("_pages_location", "pathname", f"/painting/{image_id}"),
+                       ("_pages_location", "search", "")])
+    seconds = time.perf_counter() - start
+    text = json.dumps(answer["response"]["_pages_content"]["children"], ensure_ascii=False)
+    return seconds, '"painting-title"' in text and f'"/images/{image_id}"' in text
+
+
+def peak_memory_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024, 1)
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    return {"p50_s": round(float(np.percentile(values, 50)), 3),
+            "p95_s": round(float(np.percentile(values, 95)), 3),
+            "max_s": round(max(values), 3)}
+
+
+def load(args: argparse.Namespace) -> dict:
+    """The production server under concurrent uploads and page loads (see the module doc)."""
+    from influence.runs import Run
+
+    run = Run(Path(args.run))
+    catalog = run.catalog()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "dash_app", "--run", args.run, "--port",
+                               str(port), "--threads", str(args.threads)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        start = time.perf_counter()
+        while True:
+            try:
+                health = requests.get(f"{base}/health", timeout=5).json()
+                break
+            except requests.ConnectionError:
+                if server.poll() is not None or time.perf_counter() - start > 600:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.5)
+        ready = time.perf_counter() - start
+        requests.get(base + "/", timeout=60).raise_for_status()
+        step = max(1, len(catalog) // max(args.uploads, args.pages))
+        rows = [(n * step) % len(catalog) for n in range(max(args.uploads, args.pages))]
+        uploads = [(run.image_path(catalog["file"].iat[r]), catalog["image_id"].iat[r])
+                   for r in rows[:args.uploads]]
+        pages = [catalog["image_id"].iat[r] for r in rows[:args.pages]]
+        with ThreadPoolExecutor(args.uploads + args.concurrency) as pool:
+            start = time.perf_counter()
+            upload_jobs = [pool.submit(upload, base, p, i) for p, i in uploads]
+            page_jobs = [pool.submit(page, base, i) for i in pages]
+            up = [j.result() for j in upload_jobs]
+            pg = [j.result() for j in page_jobs]
+            wall = time.perf_counter() - start
+        result = {
+            "server": f"waitress, {args.threads} threads (python -m dash_app)",
+            "startup_s": round(ready, 2), "loaded_memory_mb": health["memory_mb"],
+            "uploads": {"count": len(up), "correct": sum(ok for _, ok in up),
+                        **quantiles([s for s, _ in up])},
+            "pages": {"count": len(pg), "correct": sum(ok for _, ok in pg),
+                      "concurrent": args.concurrency, **quantiles([s for s, _ in pg])},
+            "wall_s": round(wall, 2), "server_peak_memory_mb": peak_memory_mb(server.pid)}
+    finally:
+        server.terminate()
+        server.wait(30)
+    print(f"load: {json.dumps(result)}")
+    if result["uploads"]["correct"] != len(up) or result["pages"]["correct"] != len(pg):
+        raise SystemExit("load test: some answers were wrong or not their own")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--parts", default="views,load", help="views, load or both (default)")
+    parser.add_argument("--shots", help="folder for app-<view>.png screenshots")
+    parser.add_argument("--browser-uploads", type=int, default=5,
+                        help="uploads timed in the browser")
+    parser.add_argument("--uploads", type=int, default=50, help="concurrent uploads (load)")
+    parser.add_argument("--pages", type=int, default=200, help="page loads (load)")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="page loads in flight at once beside the uploads (load)")
+    parser.add_argument("--threads", type=int, default=8, help="the server's threads (load)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "app.json"))
+    args = parser.parse_args()
+    parts = {p.strip() for p in args.parts.split(",")}
+    result: dict = {"run": str(Path(args.run).resolve()), "machine": platform.platform()}
+    if "views" in parts:
+        result.update(views(args))
+    if "load" in parts:
+        result["load"] = load(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
