@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from dash import Input, dcc, html
+from dash import Input, State, dcc, html
 
 from dash_app.data import RunData
+from influence.runs import InfluenceError
 from influence.selections import FILTER_FIELDS, Filter, choices, year_span
 
 
@@ -26,9 +27,22 @@ def controls(data: RunData, where: Filter, prefix: str) -> html.Div:
     ], className="filters")
 
 
+def from_url(query: dict[str, str]) -> Filter:
+    """The filter in a page's URL values; one that does not parse is no filter."""
+    try:
+        return Filter.from_query(query)
+    except InfluenceError:
+        return Filter()
+
+
 def inputs(prefix: str) -> list[Input]:
     """The callback inputs of the controls, in the order `read` takes them."""
     return [Input(f"{prefix}-{name}", "value") for name in (*FILTER_FIELDS, "years")]
+
+
+def states(prefix: str) -> list[State]:
+    """The same as callback states."""
+    return [State(f"{prefix}-{name}", "value") for name in (*FILTER_FIELDS, "years")]
 
 
 def read(data: RunData, *values: object) -> Filter:

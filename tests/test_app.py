@@ -128,6 +128,13 @@ def map_ids(browser) -> list[str]:
         return g.data.flatMap(t => Array.from(t.customdata || []));""")
 
 
+def map_thumbs(browser) -> list[str]:
+    """The paintings the map draws as thumbnails (its layout images)."""
+    return [src.rsplit("/", 1)[1].removesuffix(".jpg") for src in browser.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        return (g.layout.images || []).map(i => i.source);""")]
+
+
 def painting_ids(elements: list) -> list[str]:
     return [e.get_attribute("href").rsplit("/", 1)[1] for e in elements]
 
@@ -216,6 +223,20 @@ def test_map_shows_every_painting_and_opens_one_on_click(browser, base_url: str,
     legend = wait_for(browser, "#map-graph .legendtext")
     counts = [int(re.search(r"\((\d+)\)", e.text).group(1)) for e in legend]
     assert sum(counts) == len(data.catalog)
+    # 180 paintings are few enough to be drawn as thumbnails; zoomed in, only those in view.
+    assert sorted(map_thumbs(browser)) == sorted(data.catalog["image_id"])
+    a = data.clusterings[FEATURES].assignments
+    x0, x1 = (float(v) for v in np.quantile(a["umap_x"], [0.2, 0.6]))
+    y0, y1 = (float(v) for v in np.quantile(a["umap_y"], [0.2, 0.6]))
+    in_view = a["image_id"][a["umap_x"].between(x0, x1) & a["umap_y"].between(y0, y1)]
+    assert 0 < len(in_view) < len(a)
+    browser.execute_script("""
+        const g = document.querySelector('#map-graph .js-plotly-plot');
+        Plotly.relayout(g, {'xaxis.range[0]': arguments[0], 'xaxis.range[1]': arguments[1],
+                            'yaxis.range[0]': arguments[2], 'yaxis.range[1]': arguments[3]});
+        """, x0, x1, y0, y1)
+    WebDriverWait(browser, WAIT).until(lambda d: len(map_thumbs(d)) == len(in_view))
+    assert sorted(map_thumbs(browser)) == sorted(in_view)
     image_id = browser.execute_script("""
         const g = document.querySelector('#map-graph .js-plotly-plot');
         const point = {curveNumber: 0, pointNumber: 0, customdata: g.data[0].customdata[0],

@@ -107,6 +107,12 @@ def test_export_stage_writes_a_cluster_as_the_app_does(explored_run: Run, catalo
     export = cluster_export(explored_run.root.name, catalog,
                             load_clustering(explored_run, FEATURES), "gmm", 1, 0.1)
     assert table_bytes(export.frame, "csv") == csv.read_bytes()
+    # A filter narrows the members, and the name says so.
+    monet = cluster_export(explored_run.root.name, catalog, load_clustering(
+        explored_run, FEATURES), "gmm", 1, 0.1, Filter(artist=("Claude Monet",)))
+    assert list(monet.frame["image_id"]) == [i for i, a in zip(
+        table["image_id"], table["artist"], strict=True) if a == "Claude Monet"]
+    assert monet.name == f"{name}_filter_artist-claude-monet"
 
 
 def test_export_stage_filters_and_chosen_ids(explored_run: Run, catalog: pd.DataFrame,

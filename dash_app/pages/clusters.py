@@ -6,6 +6,7 @@ from urllib.parse import urlencode
 
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
+from dash_app import filters
 from dash_app.components import PROFILE_NOTE, chart, downloads, gallery, needs, profile_chart, send
 from dash_app.data import METHODS, current
 from dash_app.routes import thumb_url
@@ -37,8 +38,9 @@ def _shown(sizes: dict[int, int], cluster: int | None) -> int:
 
 
 def layout(features: str | None = None, method: str | None = None, cluster: str | None = None,
-           min_p: str | None = None, **_: str) -> html.Div:
+           min_p: str | None = None, **query: str) -> html.Div:
     data = current()
+    where = filters.from_url(query)
     features = data.default_features(features)
     if features is None:
         return needs("cluster", data)
@@ -54,6 +56,7 @@ def layout(features: str | None = None, method: str | None = None, cluster: str 
             html.Span(id="clusters-summary", className="hint"),
         ], className="controls"),
         html.Div(id="clusters-overview", className="cluster-grid"),
+        filters.controls(data, where, "clusters"),
         html.Div([
             html.Label(["GMM soft members: responsibility at least",
                         dcc.Input(id="clusters-min-p", type="number", min=0.01, max=1,
@@ -77,9 +80,12 @@ def register(app: Dash) -> None:
     @app.callback(Output("clusters-overview", "children"), Output("clusters-summary", "children"),
                   Output("clusters-detail", "children"),
                   Input("clusters-features", "value"), Input("clusters-method", "value"),
-                  Input("clusters-selected", "data"), Input("clusters-min-p", "value"))
-    def show(features: str, method: str, cluster: int | None, min_p: float | None) -> tuple:
+                  Input("clusters-selected", "data"), Input("clusters-min-p", "value"),
+                  *filters.inputs("clusters"))
+    def show(features: str, method: str, cluster: int | None, min_p: float | None,
+             *values: object) -> tuple:
         data = current()
+        where = filters.read(data, *values)
         clustering = data.clusterings[data.default_features(features)]
         sizes = cluster_sizes(clustering, method)
         cluster = _shown(sizes, cluster)
@@ -101,7 +107,15 @@ def register(app: Dash) -> None:
             clustering, method, cluster, f), f, "this cluster") for f in LABEL_FIELDS)
             if fig is not None]
         members = cluster_members(clustering, method, cluster, min_p or MIN_P)
+        members = members[where.mask(data.catalog)[members["row"].to_numpy()]]
         soft = int((members["member"] == "soft").sum())
+        if where:
+            shown = html.H3(f"Members that pass the filter, most central first "
+                            f"({len(members):,})")
+            ids = list(members["image_id"][:TYPICAL_SHOWN])
+        else:
+            shown = html.H3("Most typical paintings")
+            ids = typical_members(clustering, method, cluster)[:TYPICAL_SHOWN]
         detail = html.Div([
             html.H2(f"Cluster {cluster}: {sizes[cluster]:,} paintings "
                     f"({sizes[cluster] / sum(sizes.values()):.1%} of the collection)",
@@ -111,9 +125,8 @@ def register(app: Dash) -> None:
                       "without the assignment)" if method == "gmm" else "")
                    + ", most central first, with their scores.", className="hint",
                    id="cluster-members"),
-            html.H3("Most typical paintings"),
-            gallery(data, typical_members(clustering, method, cluster)[:TYPICAL_SHOWN],
-                    id="cluster-gallery"),
+            shown,
+            gallery(data, ids, id="cluster-gallery"),
             html.H3("Who and what is in it, against the whole collection"),
             html.P(PROFILE_NOTE, className="hint"),
             html.Div(charts, className="chart-grid"),
@@ -123,9 +136,11 @@ def register(app: Dash) -> None:
     @app.callback(Output("view-state", "data", allow_duplicate=True),
                   Input("clusters-features", "value"), Input("clusters-method", "value"),
                   Input("clusters-selected", "data"), Input("clusters-min-p", "value"),
-                  prevent_initial_call=True)
-    def state(features: str, method: str, cluster: int | None, min_p: float | None) -> str:
-        query = {"features": features, "method": method}
+                  *filters.inputs("clusters"), prevent_initial_call=True)
+    def state(features: str, method: str, cluster: int | None, min_p: float | None,
+              *values: object) -> str:
+        query = {"features": features, "method": method,
+                 **filters.read(current(), *values).to_query()}
         if cluster is not None:
             query["cluster"] = cluster
         if min_p is not None and min_p != MIN_P:
@@ -135,11 +150,12 @@ def register(app: Dash) -> None:
     @app.callback(Output("cluster-download", "data"), Input("cluster-csv", "n_clicks"),
                   Input("cluster-parquet", "n_clicks"), State("clusters-features", "value"),
                   State("clusters-method", "value"), State("clusters-selected", "data"),
-                  State("clusters-min-p", "value"), prevent_initial_call=True)
+                  State("clusters-min-p", "value"),
+                  *filters.states("clusters"), prevent_initial_call=True)
     def export(_csv: int, _parquet: int, features: str, method: str, cluster: int | None,
-               min_p: float | None) -> dict:
+               min_p: float | None, *values: object) -> dict:
         data = current()
         clustering = data.clusterings[data.default_features(features)]
         cluster = _shown(cluster_sizes(clustering, method), cluster)
         return send(cluster_export(data.name, data.catalog, clustering, method, cluster,
-                                   min_p or MIN_P))
+                                   min_p or MIN_P, filters.read(data, *values)))

@@ -27,7 +27,6 @@ from dash_app.data import METHODS, RunData, current
 from dash_app.routes import thumb_url
 from influence.catalog import LABEL_FIELDS
 from influence.export import filter_export, selection_export
-from influence.runs import InfluenceError
 from influence.selections import Filter, in_region, label_shares
 
 #: Categories shown in the legend before the rest are pooled as "other".
@@ -91,10 +90,7 @@ def layout(features: str | None = None, colour: str | None = None, box: str | No
     if features is None:
         return needs("cluster", data)
     colour = colour if colour in {o["value"] for o in colour_options()} else "kmeans"
-    try:
-        where = Filter.from_query(query)
-    except InfluenceError:
-        where = Filter()
+    where = filters.from_url(query)
     return html.Div([
         dcc.Store(id="map-region", data=parse_region(box, lasso)),
         html.Div([
@@ -246,7 +242,7 @@ def register(app: Dash) -> None:
 
     @app.callback(Output("map-graph", "figure", allow_duplicate=True),
                   Input("map-graph", "relayoutData"), State("map-features", "value"),
-                  *[State(i.component_id, i.component_property) for i in filters.inputs("map")],
+                  *filters.states("map"),
                   prevent_initial_call=True)
     def zoom(relayout: dict | None, features: str, *values: object) -> Patch:
         """Thumbnails instead of dots once the view holds few enough paintings."""
@@ -285,7 +281,7 @@ def register(app: Dash) -> None:
     @app.callback(Output("selection-download", "data"), Input("selection-csv", "n_clicks"),
                   Input("selection-parquet", "n_clicks"), State("map-region", "data"),
                   State("map-features", "value"),
-                  *[State(i.component_id, i.component_property) for i in filters.inputs("map")],
+                  *filters.states("map"),
                   prevent_initial_call=True)
     def export_selection(_csv: int, _parquet: int, region: dict | None, features: str,
                          *values: object) -> dict:
@@ -299,8 +295,7 @@ def register(app: Dash) -> None:
         return send(export)
 
     @app.callback(Output("map-download", "data"), Input("map-csv", "n_clicks"),
-                  Input("map-parquet", "n_clicks"), *[State(i.component_id, i.component_property)
-                                                      for i in filters.inputs("map")],
+                  Input("map-parquet", "n_clicks"), *filters.states("map"),
                   prevent_initial_call=True)
     def export_filter(_csv: int, _parquet: int, *values: object) -> dict:
         data = current()
