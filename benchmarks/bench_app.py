@@ -171,9 +171,9 @@ def select_region(driver: webdriver.Chrome, base: str, data: object,
 def influence_views(driver: webdriver.Chrome, base: str, data: object,
                     shots: Path | None) -> dict[str, float]:
     """The artist page of the artist with most paintings, the graph and the journey."""
-    artist = data.influence.artists.sort_values("paintings").iloc[-1]["artist_id"]
+    artist = data.influence.artists.sort_values("paintings", kind="stable").iloc[-1]["artist_id"]
     out = {}
-    for name, path, css in (("artist", f"/artist/{artist}", "#artist-earlier .evidence img"),
+    for name, path, css in (("artist", f"/artist/{artist}", "#artist-later .candidate, #artist-later p"),
                             ("influence", "/influence", "#graph-figure .legendtext"),
                             ("journey", "/journey", "#journey-figure .js-plotly-plot")):
         start = time.perf_counter()

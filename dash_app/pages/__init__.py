@@ -1,1 +1,2 @@
-"""One module per view: `layout(data, ...)` builds the page, `register(app, data)` its callbacks."""
+"""One module per page: `layout(**url_values)` builds it (path variables and query parameters
+arrive as arguments, the run through `dash_app.data.current()`), `register(app)` its callbacks."""
