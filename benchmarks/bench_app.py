@@ -173,7 +173,7 @@ def influence_views(driver: webdriver.Chrome, base: str, data: object,
     """The artist page of the artist with most paintings, the graph and the journey."""
     artist = data.influence.artists.sort_values("paintings", kind="stable").iloc[-1]["artist_id"]
     out = {}
-    for name, path, css in (("artist", f"/artist/{artist}", "#artist-later .candidate, #artist-later p"),
+    for name, path, css in (("artist", f"/artist/{artist}", "#artist-later :is(.candidate, p)"),
                             ("influence", "/influence", "#graph-figure .legendtext"),
                             ("journey", "/journey", "#journey-figure .js-plotly-plot")):
         start = time.perf_counter()

@@ -50,8 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from waitress import serve
 
-    serve(app.server, host=args.host, port=args.port, threads=args.threads,
-          ident="influence")
+    serve(app.server, host=args.host, port=args.port, threads=args.threads)
     return 0
 
 
