@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     data = app.server.extensions["influence"]
     print(f"explorer: http://{args.host}:{args.port}/ (run {args.run}; "
-          f"{data.memory_mb['after_load']:.0f} MB peak memory after loading; "
+          f"{data.memory_mb['loaded'] - data.memory_mb['before_load']:.0f} MB for the run, "
+          f"{data.memory_mb['loaded']:.0f} MB resident; "
           f"health: /health)", flush=True)
     if args.debug:
         app.run(host=args.host, port=args.port, debug=True)

@@ -44,7 +44,7 @@ class RunData:
     heads: pd.DataFrame | None
     #: The `influence` stage's tables (influence.influences.Influence), None before that stage.
     influence: Any | None = None
-    #: The process's peak resident memory before and after loading the run (MB).
+    #: The process's resident memory before and after loading the run (MB): what the run costs.
     memory_mb: dict[str, float] = field(default_factory=dict)
     _row: dict[str, int] = field(default_factory=dict)
     _query_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -116,14 +116,16 @@ def current() -> RunData:
     return current_app.extensions[EXTENSION]
 
 
-def peak_rss_mb() -> float:
-    """The process's peak resident memory so far (Linux reports kB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def memory_mb() -> dict[str, float]:
+    """The process's resident memory now and its peak so far, MB (Linux)."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return {"rss": round(pages * resource.getpagesize() / 2**20, 1),
+            "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def load_run_data(run_dir: str | Path) -> RunData:
     """Load a run for the app: raises InfluenceError when it has no catalog."""
-    before = peak_rss_mb()
+    before = memory_mb()["rss"]
     run = Run(Path(run_dir))
     if not run.root.is_dir():
         raise InfluenceError(f"no run directory at {run.root}")
@@ -141,4 +143,4 @@ def load_run_data(run_dir: str | Path) -> RunData:
     except InfluenceError:
         influence = None
     return RunData(run, catalog, clusterings, explorer, explorer_error, read_comparison(run),
-                   _heads(run), influence, {"before_load": before, "after_load": peak_rss_mb()})
+                   _heads(run), influence, {"before_load": before, "loaded": memory_mb()["rss"]})

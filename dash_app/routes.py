@@ -11,7 +11,7 @@ import io
 
 from flask import Flask, Response, abort, jsonify, send_file
 
-from dash_app.data import RunData, peak_rss_mb
+from dash_app.data import RunData, memory_mb
 from influence.images import BadImage, open_rgb
 from influence.thumbnails import IMAGE_ID, thumbnail_bytes, thumbnail_path
 
@@ -80,4 +80,4 @@ def add_routes(server: Flask, data: RunData) -> None:
                         "features": data.features,
                         "search": data.explorer.features if data.explorer else None,
                         "influence": data.influence is not None,
-                        "memory_mb": {**data.memory_mb, "peak_now": peak_rss_mb()}})
+                        "memory_mb": {**data.memory_mb, **memory_mb()}})
