@@ -110,12 +110,11 @@ def wait_text(browser, css: str, pattern: str) -> str:
     return WebDriverWait(browser, WAIT, ignored_exceptions=RETRY).until(match)
 
 
-def downloaded(folder: Path, suffix: str) -> Path:
-    """The finished download with this suffix, once there is exactly one."""
-    from selenium.webdriver.support.ui import WebDriverWait
+def downloaded(folder: Path, pattern: str) -> Path:
+    """The finished download whose name matches the glob pattern, once there is exactly one."""
 
     def done(_) -> Path | bool:
-        found = [p for p in folder.glob(f"*{suffix}") if p.stat().st_size > 0]
+        found = [p for p in folder.glob(pattern) if p.stat().st_size > 0]
         return len(found) == 1 and found[0]
 
     return WebDriverWait(None, WAIT).until(done)
@@ -284,7 +283,7 @@ def test_clusters_gallery_leads_to_a_painting_with_its_neighbours(
 
 
 def test_upload_in_the_page_finds_the_painting_itself(browser, base_url: str, data: RunData,
-                                                      built: Run) -> None:
+                                                      built: Run, downloads: Path) -> None:
     row = 42
     path = built.image_path(data.catalog["file"].iat[row])
     browser.get(base_url + "/upload")
@@ -295,6 +294,10 @@ def test_upload_in_the_page_finds_the_painting_itself(browser, base_url: str, da
     assert nearest[0] == data.catalog["image_id"].iat[row]
     wait_for(browser, "#upload-predict-style .js-plotly-plot")
     wait_for(browser, "#upload-artists .js-plotly-plot")
+    wait_for(browser, "#upload-parquet")[0].click()
+    table = pd.read_parquet(downloaded(downloads, f"*_similar-to-{Path(path).stem}_*.parquet"))
+    assert list(table["image_id"]) == nearest and list(table["rank"]) == list(range(1, 13))
+    assert table["similarity"].is_monotonic_decreasing
 
 
 def test_upload_of_a_non_image_says_so_in_the_page(browser, base_url: str,
@@ -337,8 +340,10 @@ def test_lasso_selection_lists_exports_and_reopens_from_its_link(
         browser, base_url: str, data: RunData, downloads: Path) -> None:
     a = data.clusterings[FEATURES].assignments
     x, y = a["umap_x"].to_numpy(), a["umap_y"].to_numpy()
-    x0, x1 = float(x.min()) - 0.01, float(np.quantile(x, 0.4))
-    y0, y1 = float(y.min()) - 0.01, float(np.quantile(y, 0.7))
+    # Edges halfway between neighbouring points, so no point lies near the outline.
+    xs, ys = np.sort(x), np.sort(y)
+    x0, x1 = float(xs[0]) - 0.01, float(xs[71] + xs[72]) / 2
+    y0, y1 = float(ys[0]) - 0.01, float(ys[125] + ys[126]) / 2
     inside = (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
     expected = set(a["image_id"][inside])
     assert 0 < len(expected) < len(a)
@@ -354,7 +359,7 @@ def test_lasso_selection_lists_exports_and_reopens_from_its_link(
     like = painting_ids(wait_for(browser, "#selection-like a"))
     assert len(like) == 12 and not set(like) & expected
     wait_for(browser, "#selection-csv")[0].click()
-    table = pd.read_csv(downloaded(downloads, ".csv"))
+    table = pd.read_csv(downloaded(downloads, "*_mobilenet-v2-map-selection-*.csv"))
     assert len(table) == len(expected) and set(table["image_id"]) == expected
     assert {"title", "artist", "style", "year"} <= set(table.columns)
     # The address bar now carries the view: opening it again shows the same selection.

@@ -66,9 +66,9 @@ def region_query(region: dict | None) -> dict[str, str]:
     if not region:
         return {}
     if "lasso_x" in region:
-        return {"lasso": ",".join(f"{x:.3f},{y:.3f}" for x, y in
+        return {"lasso": ",".join(f"{x:.4f},{y:.4f}" for x, y in
                                   zip(region["lasso_x"], region["lasso_y"], strict=True))}
-    return {"box": ",".join(f"{v:.3f}" for v in (*region["x"], *region["y"]))}
+    return {"box": ",".join(f"{v:.4f}" for v in (*region["x"], *region["y"]))}
 
 
 def region_of(selected: dict | None) -> dict | None:
@@ -260,7 +260,12 @@ def register(app: Dash) -> None:
     @app.callback(Output("map-region", "data"), Input("map-graph", "selectedData"),
                   prevent_initial_call=True)
     def select(selected: dict | None) -> dict | None:
-        return region_of(selected)
+        # Plotly may report a selection restored from the figure (a shared link) without its
+        # outline: keep the region then; a cleared selection (double-click) clears it.
+        if selected is None:
+            return None
+        region = region_of(selected)
+        return no_update if region is None else region
 
     @app.callback(Output("selection-panel", "children"), Input("map-region", "data"),
                   Input("map-features", "value"), *filters.inputs("map"))
