@@ -454,9 +454,9 @@ def test_influence_graph_opens_an_artist_and_the_journey_a_family(
     assert browser.current_url.endswith("/artist/rembrandt")
     browser.get(base_url + "/journey")
     wait_for(browser, "#journey-figure .js-plotly-plot")
-    rows = browser.execute_script("""
+    rows = WebDriverWait(browser, WAIT).until(lambda d: d.execute_script("""
         const g = document.querySelector('#journey-figure .js-plotly-plot');
-        return g.data[0].y;""")
+        return g && g.data && g.data.length && g.data[0].y;"""))
     families = sorted(inf.flows["family"].unique())
     assert rows == [f"family {f}" for f in families]
     browser.execute_script("""
