@@ -275,9 +275,7 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
     else:
         catalog = source.catalog()
         if cluster is not None:
-            from influence.query import default_features
-
-            name = features or _clustered_default(source, default_features)
+            name = features or _clustered_default(source)
             export = ex.cluster_export(source.root.name, catalog, load_clustering(source, name),
                                        method, cluster, MIN_P if min_p is None else min_p, where)
         elif ids is not None:
@@ -294,9 +292,10 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
     return 0
 
 
-def _clustered_default(run: Run, default_features: Callable[[Run], str]) -> str:
+def _clustered_default(run: Run) -> str:
     """The search's feature set when it is clustered, else the first clustered one."""
     from influence.clustering import clustered_features
+    from influence.query import default_features  # loads torch: only when no --features
 
     names = clustered_features(run)
     if not names:
