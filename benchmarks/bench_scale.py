@@ -170,8 +170,8 @@ def main() -> None:
     if args.app:
         app_out = Path(args.out).with_name("scale-app.json")
         record = in_child([str(ROOT / "benchmarks" / "bench_app.py"), "--run",
-                           str(Path(args.root) / str(sizes[-1]) / "run"), "--uploads", "3",
-                           "--out", str(app_out)], record=False)
+                           str(Path(args.root) / str(sizes[-1]) / "run"), "--parts", "views",
+                           "--browser-uploads", "3", "--out", str(app_out)], record=False)
         result["app"] = ({**json.loads(app_out.read_text()), "peak_rss_mb":
                           record.get("peak_rss_mb")} if app_out.exists() else record)
     result["targets"] = targets(result)
