@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import in_child
+from measure import in_child, save
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -42,8 +42,7 @@ def one(run_dir: str, name: str) -> None:
     print(json.dumps({"rows": info["rows"], "wall_s": round(wall, 2),
                       "images_per_s": round(info["rows"] / wall, 2),
                       "steady_images_per_s": info["timings"]["images_per_s"],
-                      "timings": info["timings"], "weights": info["weights"],
-                      "workers": info["workers"]}))
+                      "timings": info["timings"], "weights": info["weights"]}))
 
 
 def plain_loop(name: str, n: int) -> dict[str, float]:
@@ -146,10 +145,7 @@ def main() -> None:
             "gflop_per_image": round(vgg_gflop, 2),
             "images_per_s_allowed_by_gemm": round(gemm / vgg_gflop, 2),
             "fraction_of_gemm_bound": round(rate * vgg_gflop / gemm, 3)}
-    results["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    save(results, Path(args.out))
     shutil.rmtree(scratch, ignore_errors=True)
 
 

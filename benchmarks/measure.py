@@ -6,7 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -26,3 +28,11 @@ def in_child(args: Sequence[str], record: bool = True) -> dict[str, Any]:
     found = json.loads(out.strip().splitlines()[-1]) if record else {}
     found["peak_rss_mb"] = round(usage.ru_maxrss / 1024, 1)
     return found
+
+
+def save(results: dict[str, Any], out: Path) -> None:
+    """Stamp the results with the time, write them as JSON to `out` and print them."""
+    results["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from influence.images import DEFAULT_LIMITS, BadImage, ImageLimits, open_rgb
-from influence.runs import InfluenceError, Run, write_json
+from influence.runs import InfluenceError, Run, Step, column_fingerprints, write_json
 
 #: Catalog field -> CSV column name; override any of them with `--columns field=csv_name`.
 DEFAULT_COLUMNS: dict[str, str] = {
@@ -35,6 +35,8 @@ YEAR_FIELDS = ("year", "birth_year", "death_year")
 LABEL_FIELDS = ("artist", "nationality", "era", "genre", "style")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 ERA_WIDTH = 50
+#: Version of the catalog's rules (validation, era): bump it when a change alters the catalog.
+VERSION = "1"
 REJECTED_COLUMNS = ["row", "file", "reason", "detail", *TEXT_FIELDS]
 
 
@@ -304,6 +306,11 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     manifest = run.manifest()
     manifest["collection"] = collection.describe()
     write_json(run.manifest_path, manifest)
+    # Always rebuilt (checking unchanged files is cached); recorded so run.json lists it.
+    run.record(Step("catalog", "catalog", collection.describe(), VERSION,
+                    {"metadata": hashlib.sha256(collection.metadata.read_bytes()).hexdigest()[:16],
+                     **column_fingerprints(catalog, LABEL_FIELDS)}),
+               images=len(catalog), rejected=len(rejected_df))
     return CatalogResult(catalog, rejected_df, notes)
 
 

@@ -10,7 +10,6 @@ with fewer than `MIN_PER_CLASS` paintings are dropped from that head, and the he
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings
@@ -35,8 +34,19 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from tqdm.auto import tqdm
 
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    column_fingerprints,
+    fingerprint,
+    read_json,
+    versions,
+    write_json,
+)
 
+#: Version of this stage's recipe: bump it when a code change changes the heads.
+VERSION = "1"
 TARGETS = ("style", "genre", "artist", "nationality")
 TEST_SIZE = 0.2
 SEED = 0
@@ -169,18 +179,25 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
     catalog = run.catalog() if catalog is None else catalog
     split, dropped = run_split(run, target, catalog)
     paths = head_paths(run, target, features)
-    key = fingerprint([(run.features_dir / f"{features}.json").read_text(),
-                       fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
-                                   + split["part"]),
-                       json.dumps({"c": C, "max_iter": MAX_ITER, "min": MIN_PER_CLASS,
-                                   "seed": SEED, "test": TEST_SIZE})])
-    if paths["json"].exists() and paths["model"].exists():
-        info = read_json(paths["json"])
-        if info.get("input") == key:
-            return {**info, "up_to_date": True}
     if split.empty:
         raise NothingToLearn(f"head {target}/{features}: fewer than 2 labels with at least "
                              f"{MIN_PER_CLASS} paintings each; nothing to learn")
+    step = Step("train", f"{target}/{features}",
+                {"c": C, "max_iter": MAX_ITER, "min": MIN_PER_CLASS, "seed": SEED,
+                 "test": TEST_SIZE}, VERSION,
+                {**column_fingerprints(catalog, [target]),
+                 "split": fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
+                                      + split["part"]),
+                 "features": run.step_key("extract", features)},
+                tuple(paths.values()))
+    report = run.step(step, lambda: _train(run, target, features, catalog, split, dropped))
+    return {**read_json(paths["json"]), "up_to_date": report["up_to_date"]}
+
+
+def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: pd.DataFrame,
+           dropped: dict) -> dict[str, Any]:
+    """Fit, evaluate and write one head; returns what run.json records of it."""
+    paths = head_paths(run, target, features)
     x_all = run.features(features)
     row = pd.Series(np.arange(len(catalog)), index=catalog["image_id"].to_numpy())
     rows = row.loc[split["image_id"].to_numpy()].to_numpy()
@@ -217,9 +234,10 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
                       "stratified": True},
             "model": repr(head), "converged": not any(issubclass(w.category, ConvergenceWarning)
                                                       for w in caught),
-            "timings": {"fit_s": round(fit_s, 3)}, "input": key, "versions": versions()}
+            "timings": {"fit_s": round(fit_s, 3)}, "versions": versions()}
     write_json(paths["json"], info)
-    return {**info, "up_to_date": False}
+    return {k: info[k] for k in ("accuracy", "macro_f1", "top5_accuracy", "n_train", "n_test",
+                                 "timings")}
 
 
 def _wrong(catalog: pd.DataFrame, rows: np.ndarray, truth: np.ndarray, proba: np.ndarray,

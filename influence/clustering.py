@@ -17,7 +17,6 @@ recomputing anything.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,15 @@ import numpy as np
 import pandas as pd
 
 from influence.catalog import LABEL_FIELDS
-from influence.runs import InfluenceError, Run, fingerprint, read_json, timed, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    column_fingerprints,
+    read_json,
+    timed,
+    write_json,
+)
 
 SEED = 0
 #: PCA keeps the fewest components explaining this share of the variance, but no more than
@@ -385,10 +392,6 @@ def gmm_distance(y: np.ndarray, gmm: Any, labels: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ the run's stage
-def _matrix_hash(x: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(x).view(np.uint8)).hexdigest()[:16]
-
-
 def stage_config(k_min: int, k_max: int, seed: int = SEED) -> dict[str, Any]:
     """Everything that shapes the result: a change to any of it reclusters."""
     return {"k_min": k_min, "k_max": k_max, "seed": seed, "variance": VARIANCE,
@@ -398,6 +401,8 @@ def stage_config(k_min: int, k_max: int, seed: int = SEED) -> dict[str, Any]:
             "typical": TYPICAL, "fit_sample": FIT_SAMPLE}
 
 
+#: Version of this stage's recipe: bump it when a code change changes the clusters.
+VERSION = "1"
 FILES = ("sweep.csv", "assignments.parquet", "responsibilities.npy", "profiles.parquet",
          "typical.parquet", "model.joblib", "elbow.png", "silhouette.png", "summary.json")
 
@@ -406,31 +411,32 @@ def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed:
                      progress: bool = True) -> dict[str, Any]:
     """Bring `RUN/clusters/<name>/` up to date; returns its summary (with `up_to_date`).
 
-    summary.json is written last and removed first, so an interrupted feature set is redone
-    and a finished one is never recomputed.
+    The run protocol (`Run.step`) decides: the step's key covers the settings, this recipe's
+    version, the features' extraction and every label the profiles read.
     """
-    import joblib
-
     catalog = run.catalog()
     x = run.features(name)
     if len(x) != len(catalog):
         raise InfluenceError(f"features '{name}' have {len(x)} rows but the catalog has "
                              f"{len(catalog)}: run `extract` again")
     out = run.clusters_dir / name
-    info = run.features_info(name)
     # The labels shape the profiles and agreement: a corrected attribution reuses every feature
     # row (they are keyed by image id) but must still redo this stage.
-    labels = fingerprint(f"{f}={v}" for f in FIELDS if f in catalog
-                         for v in catalog[f].astype(str))
-    source = fingerprint([fingerprint(catalog["image_id"].astype(str)), labels,
-                          _matrix_hash(x)])
-    config = stage_config(k_min, k_max, seed)
-    summary_path = out / "summary.json"
-    if summary_path.exists() and all((out / f).exists() for f in FILES):
-        old = read_json(summary_path)
-        if old.get("input") == source and old.get("config") == config:
-            return {**old, "up_to_date": True}
-    summary_path.unlink(missing_ok=True)
+    step = Step("cluster", name, stage_config(k_min, k_max, seed), VERSION,
+                {**column_fingerprints(catalog, FIELDS),
+                 "features": run.step_key("extract", name)},
+                tuple(out / f for f in FILES))
+    report = run.step(step, lambda: _cluster(run, name, step, catalog, x, out, k_min, k_max,
+                                             seed, progress))
+    return {**read_json(out / "summary.json"), "up_to_date": report["up_to_date"]}
+
+
+def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarray, out: Path,
+             k_min: int, k_max: int, seed: int, progress: bool) -> dict[str, Any]:
+    """Fit and write one feature set's clusters; returns what run.json records of them."""
+    import joblib
+
+    info = run.features_info(name)
     start = time.perf_counter()
     result = fit_clustering(np.asarray(x), k_min, k_max, seed, progress, name)
     timings = result.timings
@@ -476,12 +482,12 @@ def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed:
         "sizes": sizes,
         "timings": {k: round(v, 3) for k, v in
                     {**timings, "total": time.perf_counter() - start}.items()},
-        "config": config,
-        "input": source,
+        "config": step.params,
+        "input": step.key,
         "features_catalog": info.get("catalog"),
     }
-    write_json(summary_path, summary)
-    return {**summary, "up_to_date": False}
+    write_json(out / "summary.json", summary)
+    return {"k": result.k, "rows": len(ids), "timings": summary["timings"]}
 
 
 def plot_sweep(sweep: pd.DataFrame, k: int, name: str, out: Path) -> None:

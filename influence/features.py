@@ -1,19 +1,27 @@
-"""Feature extraction: reader -> mapper -> writer, resumable and incremental.
+"""Feature extraction as plan, partitions and finalize, on any engine.
 
-- reader: `ImageReader`, decoded and preprocessed images in DataLoader worker processes;
-- mapper: the extractor's `transform` on a batch;
-- writer: `FeatureStore`, which appends finished rows as small part files, atomically.
+- plan (`plan_extraction`): the extraction step (what changes the features: weights, the
+  extractor's version and preprocessing, the catalog's images), the fit of an extractor that
+  needs one (on the driver, once), and the pending images split into partitions;
+- reader (`read_item`, `read_batches`): images to decoded, preprocessed batches, with nothing
+  but the extractor's `preprocess` (no model);
+- mapper (`FeatureMapper`): a batch `{image_id, pixels}` to `{image_id, features}`, loading its
+  model once per worker;
+- writer (`PartWriter`): one partition's rows as an atomic part file, through fsspec, so a
+  cluster's workers can write to shared or object storage;
+- finalize (`finalize`): gather the parts into one float32 matrix aligned with the catalog,
+  `features/<name>.npy`, with `features/<name>.json` beside it.
 
-`process` runs the three on any list of images. The local engine (`extract_features`) gives it
-every image that has no stored row yet; a distributed engine can give it one partition per task
-and share the same store. When nothing is pending, the parts are gathered into one float32 matrix
-aligned with the catalog, `features/<name>.npy`, with `features/<name>.json` beside it.
+The local engine (`run_local`) drives them in this process with reader worker processes; the Ray
+engine (`influence.ray_engine`) drives the same pieces on Ray Data. Both skip images whose rows
+are already written, so an interrupted extraction resumes, and a grown collection extracts only
+its new images. `extract_features` runs one feature set through the run protocol (`Run.step`).
 """
 
 from __future__ import annotations
 
+import io
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import joblib
 import numpy as np
 import pandas as pd
@@ -30,16 +39,35 @@ from tqdm.auto import tqdm
 
 from influence.extractors import Extractor, get_extractor
 from influence.images import DEFAULT_LIMITS, BadImage, ImageLimits, open_rgb
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    column_fingerprints,
+    fingerprint,
+    read_json,
+    write_json,
+)
 
 #: Rows per part file: the most work an interrupted extraction can lose.
 PART_SIZE = 256
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
 class Item:
     image_id: str
-    path: Path
+    path: str
+
+
+# ------------------------------------------------------------------------------------- reader
+def read_item(item: Item, preprocess: Any,
+              limits: ImageLimits = DEFAULT_LIMITS) -> tuple[Any, str | None]:
+    """One image decoded and preprocessed, or (None, why) for a file that cannot be read."""
+    try:
+        return preprocess(open_rgb(Path(item.path), limits)), None
+    except BadImage as e:
+        return None, str(e)
 
 
 @dataclass
@@ -47,6 +75,10 @@ class Batch:
     ids: list[str]
     data: torch.Tensor | np.ndarray | None
     errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The mapper's input: `{image_id, pixels}`."""
+        return {"image_id": np.asarray(self.ids), "pixels": self.data}
 
 
 class ImageReader(Dataset):
@@ -61,10 +93,7 @@ class ImageReader(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, Any, str | None]:
         item = self.items[i]
-        try:
-            return item.image_id, self.preprocess(open_rgb(item.path, self.limits)), None
-        except BadImage as e:
-            return item.image_id, None, str(e)
+        return (item.image_id, *read_item(item, self.preprocess, self.limits))
 
 
 def _collate(samples: list[tuple[str, Any, str | None]]) -> Batch:
@@ -88,68 +117,139 @@ def default_workers() -> int:
 
 def read_batches(items: Sequence[Item], preprocess: Any, batch_size: int,
                  workers: int) -> Iterator[Batch]:
-    """The reader: preprocessed batches in order, decoded in `workers` processes."""
+    """The local reader: preprocessed batches in order, decoded in `workers` processes."""
     loader = DataLoader(ImageReader(items, preprocess), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     yield from loader
 
 
+# ------------------------------------------------------------------------------------- mapper
+class FeatureMapper:
+    """The mapper: `{image_id, pixels}` -> `{image_id, features, weights}`.
+
+    Made once per worker (a Ray actor, or the local process): it loads the model there, with the
+    fitted state the driver learned, so a fitted extractor is fitted once and applied everywhere.
+    `weights` says which weights the worker loaded, so mixed weights across workers are caught.
+    """
+
+    def __init__(self, name: str, weights: str | None = None,
+                 state: dict[str, Any] | None = None, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.extractor = get_extractor(name, weights)
+        if state is not None:
+            self.extractor.set_state(state)
+        self.extractor.load()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["image_id"])
+        rows = self.extractor.transform(batch["pixels"])
+        return {"image_id": ids, "features": rows,
+                "weights": np.full(len(ids), self.extractor.weights_used)}
+
+
+# ------------------------------------------------------------------------------------- writer
+class PartWriter:
+    """The writer: rows of one feature set as atomic part files under an fsspec folder URL.
+
+    Any fsspec URL works (a local or NFS path, `s3://...`), so every worker of a cluster writes
+    its partitions where the driver gathers them; the object holds only the URL, so it pickles.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.url)[0]
+
+    def part_files(self) -> list[str]:
+        fs, root = fsspec.core.url_to_fs(self.url)
+        return sorted(fs.glob(f"{root}/part-*.npz")) if fs.exists(root) else []
+
+    def write(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Write one partition's `{image_id, features, weights}` rows; returns their ids."""
+        fs, root = fsspec.core.url_to_fs(self.url)
+        fs.makedirs(root, exist_ok=True)
+        final = f"{root}/part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.npz"
+        buf = io.BytesIO()
+        np.savez(buf, ids=np.asarray(batch["image_id"], dtype=str),
+                 x=np.asarray(batch["features"], dtype=np.float32),
+                 weights=np.asarray(sorted(set(np.asarray(batch["weights"]).tolist()))))
+        with fs.open(f"{final}.tmp", "wb") as f:
+            f.write(buf.getvalue())
+        fs.mv(f"{final}.tmp", final)
+        return {"image_id": np.asarray(batch["image_id"])}
+
+    __call__ = write
+
+    def parts(self) -> Iterator[dict[str, np.ndarray]]:
+        """Every written part: `{ids, x, weights}`."""
+        fs = self.fs
+        for path in self.part_files():
+            with fs.open(path, "rb") as f, np.load(io.BytesIO(f.read())) as z:
+                yield {k: z[k] for k in z.files}
+
+    def done_ids(self) -> set[str]:
+        return {i for part in self.parts() for i in part["ids"].tolist()}
+
+    def clear(self) -> None:
+        fs, root = fsspec.core.url_to_fs(self.url)
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
 class FeatureStore:
-    """The writer: rows of one feature set, appended as atomic part files under `<name>.parts/`."""
+    """Where one feature set lives in a run: its parts, matrix, description and fitted state."""
 
     def __init__(self, run: Run, name: str) -> None:
         self.run, self.name = run, name
         self.parts = run.features_dir / f"{name}.parts"
+        self.writer = PartWriter(str(self.parts))
         self.matrix_path = run.features_dir / f"{name}.npy"
         self.info_path = run.features_dir / f"{name}.json"
         self.state_path = run.features_dir / f"{name}.fit.joblib"
         self.meta_path = self.parts / "meta.json"
 
-    def part_files(self) -> list[Path]:
-        return sorted(self.parts.glob("part-*.npz")) if self.parts.exists() else []
-
-    def done_ids(self) -> set[str]:
-        done: set[str] = set()
-        for part in self.part_files():
-            with np.load(part) as z:
-                done.update(z["ids"].tolist())
-        return done
-
-    def write(self, ids: Sequence[str], rows: np.ndarray) -> None:
-        self.parts.mkdir(parents=True, exist_ok=True)
-        final = self.parts / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.npz"
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, ids=np.asarray(ids, dtype=str), x=rows.astype(np.float32, copy=False))
-        os.replace(tmp, final)
-
     def reset(self, why: str) -> None:
         """Forget stored rows that no longer match the extractor's configuration."""
         print(f"{self.name}: {why}; extracting again")
-        shutil.rmtree(self.parts, ignore_errors=True)
+        self.writer.clear()
         for path in (self.matrix_path, self.info_path, self.state_path):
             path.unlink(missing_ok=True)
 
-    def gather(self, image_ids: Sequence[str], dim: int) -> None:
-        """Write the aligned matrix part by part (memory stays one part, whatever the size)."""
-        position = pd.Series(np.arange(len(image_ids)), index=pd.Index(image_ids))
+    def gather(self, image_ids: Sequence[str], dim: int) -> list[str]:
+        """Write the aligned matrix part by part (memory stays one part, whatever the size).
+
+        Returns the weights the workers loaded; more than one is an error, and so is a row
+        missing for any image.
+        """
+        position = pd.Index(image_ids)
         tmp = self.matrix_path.with_name(self.matrix_path.name + ".tmp.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
                                         shape=(len(image_ids), dim))
         filled = np.zeros(len(image_ids), dtype=bool)
-        for part in self.part_files():
-            with np.load(part) as z:
-                keep = position.index.get_indexer(z["ids"])
-                mask = keep >= 0
-                out[position.to_numpy()[keep[mask]]] = z["x"][mask]
-                filled[keep[mask]] = True
+        weights: set[str] = set()
+        for part in self.writer.parts():
+            keep = position.get_indexer(part["ids"])
+            mask = keep >= 0
+            out[keep[mask]] = part["x"][mask]
+            filled[keep[mask]] = True
+            weights.update(part["weights"].tolist())
         out.flush()
         del out
+        if len(weights) > 1:
+            tmp.unlink()
+            self.reset(f"workers loaded different weights ({'; '.join(sorted(weights))})")
+            raise InfluenceError(f"{self.name}: workers loaded different weights; make the same "
+                                 "weights file reachable on every worker and extract again")
         if not filled.all():
             tmp.unlink()
-            raise InfluenceError(f"{self.name}: {int((~filled).sum())} images have no features")
+            raise InfluenceError(f"{self.name}: {int((~filled).sum())} images have no features "
+                                 "(unreadable since cataloguing?); run extract again")
         os.replace(tmp, self.matrix_path)
+        return sorted(weights)
 
 
 @dataclass
@@ -160,117 +260,210 @@ class Timings:
     model: float = 0.0
     write: float = 0.0
     fit: float = 0.0
+    wall: float = 0.0
     images: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        total = self.read + self.model + self.write
+        total = self.wall or (self.read + self.model + self.write)
         return {"read_wait_s": round(self.read, 3), "model_s": round(self.model, 3),
                 "write_s": round(self.write, 3), "fit_s": round(self.fit, 3),
-                "images": self.images,
+                "wall_s": round(total, 3), "images": self.images,
                 "images_per_s": round(self.images / total, 2) if total else None}
 
 
-def process(extractor: Extractor, items: Sequence[Item], store: FeatureStore, *,
-            workers: int, part_size: int = PART_SIZE, progress: bool = True,
-            timings: Timings | None = None) -> dict[str, str]:
-    """Reader -> mapper -> writer over `items`; returns {image_id: error} for unreadable images."""
-    timings = timings or Timings()
-    errors: dict[str, str] = {}
-    pending_ids: list[str] = []
-    pending_rows: list[np.ndarray] = []
+# --------------------------------------------------------------------------------------- plan
+def extraction_step(run: Run, name: str, weights: str | None = None) -> Step:
+    """What changes features/<name>: weights, extractor code and preprocessing, the images."""
+    store = FeatureStore(run, name)
+    extractor = get_extractor(name, weights)
+    located = extractor.located_weights()
+    params: dict[str, Any] = {"weights": str(located) if located else "default"}
+    if isinstance(located, Path):
+        stat = located.stat()
+        params["weights_file"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return Step("extract", name, params, extractor.code_version(),
+                column_fingerprints(run.catalog(), ()),
+                (store.matrix_path, store.info_path))
 
-    def flush() -> None:
-        if pending_ids:
-            start = time.perf_counter()
-            store.write(pending_ids, np.concatenate(pending_rows))
-            timings.write += time.perf_counter() - start
-            pending_ids.clear()
-            pending_rows.clear()
 
-    bar = tqdm(total=len(items), desc=extractor.name, unit="img", disable=not progress,
-               dynamic_ncols=True, smoothing=0.1)
-    start = time.perf_counter()
-    for batch in read_batches(items, extractor.preprocess, extractor.batch_size, workers):
-        timings.read += time.perf_counter() - start
-        errors.update(batch.errors)
-        if batch.ids:
-            t = time.perf_counter()
-            rows = extractor.transform(batch.data)
-            timings.model += time.perf_counter() - t
-            pending_ids.extend(batch.ids)
-            pending_rows.append(rows)
-            timings.images += len(batch.ids)
-            if len(pending_ids) >= part_size:
-                flush()
-        bar.update(len(batch.ids) + len(batch.errors))
-        start = time.perf_counter()
-    flush()
-    bar.close()
-    return errors
+@dataclass
+class Plan:
+    """What one extraction has to do: the step, the (fitted) extractor, partitions of the rest."""
+
+    run: Run
+    name: str
+    weights: str | None
+    step: Step
+    extractor: Extractor
+    items: list[Item]
+    partitions: list[list[Item]]
+    timings: Timings
+
+    @property
+    def store(self) -> FeatureStore:
+        return FeatureStore(self.run, self.name)
+
+    @property
+    def pending(self) -> list[Item]:
+        return [it for part in self.partitions for it in part]
+
+    def mapper_args(self) -> dict[str, Any]:
+        """What builds a `FeatureMapper` on a worker (the fitted state travels with it)."""
+        return {"name": self.name, "weights": self.weights, "state": self.extractor.state()}
+
+
+def plan_extraction(run: Run, name: str, weights: str | None = None, *,
+                    step: Step | None = None, workers: int | None = None,
+                    part_size: int = PART_SIZE, min_partitions: int = 1,
+                    progress: bool = True) -> Plan:
+    """Reset parts made differently, fit on the driver if needed, partition what is pending.
+
+    Partitions hold at most `part_size` images, and are smaller where that gives fewer than
+    `min_partitions` (so a cluster's workers all get some, and a kill loses little).
+    """
+    step = step or extraction_step(run, name, weights)
+    store = FeatureStore(run, name)
+    made_by = fingerprint([step.code, repr(sorted(step.params.items()))])
+    if store.meta_path.exists() and read_json(store.meta_path).get("made_by") != made_by:
+        store.reset("weights or extractor code changed")
+    write_json(store.meta_path, {"made_by": made_by, "params": step.params, "code": step.code})
+    catalog = run.catalog()
+    image_root = run.image_root()
+    items = [Item(i, str(image_root / f)) for i, f in zip(catalog["image_id"], catalog["file"],
+                                                          strict=True)]
+    extractor = get_extractor(name, weights)
+    timings = Timings()
+    if extractor.needs_fit:
+        _fit(extractor, items, store, default_workers() if workers is None else workers,
+             progress, timings)
+    done = store.writer.done_ids()
+    pending = [it for it in items if it.image_id not in done]
+    size = max(1, min(part_size, -(-len(pending) // min_partitions)))
+    partitions = [pending[i:i + size] for i in range(0, len(pending), size)]
+    return Plan(run, name, weights, step, extractor, items, partitions, timings)
 
 
 def _fit(extractor: Extractor, items: Sequence[Item], store: FeatureStore, workers: int,
          progress: bool, timings: Timings) -> None:
-    """Fit on a seeded sample (capped by the extractor), or reload an earlier fit."""
-    if store.state_path.exists():
-        extractor.set_state(joblib.load(store.state_path))
-        return
+    """Fit on a seeded sample (capped by the extractor), or reload an earlier fit.
+
+    Every worker, the local process included, applies the saved fit: a freshly fitted
+    scikit-learn PCA projects a few units in the last float32 place differently from its saved
+    copy, and the engines must agree.
+    """
+    if not store.state_path.exists():
+        _fit_and_save(extractor, items, store, workers, progress, timings)
+    extractor.set_state(joblib.load(store.state_path))
+
+
+def _fit_and_save(extractor: Extractor, items: Sequence[Item], store: FeatureStore,
+                  workers: int, progress: bool, timings: Timings) -> None:
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    cap = getattr(extractor, "fit_sample", len(items))
-    sample = sorted(rng.choice(len(items), size=min(cap, len(items)), replace=False))
+    sample = sorted(rng.choice(len(items), size=min(extractor.fit_sample or len(items),
+                                                    len(items)), replace=False))
     chosen = [items[i] for i in sample]
     batches = read_batches(chosen, extractor.preprocess, extractor.batch_size, workers)
     bar = tqdm(batches, total=-(-len(chosen) // extractor.batch_size), unit="batch",
                desc=f"{extractor.name} (fitting on {len(chosen)} images)", disable=not progress)
     extractor.fit(b.data for b in bar if b.ids)
-    store.parts.mkdir(parents=True, exist_ok=True)
+    store.run.features_dir.mkdir(parents=True, exist_ok=True)
     joblib.dump(extractor.state(), store.state_path)
     timings.fit += time.perf_counter() - start
 
 
-def extract_features(run: Run, name: str, weights: str | None = None, *,
-                     workers: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Bring features/<name> up to date with the run's catalog; returns the features' info."""
-    catalog = run.catalog()
-    ids = catalog["image_id"].tolist()
-    store = FeatureStore(run, name)
-    config = {"extractor": name, "weights_spec": weights}
-    catalog_key = fingerprint(ids)
-    if store.info_path.exists() and store.matrix_path.exists():
-        info = read_json(store.info_path)
-        if info.get("catalog") == catalog_key and info.get("config") == config:
-            return {**info, "up_to_date": True}
-    if store.meta_path.exists() and read_json(store.meta_path)["config"] != config:
-        store.reset("configuration changed")
+# ------------------------------------------------------------------------------- local engine
+def run_local(plan: Plan, *, workers: int | None = None, progress: bool = True) -> dict[str, str]:
+    """Reader -> mapper -> writer over the plan's partitions in this process.
 
+    Returns {image_id: error} for unreadable images.
+    """
     workers = default_workers() if workers is None else workers
     torch.set_num_threads(os.cpu_count() or 1)
-    extractor = get_extractor(name, weights)
-    image_root = run.image_root()
-    items = [Item(i, image_root / f) for i, f in zip(ids, catalog["file"], strict=True)]
-    timings = Timings()
-    if extractor.needs_fit:
-        _fit(extractor, items, store, workers, progress, timings)
-    done = store.done_ids()
-    pending = [it for it in items if it.image_id not in done]
-    extractor.load()
-    meta = {"config": config, "weights": extractor.weights_used}
-    if store.meta_path.exists() and read_json(store.meta_path)["weights"] != meta["weights"]:
-        store.reset(f"weights changed to {meta['weights']}")
-        return extract_features(run, name, weights, workers=workers, progress=progress)
-    write_json(store.meta_path, meta)
-    errors = {}
-    if pending:
-        errors = process(extractor, pending, store, workers=workers, progress=progress,
-                         timings=timings)
+    pending, timings, writer = plan.pending, plan.timings, plan.store.writer
+    if not pending:
+        return {}
+    mapper = FeatureMapper(plan.name, plan.weights, plan.extractor.state())
+    part_size = max(len(p) for p in plan.partitions)
+    errors: dict[str, str] = {}
+    done: list[dict[str, np.ndarray]] = []
+
+    def flush() -> None:
+        if done:
+            start = time.perf_counter()
+            writer.write({k: np.concatenate([d[k] for d in done]) for k in done[0]})
+            timings.write += time.perf_counter() - start
+            done.clear()
+
+    bar = tqdm(total=len(pending), desc=plan.name, unit="img", disable=not progress,
+               dynamic_ncols=True, smoothing=0.1)
+    begin = start = time.perf_counter()
+    for batch in read_batches(pending, plan.extractor.preprocess, plan.extractor.batch_size,
+                              workers):
+        timings.read += time.perf_counter() - start
+        errors.update(batch.errors)
+        if batch.ids:
+            t = time.perf_counter()
+            done.append(mapper(batch.as_dict()))
+            timings.model += time.perf_counter() - t
+            timings.images += len(batch.ids)
+            if sum(len(d["image_id"]) for d in done) >= part_size:
+                flush()
+        bar.update(len(batch.ids) + len(batch.errors))
+        start = time.perf_counter()
+    flush()
+    bar.close()
+    timings.wall = time.perf_counter() - begin
+    return errors
+
+
+# ----------------------------------------------------------------------------------- finalize
+def finalize(plan: Plan, errors: dict[str, str] | None = None,
+             engine: str = "local") -> dict[str, Any]:
+    """Gather the parts into the aligned matrix and describe it; returns what the step records."""
     if errors:
         listed = "; ".join(f"{i}: {e}" for i, e in list(errors.items())[:3])
-        raise InfluenceError(f"{name}: {len(errors)} images changed since cataloguing and could "
-                             f"not be read ({listed}); run extract again to re-catalog them")
-    store.gather(ids, extractor.dim)
-    info = {**extractor.info(), "config": config, "catalog": catalog_key, "rows": len(ids),
-            "new_rows": len(pending), "timings": timings.as_dict(), "versions": versions(),
-            "workers": workers, "torch_threads": torch.get_num_threads()}
+        raise InfluenceError(f"{plan.name}: {len(errors)} images changed since cataloguing and "
+                             f"could not be read ({listed}); run extract again to re-catalog "
+                             "them")
+    store = plan.store
+    ids = [it.image_id for it in plan.items]
+    extractor = plan.extractor
+    weights = store.gather(ids, extractor.dim)
+    if weights:
+        extractor.weights_used = weights[0]
+    info = {**extractor.info(), "config": {"extractor": plan.name, "weights_spec": plan.weights},
+            "catalog": plan.step.inputs["image_id"], "rows": len(ids),
+            "new_rows": len(plan.pending), "engine": engine, "timings": plan.timings.as_dict()}
     write_json(store.info_path, info)
-    return {**info, "up_to_date": False}
+    return {k: info[k] for k in ("dim", "weights", "rows", "new_rows", "engine", "timings")}
+
+
+def extract_features(run: Run, name: str, weights: str | None = None, *, engine: str = "local",
+                     workers: int | None = None, progress: bool = True,
+                     part_size: int = PART_SIZE, ray: dict[str, Any] | None = None
+                     ) -> dict[str, Any]:
+    """Bring features/<name> up to date with the run's catalog; returns the step's report.
+
+    `engine` is "local" (this process) or "ray" (Ray Data; `ray` holds `RayOptions` fields).
+    """
+    if engine not in ENGINES:
+        raise InfluenceError(f"unknown engine '{engine}' (available: {', '.join(ENGINES)})")
+    step = extraction_step(run, name, weights)
+
+    def build() -> dict[str, Any]:
+        if engine == "ray":
+            from influence.ray_engine import MIN_PARTITIONS, RayOptions, run_ray
+
+            plan = plan_extraction(run, name, weights, step=step, workers=workers,
+                                   part_size=part_size, min_partitions=MIN_PARTITIONS,
+                                   progress=progress)
+
+            errors = run_ray(plan, RayOptions(**(ray or {})), progress=progress)
+        else:
+            plan = plan_extraction(run, name, weights, step=step, workers=workers,
+                                   part_size=part_size, progress=progress)
+            errors = run_local(plan, workers=workers, progress=progress)
+        return finalize(plan, errors, engine)
+
+    return run.step(step, build)

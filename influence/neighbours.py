@@ -12,7 +12,6 @@ not let a prolific artist win by volume alone: see its docstring.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -24,7 +23,15 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from influence.catalog import artist_slug
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    column_fingerprints,
+    read_json,
+    versions,
+    write_json,
+)
 
 #: Largest collection searched exactly; bigger ones get an HNSW index.
 EXACT_MAX = 200_000
@@ -161,27 +168,37 @@ def index_paths(run: Run, name: str) -> tuple[Any, Any]:
     return run.index_dir / f"{name}.faiss", run.index_dir / f"{name}.json"
 
 
-def _input_key(run: Run, name: str) -> str:
-    """What an index depends on: the features (their JSON changes whenever they are rewritten)."""
-    info = (run.features_dir / f"{name}.json").read_text()
-    config = {"exact_max": EXACT_MAX, "hnsw": [HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH],
-              "pool": ARTIST_POOL, "best_of": BEST_OF, "eval": EVAL_QUERIES}
-    return fingerprint([info, json.dumps(config, sort_keys=True)])
+#: Version of this stage's recipe: bump it when a code change changes the index or its scores.
+VERSION = "1"
+
+
+def index_step(run: Run, name: str, catalog: pd.DataFrame) -> Step:
+    """What an index depends on: the features' extraction, its settings, and the artists that
+    its leave-one-out score reads."""
+    params = {"exact_max": EXACT_MAX, "hnsw": [HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH],
+              "pool": ARTIST_POOL, "best_of": BEST_OF, "eval": EVAL_QUERIES,
+              "recall_queries": RECALL_QUERIES}
+    return Step("index", name, params, VERSION,
+                {**column_fingerprints(catalog, ["artist"]),
+                 "features": run.step_key("extract", name)},
+                index_paths(run, name))
 
 
 def build_run_index(run: Run, name: str) -> dict[str, Any]:
     """Bring RUN/index/<name>.faiss and its JSON up to date; returns the JSON (+ up_to_date)."""
-    faiss_path, json_path = index_paths(run, name)
     run.features(name)
-    key = _input_key(run, name)
-    if faiss_path.exists() and json_path.exists():
-        info = read_json(json_path)
-        if info.get("input") == key:
-            return {**info, "up_to_date": True}
+    catalog = run.catalog()
+    step = index_step(run, name, catalog)
+    report = run.step(step, lambda: _build(run, name, catalog))
+    return {**read_json(index_paths(run, name)[1]), "up_to_date": report["up_to_date"]}
+
+
+def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
+    """Build, score and write one index; returns what run.json records of it."""
+    faiss_path, json_path = index_paths(run, name)
     set_threads()
     start = time.perf_counter()
     x = np.asarray(run.features(name))
-    catalog = run.catalog()
     if len(catalog) != len(x):
         raise InfluenceError(f"features '{name}' have {len(x)} rows but the catalog has "
                              f"{len(catalog)}: run extract again")
@@ -210,12 +227,12 @@ def build_run_index(run: Run, name: str) -> dict[str, Any]:
             "recall_at_10": {"value": recall, "queries": int(min(len(rows), RECALL_QUERIES)),
                              "against": "exact inner-product search (1.0 when the index is "
                                         "exact)"},
-            "catalog": features_info.get("catalog"), "input": key,
+            "catalog": features_info.get("catalog"),
             "timings": {"build_s": round(built, 3), "leave_one_out_s": round(evaluated, 3),
                         "recall_s": round(recall_s, 3)},
             "versions": versions()}
     write_json(json_path, info)
-    return {**info, "up_to_date": False}
+    return {k: info[k] for k in ("kind", "rows", "leave_one_out", "timings")}
 
 
 def build_run_indexes(run: Run, names: Sequence[str], progress: bool = True) -> list[dict]:

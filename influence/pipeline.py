@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +39,9 @@ def _names(value: str | Sequence[str] | None) -> list[str] | None:
 def cmd_extract(run: str, collection: str | None = None, metadata: str | None = None,
                 images: str | None = None, extractors: str | Sequence[str] | None = None,
                 weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
-                workers: int | None = None, progress: bool = True) -> int:
+                workers: int | None = None, engine: str = "local", ray_address: str | None = None,
+                ray_actors: int | None = None, ray_batch_size: int | None = None,
+                ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
     """Catalog the collection, then bring every extractor's features up to date."""
     from influence.catalog import Collection, build_catalog
     from influence.extractors import RANDOM, available
@@ -63,8 +64,9 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     stray = sorted(set(weights) - set(names))
     if stray:
         raise InfluenceError(f"--weights names {', '.join(stray)}, which is not being extracted")
+    ray = {"address": ray_address, "concurrency": ray_actors, "batch_size": ray_batch_size,
+           "cpus_per_actor": ray_cpus_per_actor}
     out = Run(Path(run))
-    start = time.perf_counter()
     result = build_catalog(coll, out, progress=progress)
     for note in result.notes:
         print(f"note: {note}")
@@ -77,8 +79,8 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     rows, failed = [], []
     for name in names:
         try:
-            info = extract_features(out, name, weights.get(name), workers=workers,
-                                    progress=progress)
+            info = extract_features(out, name, weights.get(name), engine=engine,
+                                    workers=workers, progress=progress, ray=ray)
         except InfluenceError as e:
             print(f"error: {e}", file=sys.stderr)
             failed.append(name)
@@ -88,9 +90,6 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                      "up to date" if info["up_to_date"] else f"{info['new_rows']} new"
                      + (f", {rate:.1f} img/s" if rate else ""), info["weights"]))
     _table(["features", "dim", "images", "this run", "weights"], rows)
-    out.record_stage("extract", collection=coll.describe(), extractors=names,
-                     weights=weights, seconds=round(time.perf_counter() - start, 2),
-                     failed=failed)
     return 1 if failed else 0
 
 
@@ -104,7 +103,6 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
     names = _names(features) or out.feature_names()
     if not names:
         raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
-    start = time.perf_counter()
     done = {}
     for name in names:
         s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress)
@@ -122,8 +120,6 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
             for r in shown.itertuples()])
     print(f"clusters -> {out.clusters_dir}/<features>/, table -> "
           f"{out.clusters_dir / 'comparison.csv'}")
-    out.record_stage("cluster", features=names, k_min=k_min, k_max=k_max, clustered=done,
-                     seconds=round(time.perf_counter() - start, 2))
     return 0
 
 
@@ -137,15 +133,11 @@ def cmd_index(run: str, features: str | Sequence[str] | None = None,
     names = _names(features) or out.feature_names()
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
-    start = time.perf_counter()
     infos = build_run_indexes(out, names, progress=progress)
     _table(["features", "paintings", "index", "artist in top 5 (leave-one-out)", "this run"],
            [(i["features"], i["rows"], i["kind"], i["leave_one_out"]["artist_top5"],
              "up to date" if i["up_to_date"] else f"built in {i['timings']['build_s']} s")
             for i in infos])
-    out.record_stage("index", features=names, seconds=round(time.perf_counter() - start, 2),
-                     indexes={i["features"]: {k: i[k] for k in ("kind", "rows", "leave_one_out")}
-                              for i in infos})
     return 0
 
 
@@ -160,7 +152,6 @@ def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
     targets = _names(target) or []
-    start = time.perf_counter()
     infos = train_heads(out, targets, names, progress=progress)
     for i in infos:
         if i["dropped_classes"] and not i["up_to_date"]:
@@ -174,11 +165,6 @@ def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist
              f"{i['accuracy']:.3f}", f"{i['macro_f1']:.3f}", f"{i['top5_accuracy']:.3f}",
              "up to date" if i["up_to_date"] else f"fitted in {i['timings']['fit_s']:.1f} s")
             for i in infos])
-    out.record_stage("train", targets=targets, features=names,
-                     seconds=round(time.perf_counter() - start, 2),
-                     heads=[{k: i[k] for k in ("target", "features", "accuracy", "macro_f1",
-                                               "top5_accuracy", "n_train", "n_test")}
-                            for i in infos])
     return 0
 
 
@@ -376,6 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
                    help="CSV column name for a catalog field, e.g. artist=painter (repeatable)")
     p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="run extraction in this process (default) or on Ray Data")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
+    p.add_argument("--ray-actors", type=int,
+                   help="model actors on Ray (default: one per 4 of the cluster's CPUs)")
+    p.add_argument("--ray-batch-size", type=int, help="images per model call on Ray "
+                   "(default: the extractor's batch size)")
+    p.add_argument("--ray-cpus-per-actor", type=float,
+                   help="CPUs per model actor (default: an equal share, less the reader's)")
 
     p = sub.add_parser("cluster", help="cluster each feature set, score it and map it with UMAP")
     p.add_argument("--run", required=True)

@@ -6,8 +6,8 @@ clustering, once; then answers many queries. It holds no per-query state, so thr
 
 Default feature set: among the indexed ones, the one whose leave-one-out artist retrieval
 (recorded by `index`: how often a painting's own artist is among its 5 most similar artists) is
-best, where several are within `CLOSE` of the best the first of them in `PREFERENCE` (cheapest
-per query first); where none is recorded, the first indexed of `PREFERENCE`.
+best, where several are within `CLOSE` of the best the cheapest of them per query (the extractor's
+declared `cost`); where none is recorded, the cheapest.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from PIL import Image
 
 from influence.classify import Head, load_head, trained_heads
 from influence.clustering import Clustering, load_clustering
-from influence.extractors import Extractor, get_extractor
+from influence.extractors import Extractor, extractor_class, get_extractor
 from influence.images import BadImage, check_size, open_rgb, to_rgb
 from influence.neighbours import (
     ARTIST_POOL,
@@ -41,9 +41,6 @@ from influence.runs import InfluenceError, Run, read_json
 
 __all__ = ["Explorer", "collect_queries", "default_features", "trained_heads"]
 
-#: Order of feature sets among equals, and when no retrieval quality is recorded: the faster
-#: query first (mobilenet_v2 ~45 ms, efficientnet_lite0 ~65 ms a query on two cores).
-PREFERENCE = ("mobilenet_v2", "efficientnet_lite0", "style", "kpca", "pca")
 #: Leave-one-out artist retrieval rates closer than this count as equal.
 CLOSE = 0.01
 #: Files in a query folder that are treated as images.
@@ -62,12 +59,19 @@ def default_features(run: Run) -> str:
         loo = read_json(index_paths(run, name)[1]).get("leave_one_out") or {}
         if "artist_top5" in loo:
             quality[name] = loo["artist_top5"]
-    rank = {n: i for i, n in enumerate(PREFERENCE)}
-    by_preference = sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
+    by_preference = sorted(names, key=lambda n: (query_cost(n), n))
     if quality:
         best = max(quality.values())
         return next(n for n in by_preference if quality.get(n, -1.0) >= best - CLOSE)
     return by_preference[0]
+
+
+def query_cost(features: str) -> float:
+    """Milliseconds an extractor declares per one-image query (infinite if it is not one)."""
+    try:
+        return extractor_class(features).cost
+    except InfluenceError:
+        return float("inf")
 
 
 def load_extractor(run: Run, features: str) -> Extractor:

@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +40,40 @@ def fingerprint(values: Iterable[str]) -> str:
         h.update(v.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def column_fingerprints(catalog: pd.DataFrame, columns: Iterable[str]) -> dict[str, str]:
+    """Fingerprints of catalog columns (image ids always), as inputs of a step that reads them.
+
+    A corrected attribution changes no image and no feature row, but it must still redo every
+    step that reads that label, and only those.
+    """
+    wanted = ["image_id", *(c for c in columns if c != "image_id")]
+    return {c: fingerprint(str(v) for v in catalog[c].to_numpy(dtype=object))
+            for c in wanted if c in catalog}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One unit of a stage's work and everything that changes its output.
+
+    `params` are its settings and constants, `code` the version of the code that makes it (an
+    extractor's `version` and preprocessing, a stage's recipe version), `inputs` fingerprints of
+    what it reads (catalog columns, the keys of the steps it reads from) and `outputs` the files
+    that must exist. Its `key` changes when any of them does.
+    """
+
+    stage: str
+    name: str
+    params: dict[str, Any]
+    code: str
+    inputs: dict[str, str | None]
+    outputs: tuple[Path, ...] = ()
+
+    @property
+    def key(self) -> str:
+        return fingerprint([json.dumps({"params": self.params, "code": self.code,
+                                        "inputs": self.inputs}, sort_keys=True, default=str)])
 
 
 def versions() -> dict[str, str]:
@@ -102,15 +136,62 @@ class Run:
     def manifest(self) -> dict[str, Any]:
         return read_json(self.manifest_path) if self.manifest_path.exists() else {}
 
-    def record_stage(self, stage: str, **info: Any) -> None:
-        """Record what a stage did (configuration, versions, timings) in run.json."""
+    # The run protocol: run.json's "steps" say which step made what, from which inputs.
+    def step_record(self, stage: str, name: str) -> dict[str, Any] | None:
+        """What run.json records of one step, or None if it is not done."""
+        return self.manifest().get("steps", {}).get(stage, {}).get(name)
+
+    def step_key(self, stage: str, name: str) -> str | None:
+        """The key of a finished step: the input fingerprint of the steps that read its output."""
+        record = self.step_record(stage, name)
+        return record["key"] if record else None
+
+    def is_done(self, step: Step) -> bool:
+        """True if run.json records this step with the same key and its outputs exist."""
+        record = self.step_record(step.stage, step.name)
+        return (record is not None and record.get("key") == step.key
+                and all(Path(p).exists() for p in step.outputs))
+
+    def done(self, stage: str | None = None) -> list[tuple[str, str]]:
+        """(stage, name) of every finished step, or of one stage's."""
+        steps = self.manifest().get("steps", {})
+        return [(s, n) for s in ([stage] if stage else list(steps)) for n in steps.get(s, {})]
+
+    def record(self, step: Step, **result: Any) -> dict[str, Any]:
+        """Record a finished step (its key, what made it, and what it reports) in run.json."""
+        record = {"key": step.key, "params": step.params, "code": step.code,
+                  "inputs": step.inputs, **result, "versions": versions(),
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._update_steps(step, record)
+        return record
+
+    def forget(self, step: Step) -> None:
+        """Drop a step's record before it is rebuilt, so an interrupted rebuild is not 'done'."""
+        if self.step_record(step.stage, step.name) is not None:
+            self._update_steps(step, None)
+
+    def _update_steps(self, step: Step, record: dict[str, Any] | None) -> None:
         manifest = self.manifest()
-        manifest.setdefault("stages", {})[stage] = {
-            **info,
-            "versions": versions(),
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        steps = manifest.setdefault("steps", {}).setdefault(step.stage, {})
+        if record is None:
+            steps.pop(step.name, None)
+        else:
+            steps[step.name] = record
         write_json(self.manifest_path, manifest)
+
+    def step(self, step: Step, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `build` unless `step` is up to date, record it, and return its report.
+
+        The report is what `build` returned (or what was recorded), with `up_to_date` and
+        `seconds`; this is the one place that decides whether a stage's work is still valid.
+        """
+        if self.is_done(step):
+            return {**self.step_record(step.stage, step.name), "up_to_date": True}
+        self.forget(step)
+        start = time.perf_counter()
+        result = build()
+        record = self.record(step, **result, seconds=round(time.perf_counter() - start, 2))
+        return {**record, "up_to_date": False}
 
     def require(self, path: Path, stage: str) -> Path:
         if not path.exists():

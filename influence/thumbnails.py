@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from influence.images import BadImage, open_rgb
-from influence.runs import Run, read_json, write_json
+from influence.runs import Run, Step, column_fingerprints, read_json, write_json
 
 DEFAULT_SIZE = 160
 QUALITY = 85
+#: Version of this step's recipe: bump it when a code change changes the thumbnails.
+VERSION = "1"
 #: What an image id looks like (catalog content hashes); anything else is never a file name.
 IMAGE_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -61,7 +62,13 @@ def _make_one(run: Run, image_id: str, file: str, size: int) -> str | None:
 
 def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True) -> dict[str, Any]:
     """Make the missing thumbnails of the catalog (all of them if the size changed); resumable."""
-    start = time.perf_counter()
+    info_path = thumbs_dir(run) / "thumbs.json"
+    step = Step("thumbnails", "thumbs", {"size": size, "quality": QUALITY, "format": "jpeg"},
+                VERSION, column_fingerprints(run.catalog(), ()), (info_path,))
+    return run.step(step, lambda: _make_all(run, size, progress))
+
+
+def _make_all(run: Run, size: int, progress: bool) -> dict[str, Any]:
     folder = thumbs_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     info_path = folder / "thumbs.json"
@@ -69,7 +76,7 @@ def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True) -
     if old and (old.get("size"), old.get("quality")) != (size, QUALITY):
         for stale in folder.glob("*.jpg"):
             stale.unlink()
-    write_json(info_path, {"size": size, "quality": QUALITY, "format": "jpeg"})
+    info_path.unlink(missing_ok=True)
     catalog = run.catalog()[["image_id", "file"]]
     have = {p.stem for p in folder.glob("*.jpg")}
     todo = [(i, f) for i, f in zip(catalog["image_id"], catalog["file"], strict=True)
@@ -79,7 +86,6 @@ def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True) -
                                   total=len(todo), desc="thumbnails", unit="img",
                                   disable=not progress) if e]
     info = {"size": size, "quality": QUALITY, "format": "jpeg", "images": len(catalog),
-            "made": len(todo) - len(errors), "failed": errors,
-            "seconds": round(time.perf_counter() - start, 2)}
+            "made": len(todo) - len(errors), "failed": errors}
     write_json(info_path, info)
     return info

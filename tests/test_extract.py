@@ -101,12 +101,12 @@ def test_killed_extraction_resumes_to_the_same_result(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = FeatureStore(run, "mobilenet_v2")
     deadline = time.monotonic() + 300
-    while not store.part_files() and proc.poll() is None and time.monotonic() < deadline:
+    while not store.writer.part_files() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not store.matrix_path.exists(), "extraction finished before it could be interrupted"
-    first = len(store.done_ids())
+    first = len(store.writer.done_ids())
     assert 0 < first < 360
     assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
     info = run.features_info("mobilenet_v2")

@@ -20,7 +20,7 @@ from influence.neighbours import (
     search,
 )
 from influence.pipeline import cmd_index
-from influence.runs import Run, read_json
+from influence.runs import Run, read_json, write_json
 
 
 def copy_run(run: Run, dest: Path) -> Run:
@@ -102,14 +102,15 @@ def test_index_is_kept_when_up_to_date_and_rebuilt_when_features_change(indexed:
     before = path.stat().st_mtime_ns
     assert build_run_index(indexed, "pca")["up_to_date"] is True
     assert path.stat().st_mtime_ns == before
-    info_path = indexed.features_dir / "pca.json"
-    saved = info_path.read_text()
+    # Features extracted again (a new key in run.json) make the index stale.
+    saved = indexed.manifest_path.read_text()
     try:
-        info_path.write_text(saved.replace('"rows"', '"rows" ', 1))
+        manifest = indexed.manifest()
+        manifest["steps"]["extract"]["pca"]["key"] = "re-extracted"
+        write_json(indexed.manifest_path, manifest)
         assert build_run_index(indexed, "pca")["up_to_date"] is False
     finally:
-        info_path.write_text(saved)
-        build_run_index(indexed, "pca")
+        indexed.manifest_path.write_text(saved)
 
 
 def test_large_collections_get_an_approximate_index(monkeypatch: pytest.MonkeyPatch,

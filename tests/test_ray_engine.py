@@ -1,0 +1,94 @@
+"""The Ray engine on a local Ray (2 CPUs): the local engine's features, resume after a kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from influence.features import FeatureStore
+from influence.pipeline import cmd_extract
+from influence.runs import Run
+
+from .conftest import ARTISTS, MOBILENET, make_slice
+
+ray = pytest.importorskip("ray", reason="the Ray engine is the optional extra influence[ray]")
+
+#: Bounds for a loaded 2-core machine: Ray's start, and a whole extraction.
+START_S, RUN_S = 120, 600
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> str:
+    """One local Ray (2 CPUs) for the module; drivers join it by address."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hundred(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 paintings: five artists, 20 each."""
+    return make_slice(tmp_path_factory.mktemp("hundred"), ARTISTS[:5], 20)
+
+
+@pytest.fixture(scope="module")
+def local_run(hundred: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("local")
+    assert cmd_extract(run=str(root), collection=str(hundred), extractors="pca,mobilenet_v2",
+                       weights={"mobilenet_v2": str(MOBILENET)}, progress=False) == 0
+    return Run(root)
+
+
+def test_ray_writes_the_local_engines_features_and_fits_once(local_run, hundred, tmp_path,
+                                                              ray_address):
+    run = Run(tmp_path / "run")
+    status = cmd_extract(run=str(run.root), collection=str(hundred), engine="ray",
+                         extractors="pca,mobilenet_v2", weights={"mobilenet_v2": str(MOBILENET)},
+                         ray_address=ray_address, ray_actors=2, progress=False)
+    assert status == 0
+    assert len(run.catalog()) == 100
+    for name in ("pca", "mobilenet_v2"):
+        assert np.abs(run.features(name) - local_run.features(name)).max() <= 1e-5, name
+        record = run.step_record("extract", name)
+        assert record["engine"] == "ray" and record["new_rows"] == 100
+        assert record["key"] == local_run.step_key("extract", name)  # same step, same key
+    # PCA was fitted once, on the driver, and the fitted state reached both actors: an actor
+    # without it raises instead of writing rows.
+    assert run.step_record("extract", "pca")["timings"]["fit_s"] > 0
+    assert len(FeatureStore(run, "pca").writer.part_files()) >= 2
+    assert run.features_info("mobilenet_v2")["weights"] == f"file {MOBILENET.resolve()}"
+
+
+def test_a_killed_ray_extraction_resumes(local_run, hundred, tmp_path, ray_address):
+    run = Run(tmp_path / "run")
+    cmd = [sys.executable, "-m", "influence.pipeline", "--no-progress", "extract",
+           "--collection", str(hundred), "--run", str(run.root), "--engine", "ray",
+           "--ray-address", ray_address, "--ray-actors", "1",
+           "--extractors", "mobilenet_v2", "--weights", f"mobilenet_v2={MOBILENET}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    store = FeatureStore(run, "mobilenet_v2")
+    deadline = time.monotonic() + START_S + RUN_S
+    try:
+        while not store.writer.part_files() and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not store.matrix_path.exists(), "extraction finished before it could be interrupted"
+    first = len(store.writer.done_ids())
+    assert 0 < first < 100
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_S + RUN_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert run.step_record("extract", "mobilenet_v2")["new_rows"] == 100 - first
+    assert np.abs(run.features("mobilenet_v2") - local_run.features("mobilenet_v2")).max() <= 1e-5
