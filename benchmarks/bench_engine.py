@@ -8,6 +8,9 @@ start included) and peak memory, the sum of the resident memory of the child and
 under it (Ray's raylet, workers and object store included), sampled every 0.2 s. `--baseline`
 also runs the local engine of another checkout (the code before this change) in the same run,
 so "no slower than today" is a ratio taken at the same time on the same machine.
+
+Decode once: the thumbnails and the pixel extractors (`pca`, `kpca`) on the same images, each
+decoding every image itself ("separate") and sharing the thumbnails' decoding pass ("shared").
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 from measure import save
 
@@ -46,6 +50,27 @@ def one(run_dir: str, engine: str) -> None:
     print(json.dumps({"rows": info["rows"], "wall_s": round(wall, 2),
                       "images_per_s": round(info["rows"] / wall, 2),
                       "timings": info["timings"], "weights": info["weights"]}))
+
+
+def decode(run_dir: str, mode: str) -> None:
+    """Child process: thumbnails, pca and kpca, decoding separately or once; prints seconds."""
+    from influence.extractors import get_extractor
+    from influence.features import extract_features
+    from influence.runs import Run
+    from influence.thumbnails import make_thumbnails
+
+    run = Run(Path(run_dir))
+    keep = [get_extractor("pca").preprocess] if mode == "shared" else []
+    seconds = {}
+    start = time.perf_counter()
+    make_thumbnails(run, progress=False, keep=keep)
+    seconds["thumbnails"] = time.perf_counter() - start
+    for name in ("pca", "kpca"):
+        t = time.perf_counter()
+        extract_features(run, name, progress=False)
+        seconds[name] = time.perf_counter() - t
+    seconds["total"] = time.perf_counter() - start
+    print(json.dumps({k: round(v, 2) for k, v in seconds.items()}))
 
 
 def measured(args: list[str], code: Path) -> dict[str, Any]:
@@ -83,11 +108,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N catalog rows")
     parser.add_argument("--baseline", type=Path,
                         help="a checkout whose local engine to time alongside (e.g. /work/main)")
+    parser.add_argument("--parts", default="engines,decode", help="what to measure (default: both)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
     parser.add_argument("--one", nargs=2, metavar=("RUN", "ENGINE"), help=argparse.SUPPRESS)
+    parser.add_argument("--decode", nargs=2, metavar=("RUN", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         one(*args.one)
+        return
+    if args.decode:
+        decode(*args.decode)
         return
 
     sys.path.insert(0, str(ROOT))
@@ -99,8 +129,8 @@ def main() -> None:
     catalog = build_catalog(Collection.from_dir(COLLECTION), base, progress=False).catalog
     if args.limit:
         catalog.head(args.limit).to_parquet(base.catalog_path, index=False)
-    runs = [("local", ROOT), ("ray", ROOT)]
-    if args.baseline:
+    runs = [("local", ROOT), ("ray", ROOT)] if "engines" in args.parts else []
+    if args.baseline and runs:
         runs.insert(0, ("baseline", args.baseline.resolve()))
     engines = {}
     for engine, code in runs:
@@ -108,8 +138,22 @@ def main() -> None:
         shutil.copytree(base.root, run.root)
         engines[engine] = measured([__file__, "--one", str(run.root), engine], code)
         print(engine, engines[engine], file=sys.stderr)
-    results: dict[str, Any] = {"features": NAME, "images": len(run.catalog()),
+    results: dict[str, Any] = {"features": NAME, "images": len(base.catalog()),
                                "cpu_count": os.cpu_count(), "engines": engines}
+    decoding = {}
+    for mode in ("separate", "shared") if "decode" in args.parts else ():
+        run = Run(scratch / f"decode-{mode}")
+        shutil.copytree(base.root, run.root)
+        decoding[mode] = measured([__file__, "--decode", str(run.root), mode], ROOT)
+        print(mode, decoding[mode], file=sys.stderr)
+    if decoding and all("total" in d for d in decoding.values()):
+        decoding["shared_over_separate"] = round(decoding["shared"]["total"]
+                                                 / decoding["separate"]["total"], 3)
+    results["decode_once"] = decoding
+    matrices = {e: Run(scratch / e).features(NAME) for e, r in engines.items() if "error" not in r}
+    results["max_abs_difference_from_local"] = {
+        e: float(np.abs(np.asarray(m) - np.asarray(matrices["local"])).max())
+        for e, m in matrices.items() if e != "local" and "local" in matrices}
     rate = {e: r.get("images_per_s") for e, r in engines.items()}
     if rate.get("local") and rate.get("ray"):
         results["ray_over_local"] = round(rate["ray"] / rate["local"], 3)

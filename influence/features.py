@@ -115,9 +115,43 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
+class DecodedCache:
+    """Preprocessed images kept by a pass that decoded them anyway (the thumbnails'), keyed by the
+    preprocessing, so extractors whose preprocessed form is small do not decode every image again.
+    """
+
+    def __init__(self, run: Run, preprocess: Any) -> None:
+        self.path = run.root / ".cache" / f"decoded-{fingerprint([repr(preprocess)])}.npz"
+
+    def rows(self) -> dict[str, np.ndarray]:
+        if not self.path.exists():
+            return {}
+        with np.load(self.path) as z:
+            return dict(zip(z["ids"].tolist(), z["x"], strict=True))
+
+    def add(self, ids: Sequence[str], rows: Sequence[np.ndarray]) -> None:
+        """Merge rows into the cache, written atomically."""
+        merged = {**self.rows(), **dict(zip(ids, rows, strict=True))}
+        if not merged:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, ids=np.asarray(list(merged), dtype=str), x=np.stack(list(merged.values())))
+        os.replace(tmp, self.path)
+
+
 def read_batches(items: Sequence[Item], preprocess: Any, batch_size: int,
-                 workers: int) -> Iterator[Batch]:
-    """The local reader: preprocessed batches in order, decoded in `workers` processes."""
+                 workers: int, cached: dict[str, np.ndarray] | None = None) -> Iterator[Batch]:
+    """The local reader: preprocessed batches in order, decoded in `workers` processes.
+
+    If `cached` holds every item's preprocessed row (see `DecodedCache`), nothing is decoded.
+    """
+    if cached and all(it.image_id in cached for it in items):
+        for i in range(0, len(items), batch_size):
+            ids = [it.image_id for it in items[i:i + batch_size]]
+            yield Batch(ids, np.stack([cached[j] for j in ids]))
+        return
     loader = DataLoader(ImageReader(items, preprocess), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init,
                         prefetch_factor=4 if workers else None, persistent_workers=False)
@@ -343,6 +377,10 @@ def plan_extraction(run: Run, name: str, weights: str | None = None, *,
     return Plan(run, name, weights, step, extractor, items, partitions, timings)
 
 
+def _cached(run: Run, extractor: Extractor) -> dict[str, np.ndarray] | None:
+    return DecodedCache(run, extractor.preprocess).rows() if extractor.cache_decoded else None
+
+
 def _fit(extractor: Extractor, items: Sequence[Item], store: FeatureStore, workers: int,
          progress: bool, timings: Timings) -> None:
     """Fit on a seeded sample (capped by the extractor), or reload an earlier fit.
@@ -363,7 +401,8 @@ def _fit_and_save(extractor: Extractor, items: Sequence[Item], store: FeatureSto
     sample = sorted(rng.choice(len(items), size=min(extractor.fit_sample or len(items),
                                                     len(items)), replace=False))
     chosen = [items[i] for i in sample]
-    batches = read_batches(chosen, extractor.preprocess, extractor.batch_size, workers)
+    batches = read_batches(chosen, extractor.preprocess, extractor.batch_size, workers,
+                           _cached(store.run, extractor))
     bar = tqdm(batches, total=-(-len(chosen) // extractor.batch_size), unit="batch",
                desc=f"{extractor.name} (fitting on {len(chosen)} images)", disable=not progress)
     extractor.fit(b.data for b in bar if b.ids)
@@ -399,7 +438,7 @@ def run_local(plan: Plan, *, workers: int | None = None, progress: bool = True) 
                dynamic_ncols=True, smoothing=0.1)
     begin = start = time.perf_counter()
     for batch in read_batches(pending, plan.extractor.preprocess, plan.extractor.batch_size,
-                              workers):
+                              workers, _cached(plan.run, plan.extractor)):
         timings.read += time.perf_counter() - start
         errors.update(batch.errors)
         if batch.ids:

@@ -60,7 +60,15 @@ from tqdm.auto import tqdm
 from influence.catalog import artist_slug
 from influence.clustering import load_clustering
 from influence.neighbours import BEST_OF, load_index, search, set_threads
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    column_fingerprints,
+    read_json,
+    versions,
+    write_json,
+)
 
 __all__ = ["Influence", "artist_slug", "build_influence", "load_influence"]
 
@@ -413,6 +421,8 @@ def influence_dir(run: Run) -> Path:
     return run.root / "influence"
 
 
+#: Version of this stage's recipe: bump it when a code change changes its tables.
+VERSION = "1"
 FILES = ("artists.parquet", "pairs.parquet", "flows.parquet", "influence.json")
 
 
@@ -439,19 +449,26 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
               "late_penalty": LATE_PENALTY, "late_years": LATE_YEARS,
               "evidence": EVIDENCE, "min_dated": MIN_DATED,
               "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
-    labels = fingerprint(f"{f}={v}" for f in ("artist", "nationality", "style", "genre", "year",
-                                              "birth_year", "death_year", "era")
-                         for v in catalog[f].astype(str))
-    key = fingerprint([features, run.features_info(features).get("catalog", ""),
-                       clustering.summary.get("input", ""), labels,
-                       _file_hash(Path(recorded)) if recorded else "none",
-                       repr(sorted(config.items()))])
-    summary_path = out / "influence.json"
-    if summary_path.exists() and all((out / f).exists() for f in FILES):
-        old = read_json(summary_path)
-        if old.get("input") == key and (out / "evaluation.json").exists() == bool(recorded):
-            return {**old, "up_to_date": True}
-    summary_path.unlink(missing_ok=True)
+    outputs = tuple(out / f for f in FILES) + ((out / "evaluation.json",) if recorded else ())
+    step = Step("influence", features, {**config, "recorded": str(recorded) if recorded else None},
+                VERSION,
+                {**column_fingerprints(catalog, ("artist", "nationality", "style", "genre", "year",
+                                                 "birth_year", "death_year", "era")),
+                 "features": run.step_key("extract", features),
+                 "clusters": run.step_key("cluster", features),
+                 "index": run.step_key("index", features),
+                 "recorded": _file_hash(Path(recorded)) if recorded else None},
+                outputs)
+    report = run.step(step, lambda: _build(run, features, catalog, x, clustering, index, table,
+                                           recorded, config, progress))
+    return {**read_json(out / "influence.json"), "up_to_date": report["up_to_date"]}
+
+
+def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray, clustering: Any,
+           index: Any, table: pd.DataFrame | None, recorded: Path | None,
+           config: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Score, evaluate and write RUN/influence/; returns what run.json records of it."""
+    out = influence_dir(run)
     set_threads()
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -489,9 +506,9 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
                "evaluation": None if evaluation is None else evaluation["table"],
                "timings": {k: round(v, 3) for k, v in
                            {**timings, "total_s": time.perf_counter() - start}.items()},
-               "input": key, "versions": versions()}
-    write_json(summary_path, summary)
-    return {**summary, "up_to_date": False}
+               "versions": versions()}
+    write_json(out / "influence.json", summary)
+    return {k: summary[k] for k in ("artists", "pairs", "families", "evaluation", "timings")}
 
 
 def _doc_rule(heading: str) -> str:

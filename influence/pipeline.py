@@ -44,7 +44,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
     """Catalog the collection, then bring every extractor's features up to date."""
     from influence.catalog import Collection, build_catalog
-    from influence.extractors import RANDOM, available
+    from influence.extractors import RANDOM, available, extractor_class, get_extractor
     from influence.features import extract_features
 
     if collection:
@@ -75,7 +75,10 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
           + (f" ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else "")
           + f" -> {out.rejected_path}")
     from influence.thumbnails import make_thumbnails
-    make_thumbnails(out, progress=progress)
+    # Extractors with a small preprocessed form get it from the thumbnails' decoding pass.
+    keep = {repr(p): p for p in (get_extractor(n, weights.get(n)).preprocess for n in names
+                                 if extractor_class(n).cache_decoded)}
+    make_thumbnails(out, progress=progress, keep=list(keep.values()))
     rows, failed = [], []
     for name in names:
         try:
@@ -178,9 +181,6 @@ def cmd_influence(run: str, features: str | None = None, recorded: str | None = 
     s = build_influence(out, features, Path(recorded).resolve() if recorded else None,
                         progress=progress)
     state = "up to date" if s["up_to_date"] else f"{s['timings']['total_s']:.1f} s"
-    out.record_stage("influence", features=s["features"], recorded=recorded,
-                     seconds=s["timings"]["total_s"], artists=s["artists"], pairs=s["pairs"],
-                     evaluation=s["evaluation"])
     print(f"influence ({s['features']}): {s['artists']} artists, {s['pairs']} time-ordered "
           f"pairs, {s['families']} visual families ({state}) -> {influence_dir(out)}")
     if s["evaluation"]:

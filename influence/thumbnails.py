@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -47,28 +48,41 @@ def thumbnail_bytes(image: Image.Image, size: int = DEFAULT_SIZE) -> bytes:
     return buf.getvalue()
 
 
-def _make_one(run: Run, image_id: str, file: str, size: int) -> str | None:
-    """Write one thumbnail atomically; return an error line instead of raising."""
+def _make_one(run: Run, image_id: str, file: str, size: int,
+              keep: Sequence[Callable[[Image.Image], Any]]) -> tuple[str | None, list[Any]]:
+    """Write one thumbnail atomically, and apply `keep` to the same decoded image.
+
+    Returns (an error line or None, the outputs of `keep`), never raising for a bad image.
+    """
     try:
-        data = thumbnail_bytes(open_rgb(run.image_path(file)), size)
+        image = open_rgb(run.image_path(file))
     except BadImage as e:
-        return f"{file}: {e}"
+        return f"{file}: {e}", []
+    data = thumbnail_bytes(image, size)
     path = thumbnail_path(run, image_id)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-    return None
+    return None, [f(image) for f in keep]
 
 
-def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True) -> dict[str, Any]:
-    """Make the missing thumbnails of the catalog (all of them if the size changed); resumable."""
+def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True,
+                    keep: Sequence[Callable[[Image.Image], Any]] = ()) -> dict[str, Any]:
+    """Make the missing thumbnails of the catalog (all of them if the size changed); resumable.
+
+    `keep`: preprocessings (of extractors with `cache_decoded`) applied in the same decoding
+    pass and kept in the run's `DecodedCache`, so those extractors do not decode again.
+    """
     info_path = thumbs_dir(run) / "thumbs.json"
     step = Step("thumbnails", "thumbs", {"size": size, "quality": QUALITY, "format": "jpeg"},
                 VERSION, column_fingerprints(run.catalog(), ()), (info_path,))
-    return run.step(step, lambda: _make_all(run, size, progress))
+    return run.step(step, lambda: _make_all(run, size, progress, keep))
 
 
-def _make_all(run: Run, size: int, progress: bool) -> dict[str, Any]:
+def _make_all(run: Run, size: int, progress: bool,
+              keep: Sequence[Callable[[Image.Image], Any]]) -> dict[str, Any]:
+    from influence.features import DecodedCache
+
     folder = thumbs_dir(run)
     folder.mkdir(parents=True, exist_ok=True)
     info_path = folder / "thumbs.json"
@@ -82,9 +96,13 @@ def _make_all(run: Run, size: int, progress: bool) -> dict[str, Any]:
     todo = [(i, f) for i, f in zip(catalog["image_id"], catalog["file"], strict=True)
             if i not in have]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        errors = [e for e in tqdm(pool.map(lambda r: _make_one(run, r[0], r[1], size), todo),
-                                  total=len(todo), desc="thumbnails", unit="img",
-                                  disable=not progress) if e]
+        made = list(tqdm(pool.map(lambda r: _make_one(run, r[0], r[1], size, keep), todo),
+                         total=len(todo), desc="thumbnails", unit="img", disable=not progress))
+    errors = [e for e, _ in made if e]
+    for n, preprocess in enumerate(keep):
+        good = [(i, out[n]) for (i, _), (e, out) in zip(todo, made, strict=True) if e is None]
+        if good:
+            DecodedCache(run, preprocess).add(*zip(*good, strict=True))
     info = {"size": size, "quality": QUALITY, "format": "jpeg", "images": len(catalog),
             "made": len(todo) - len(errors), "failed": errors}
     write_json(info_path, info)

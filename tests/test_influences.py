@@ -219,7 +219,7 @@ def test_rerun_is_up_to_date_and_a_new_table_reevaluates(built: Run, recorded_cs
     RECORDED.head(1).to_csv(other, index=False)
     assert main([*args, "--recorded", str(other)]) == 0
     assert load_influence(built).evaluation["edges"] == 1
-    assert read_json(built.manifest_path)["stages"]["influence"]["features"] == FEATURES
+    assert built.step_record("influence", FEATURES)["params"]["recorded"] == str(other)
 
 
 def test_bad_input_is_one_line(built: Run, small_run: Run, tmp_path: Path,

@@ -13,6 +13,7 @@ from influence.classify import train_head
 from influence.clustering import cluster_features
 from influence.extractors import pixels
 from influence.features import extract_features
+from influence.influences import build_influence
 from influence.neighbours import build_run_index
 from influence.runs import Run, Step, write_json
 from influence.thumbnails import make_thumbnails
@@ -34,6 +35,7 @@ def bring_up_to_date(run: Run, k: tuple[int, int] = K) -> set[tuple[str, str]]:
         reports["index", name] = build_run_index(run, name)
         for target in TARGETS:
             reports["train", f"{target}/{name}"] = train_head(run, target, name)
+        reports["influence", name] = build_influence(run, name, progress=False)
     return {step for step, report in reports.items() if not report["up_to_date"]}
 
 
@@ -71,28 +73,26 @@ def test_a_finished_run_is_up_to_date_and_run_json_lists_every_step(run: Run) ->
     assert record["inputs"]["features"] == run.step_key("extract", "pca")
 
 
-ALL_OF = {name: {("extract", name), ("cluster", name), ("index", name),
+ALL_OF = {name: {("extract", name), ("cluster", name), ("index", name), ("influence", name),
                  *(("train", f"{t}/{name}") for t in TARGETS)} for name in FEATURES}
+BOTH = {stage: {(stage, name) for name in FEATURES} for stage in ("cluster", "index", "influence")}
 
 
 @pytest.mark.parametrize("change, patch, expected", [
     # A parameter of one stage: that stage's steps only.
-    ("k range", None, {("cluster", "pca"), ("cluster", "mobilenet_v2")}),
-    ("index constant", (neighbours, "EVAL_QUERIES", 100),
-     {("index", "pca"), ("index", "mobilenet_v2")}),
+    # Influence reads the clusters and the index: it follows them.
+    ("k range", None, BOTH["cluster"] | BOTH["influence"]),
+    ("index constant", (neighbours, "EVAL_QUERIES", 100), BOTH["index"] | BOTH["influence"]),
     ("head constant", (classify, "C", 0.5), {("train", f"{t}/{n}") for t in TARGETS
                                              for n in FEATURES}),
-    ("clustering recipe", (clustering, "VERSION", "test"),
-     {("cluster", "pca"), ("cluster", "mobilenet_v2")}),
+    ("clustering recipe", (clustering, "VERSION", "test"), BOTH["cluster"] | BOTH["influence"]),
     # An extractor's preprocessing: its features and everything made from them, nothing else.
     ("pca preprocessing", (pixels, "SIDE", 16), ALL_OF["pca"]),
     # A label: the steps that read it (clusters read every label, the index only artists).
-    ("genre label", relabel("genre"), {("cluster", "pca"), ("cluster", "mobilenet_v2"),
-                                       ("train", "genre/pca"), ("train", "genre/mobilenet_v2")}),
-    ("artist label", relabel("artist"), {("cluster", "pca"), ("cluster", "mobilenet_v2"),
-                                         ("index", "pca"), ("index", "mobilenet_v2"),
-                                         ("train", "artist/pca"),
-                                         ("train", "artist/mobilenet_v2")}),
+    ("genre label", relabel("genre"), BOTH["cluster"] | BOTH["influence"]
+     | {("train", "genre/pca"), ("train", "genre/mobilenet_v2")}),
+    ("artist label", relabel("artist"), BOTH["cluster"] | BOTH["index"] | BOTH["influence"]
+     | {("train", "artist/pca"), ("train", "artist/mobilenet_v2")}),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_a_change_reruns_exactly_what_depends_on_it(run: Run, monkeypatch: pytest.MonkeyPatch,
                                                     change, patch, expected) -> None:

@@ -48,6 +48,9 @@ class Extractor(ABC):
     fit_sample: ClassVar[int] = 0
     #: Rows per model call; the engine batches reader output to this size.
     batch_size: ClassVar[int] = 32
+    #: True if `preprocess` output is a few KB: the thumbnails' decoding pass then keeps it, and
+    #: the local engine reads it instead of decoding every image again.
+    cache_decoded: ClassVar[bool] = False
     #: File suffix of a weights file in `weights_dir()` (`<name><suffix>`).
     weights_suffix: ClassVar[str] = ".pth"
 

@@ -22,20 +22,29 @@ SIDE = 32
 
 
 class PixelPreprocess:
-    """Downsample to 32x32 RGB and flatten to 3,072 values in [0, 1]."""
+    """Downsample to 32x32 RGB and flatten to 3,072 bytes (scaled to [0, 1] by the model).
+
+    Bytes, not floats: small enough that the thumbnails' decoding pass keeps them for extraction.
+    """
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         small = image.resize((SIDE, SIDE), Image.BILINEAR, reducing_gap=3.0)
-        return (np.asarray(small, dtype=np.float32) / 255.0).reshape(-1)
+        return np.asarray(small, dtype=np.uint8).reshape(-1)
 
     def __repr__(self) -> str:
-        return f"PixelPreprocess({SIDE}x{SIDE} RGB, flattened, in [0, 1])"
+        return f"PixelPreprocess({SIDE}x{SIDE} RGB, flattened, uint8)"
+
+
+def scaled(batch: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Preprocessed bytes as values in [0, 1]."""
+    return np.asarray(batch, dtype=dtype) / 255.0
 
 
 class PixelDecomposition(Extractor):
     """A scikit-learn decomposition fitted on a sample of downsampled images."""
 
     needs_fit = True
+    cache_decoded = True
     batch_size = 256
     version = "2"
     n_components: ClassVar[int] = 128
@@ -64,7 +73,7 @@ class PixelDecomposition(Extractor):
         raise NotImplementedError
 
     def fit(self, batches: Iterable[np.ndarray]) -> PixelDecomposition:
-        x = np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
+        x = np.concatenate([scaled(b) for b in batches]).astype(np.float32)
         if len(x) < 3:
             raise InfluenceError(f"{self.name} needs at least 3 images to fit, got {len(x)}")
         n = min(self.n_components, len(x) - 1)
@@ -77,7 +86,7 @@ class PixelDecomposition(Extractor):
         if self.model_ is None:
             raise InfluenceError(f"{self.name} must be fitted before transform")
         # In float64, so a row does not depend on the batch it came in (engines batch differently).
-        return self.model_.transform(np.asarray(batch, dtype=np.float64)).astype(np.float32)
+        return self.model_.transform(scaled(batch, np.float64)).astype(np.float32)
 
     def state(self) -> dict[str, Any]:
         return {"model": self.model_, "fitted_on": self.fitted_on_, "dim": self.dim_}
