@@ -1,13 +1,15 @@
 """Extraction engines compared in one run: local and Ray (local Ray, all cores), one CNN.
 
-    .venv/bin/python benchmarks/bench_engine.py [--limit N] [--baseline /work/main] [--out FILE]
+    .venv/bin/python benchmarks/bench_engine.py [--limit N] [--repeat N] [--baseline ../main]
+                                                [--parts engines,decode] [--out FILE]
 
 Each engine extracts `mobilenet_v2` (the shared weights) into a fresh copy of one catalog, in its
-own child process, so speed and memory are its own: images/s over the whole extraction (Ray's
-start included) and peak memory, the sum of the resident memory of the child and every process
-under it (Ray's raylet, workers and object store included), sampled every 0.2 s. `--baseline`
-also runs the local engine of another checkout (the code before this change) in the same run,
-so "no slower than today" is a ratio taken at the same time on the same machine.
+own child process (`--repeat N`: N times, interleaved, keeping each engine's best, which is what
+a shared machine lets through), so speed and memory are its own: images/s over the whole
+extraction (Ray's start included) and peak memory, the sum of the resident memory of the child
+and every process under it (Ray's raylet, workers and object store included), sampled every
+0.2 s. `--baseline` also runs the local engine of another checkout (the code before this change)
+in the same run, so "no slower than today" is a ratio taken at the same time on the same machine.
 
 Decode once: the thumbnails and the pixel extractors (`pca`, `kpca`) on the same images, each
 decoding every image itself ("separate") and sharing the thumbnails' decoding pass ("shared").
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, help="only the first N catalog rows")
     parser.add_argument("--baseline", type=Path,
                         help="a checkout whose local engine to time alongside (e.g. /work/main)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the engines this many times, interleaved; keep each one's best")
     parser.add_argument("--parts", default="engines,decode", help="what to measure (default: both)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "engine.json"))
     parser.add_argument("--one", nargs=2, metavar=("RUN", "ENGINE"), help=argparse.SUPPRESS)
@@ -132,12 +136,18 @@ def main() -> None:
     runs = [("local", ROOT), ("ray", ROOT)] if "engines" in args.parts else []
     if args.baseline and runs:
         runs.insert(0, ("baseline", args.baseline.resolve()))
-    engines = {}
-    for engine, code in runs:
-        run = Run(scratch / engine)
-        shutil.copytree(base.root, run.root)
-        engines[engine] = measured([__file__, "--one", str(run.root), engine], code)
-        print(engine, engines[engine], file=sys.stderr)
+    engines: dict[str, Any] = {}
+    for attempt in range(args.repeat):
+        for engine, code in runs:
+            run = Run(scratch / engine)
+            shutil.rmtree(run.root, ignore_errors=True)
+            shutil.copytree(base.root, run.root)
+            record = measured([__file__, "--one", str(run.root), engine], code)
+            print(engine, attempt, record, file=sys.stderr)
+            best = engines.get(engine, {})
+            if record.get("images_per_s", 0) > best.get("images_per_s", 0):
+                engines[engine] = {**record, "attempts": attempt + 1}
+            engines[engine]["attempts"] = attempt + 1
     results: dict[str, Any] = {"features": NAME, "images": len(base.catalog()),
                                "cpu_count": os.cpu_count(), "engines": engines}
     decoding = {}
