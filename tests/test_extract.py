@@ -27,11 +27,28 @@ from .conftest import MOBILENET, make_slice
 def test_every_extractor_is_registered_with_a_picklable_preprocessing():
     assert set(available()) >= {"pca", "kpca", "vgg16", "mobilenet_v2", "efficientnet_lite0",
                                 "style"}
+    image = Image.new("RGB", (300, 200), (120, 80, 40))
     for name in available():
         extractor = get_extractor(name, "random" if name == "vgg16" else None)
-        pickle.dumps(extractor.preprocess)
+        # Usable before (and without) loading the model: what reader processes and Ray run.
+        x = pickle.loads(pickle.dumps(extractor.preprocess))(image)
+        assert np.asarray(x).size > 0
+        assert extractor.cost > 0 and extractor.version and extractor.summary
     with pytest.raises(InfluenceError, match="unknown extractor 'resnet'"):
         get_extractor("resnet")
+
+
+def test_every_extractor_runs_with_explicit_random_weights():
+    image = Image.new("RGB", (300, 200), (120, 80, 40))
+    other = Image.new("RGB", (200, 300), (20, 90, 200))
+    for name in available():
+        extractor = get_extractor(name, "random")
+        if extractor.needs_fit:  # learns from the collection: 'random' is accepted, changes nothing
+            continue
+        x = extractor.load().embed([image, other])
+        assert x.shape == (2, extractor.dim) and np.isfinite(x).all(), name
+        assert not np.allclose(x[0], x[1]), name
+        assert extractor.weights_used.startswith("random (explicitly requested"), name
 
 
 def test_features_are_aligned_with_the_catalog_and_say_which_weights(small_run):
