@@ -83,6 +83,8 @@ def run_ray(plan: Plan, options: RayOptions, progress: bool = True) -> dict[str,
     if not plan.pending:
         return {}
     import ray
+    import ray.data
+    from ray.data.exceptions import UserCodeException
 
     resources = start(options)
     ray.data.DataContext.get_current().enable_progress_bars = progress
@@ -103,6 +105,12 @@ def run_ray(plan: Plan, options: RayOptions, progress: bool = True) -> dict[str,
                         batch_size=options.batch_size or extractor.batch_size, num_cpus=per_actor)
     part_size = max(len(p) for p in plan.partitions)
     written = ds.map_batches(plan.store.writer, batch_size=part_size, num_cpus=WRITE_CPUS)
-    plan.timings.images = written.materialize().count()
+    try:
+        plan.timings.images = written.materialize().count()
+    except (ray.exceptions.RayError, UserCodeException) as e:
+        # A worker's error (a weights file missing on a node, say) as one line, not Ray's trace.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise InfluenceError(f"{plan.name}: the Ray job failed: "
+                             f"{lines[-1] if lines else type(e).__name__}") from None
     plan.timings.wall = time.perf_counter() - begin
     return {}
