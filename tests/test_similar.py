@@ -41,7 +41,8 @@ def built(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 @pytest.fixture(scope="module")
 def explorer(built: Run) -> Explorer:
-    return Explorer(built)
+    """The explorer on mobilenet_v2, the feature set with heads and a clustering."""
+    return Explorer(built, "mobilenet_v2")
 
 
 def _paintings(run: Run, n: int) -> list[tuple[str, Path]]:
@@ -68,7 +69,11 @@ def test_default_features_are_the_best_at_finding_the_artist(built: Run,
     recorded = {name: read_json(built.index_dir / f"{name}.json")["leave_one_out"]["artist_top5"]
                 for name in ("pca", "mobilenet_v2")}
     assert recorded["mobilenet_v2"] != recorded["pca"]
-    assert explorer.features == max(recorded, key=recorded.get)
+    # The best, or the cheapest per query (the extractors' declared cost) of those within CLOSE
+    # of it: on six artists both find the artist in their top five almost always.
+    near = [n for n, v in recorded.items() if v >= max(recorded.values()) - query.CLOSE]
+    assert query.default_features(built) == min(near, key=query.query_cost)
+    assert query.query_cost("pca") < query.query_cost("mobilenet_v2")
     assert sorted(explorer.targets) == ["artist", "style"]
 
 
@@ -96,7 +101,8 @@ def test_json_output_is_one_object_per_line_in_the_design_schema(
     picked = _paintings(built, 3)
     paths = [str(p) for _, p in picked]
     row = {image_id: n for n, image_id in enumerate(built.catalog()["image_id"])}
-    assert main(["similar", "--run", str(built.root), "--json", "--k", "7", *paths]) == 0
+    assert main(["similar", "--run", str(built.root), "--json", "--k", "7",
+                 "--features", "mobilenet_v2", *paths]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(paths)
     clustering = load_clustering(built, "mobilenet_v2")
