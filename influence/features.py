@@ -298,9 +298,10 @@ class Timings:
     images: int = 0
 
     def as_dict(self) -> dict[str, float]:
+        """The timings taken; the Ray engine measures only wall time (its parts run elsewhere)."""
         total = self.wall or (self.read + self.model + self.write)
-        return {"read_wait_s": round(self.read, 3), "model_s": round(self.model, 3),
-                "write_s": round(self.write, 3), "fit_s": round(self.fit, 3),
+        parts = {"read_wait_s": self.read, "model_s": self.model, "write_s": self.write}
+        return {**{k: round(v, 3) for k, v in parts.items() if v}, "fit_s": round(self.fit, 3),
                 "wall_s": round(total, 3), "images": self.images,
                 "images_per_s": round(self.images / total, 2) if total else None}
 
