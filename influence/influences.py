@@ -450,7 +450,10 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
               "evidence": EVIDENCE, "min_dated": MIN_DATED,
               "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
     outputs = tuple(out / f for f in FILES) + ((out / "evaluation.json",) if recorded else ())
-    step = Step("influence", features, {**config, "recorded": str(recorded) if recorded else None},
+    # RUN/influence/ holds one feature set's tables: one step, with the feature set a parameter,
+    # so asking for another set (or going back to an earlier one) rebuilds them.
+    step = Step("influence", "tables", {**config, "features": features,
+                                        "recorded": str(recorded) if recorded else None},
                 VERSION,
                 {**column_fingerprints(catalog, ("artist", "nationality", "style", "genre", "year",
                                                  "birth_year", "death_year", "era")),

@@ -219,7 +219,7 @@ def test_rerun_is_up_to_date_and_a_new_table_reevaluates(built: Run, recorded_cs
     RECORDED.head(1).to_csv(other, index=False)
     assert main([*args, "--recorded", str(other)]) == 0
     assert load_influence(built).evaluation["edges"] == 1
-    assert built.step_record("influence", FEATURES)["params"]["recorded"] == str(other)
+    assert built.step_record("influence", "tables")["params"]["recorded"] == str(other)
 
 
 def test_bad_input_is_one_line(built: Run, small_run: Run, tmp_path: Path,
@@ -234,3 +234,18 @@ def test_bad_input_is_one_line(built: Run, small_run: Run, tmp_path: Path,
     assert main(["influence", "--run", str(bare.root), "--features", FEATURES]) == 2
     err = capsys.readouterr().err
     assert "run `cluster` first" in err
+
+
+def test_another_feature_set_and_back_rebuilds_the_tables(built: Run, recorded_csv: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    # RUN/influence/ holds one feature set's tables: going back to one computed before must not
+    # pass for up to date while the files are the other set's.
+    assert cmd_cluster(run=str(built.root), features="pca", k_min=2, k_max=4,
+                       progress=False) == 0
+    assert cmd_index(run=str(built.root), features="pca", progress=False) == 0
+    for features in ("pca", FEATURES):
+        capsys.readouterr()
+        assert main(["--no-progress", "influence", "--run", str(built.root), "--features",
+                     features, "--recorded", str(recorded_csv)]) == 0
+        assert "up to date" not in capsys.readouterr().out
+        assert load_influence(built).features == features
