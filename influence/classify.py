@@ -117,7 +117,8 @@ def evaluate(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str],
 
 def head_paths(run: Run, target: str, features: str) -> dict[str, Path]:
     stem = run.models_dir / f"{target}-{features}"
-    return {"model": stem.with_suffix(".joblib"), "json": stem.with_suffix(".json"),
+    # Suffixes appended, not swapped: a feature set's name may hold a dot (`style@0.5`).
+    return {"model": Path(f"{stem}.joblib"), "json": Path(f"{stem}.json"),
             "per_class": Path(f"{stem}-per_class.csv"), "confusion": Path(f"{stem}-confusion.csv"),
             "picture": Path(f"{stem}-confusion.png"), "wrong": Path(f"{stem}-wrong.csv")}
 

@@ -96,6 +96,35 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------------------------------- combine
+def cmd_combine(run: str, sets: str | Sequence[str] | None = None, progress: bool = True) -> int:
+    """Combined feature sets (`a+b+c`, a part weighted as `c@0.5`), stored like extracted ones."""
+    from influence.combined import ensure_combined, is_combined
+
+    out = Run(Path(run))
+    names = _names(sets) or []
+    single = [n for n in names if not is_combined(n)]
+    if single:
+        raise InfluenceError(f"'{single[0]}' is not a combined set: join parts with '+'")
+    infos = ensure_combined(out, names)
+    if not infos:
+        return 0
+    _table(["features", "dim", "parts", "this run"],
+           [(i["config"]["combined"], i["dim"], len(i["parts"]),
+             "up to date" if i["up_to_date"] else "combined") for i in infos])
+    out.record_stage("combine", sets=[i["config"]["combined"] for i in infos])
+    return 0
+
+
+def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
+    """The named feature sets (default: all stored), combined ones built or refreshed first."""
+    from influence.combined import canonical, ensure_combined, is_combined
+
+    names = [canonical(n) if is_combined(n) else n for n in _names(features) or []]
+    ensure_combined(out, names or [n for n in out.feature_names() if is_combined(n)])
+    return names or out.feature_names()
+
+
 # ---------------------------------------------------------------------------------------- cluster
 def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
                 k_max: int = 30, progress: bool = True) -> int:
@@ -103,7 +132,7 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
     from influence.clustering import cluster_features, comparison
 
     out = Run(Path(run))
-    names = _names(features) or out.feature_names()
+    names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
     done = {}
@@ -133,7 +162,7 @@ def cmd_index(run: str, features: str | Sequence[str] | None = None,
     from influence.neighbours import build_run_indexes
 
     out = Run(Path(run))
-    names = _names(features) or out.feature_names()
+    names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
     infos = build_run_indexes(out, names, progress=progress)
@@ -151,7 +180,7 @@ def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist
     from influence.classify import train_heads
 
     out = Run(Path(run))
-    names = _names(features) or out.feature_names()
+    names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
     targets = _names(target) or []
@@ -178,6 +207,8 @@ def cmd_influence(run: str, features: str | None = None, recorded: str | None = 
     from influence.influences import HIT_AT, build_influence, influence_dir
 
     out = Run(Path(run))
+    if features:
+        features, = _feature_sets(out, features)
     s = build_influence(out, features, Path(recorded).resolve() if recorded else None,
                         progress=progress)
     state = "up to date" if s["up_to_date"] else f"{s['timings']['total_s']:.1f} s"
@@ -294,7 +325,7 @@ def _clustered_default(run: Run) -> str:
 
 
 # ------------------------------------------------------------------------------------------- run
-STAGE_ORDER = ["extract", "cluster", "index", "train", "influence"]
+STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence"]
 
 
 def cmd_run(config: str, progress: bool = True) -> int:
@@ -329,8 +360,8 @@ def cmd_run(config: str, progress: bool = True) -> int:
 
 
 COMMANDS: dict[str, Callable[..., int]] = {
-    "extract": cmd_extract, "cluster": cmd_cluster, "index": cmd_index, "train": cmd_train,
-    "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
+    "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
+    "train": cmd_train, "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
 }
 
 
@@ -371,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the extractor's batch size)")
     p.add_argument("--ray-cpus-per-actor", type=float,
                    help="CPUs per model actor (default: an equal share, less the reader's)")
+
+    p = sub.add_parser("combine", help="feature sets made of several, e.g. mobilenet_v2+style")
+    p.add_argument("--run", required=True)
+    p.add_argument("sets", nargs="+", metavar="SET",
+                   help="parts joined by '+', a part optionally weighted as NAME@WEIGHT")
 
     p = sub.add_parser("cluster", help="cluster each feature set, score it and map it with UMAP")
     p.add_argument("--run", required=True)

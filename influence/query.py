@@ -25,6 +25,7 @@ from PIL import Image
 
 from influence.classify import Head, load_head, trained_heads
 from influence.clustering import Clustering, load_clustering
+from influence.combined import CombinedExtractor
 from influence.extractors import Extractor, extractor_class, get_extractor
 from influence.images import BadImage, check_size, open_rgb, to_rgb
 from influence.neighbours import (
@@ -76,13 +77,24 @@ def query_cost(features: str) -> float:
 
 def load_extractor(run: Run, features: str) -> Extractor:
     """The extractor that made a run's features, with the same weights and fitted state."""
-    config = run.features_info(features).get("config", {})
-    extractor = get_extractor(features, config.get("weights_spec"))
+    info = run.features_info(features)
+    if "parts" in info:
+        return CombinedExtractor([(load_extractor(run, p["name"]), p["weight"])
+                                  for p in info["parts"]])
+    config = info.get("config", {})
+    if "imported" in config:
+        raise NoExtractor(f"feature set '{features}' was imported from {config['imported']}: "
+                          f"it has no extractor to embed a new image")
+    extractor = get_extractor(config.get("extractor", features), config.get("weights_spec"))
     if extractor.needs_fit:
         state = run.features_dir / f"{features}.fit.joblib"
         run.require(state, f"extract --extractors {features}")
         extractor.set_state(joblib.load(state))
     return extractor.load()
+
+
+class NoExtractor(InfluenceError):
+    """A feature set that can answer for its indexed paintings but cannot embed a new image."""
 
 
 def _load_clustering(run: Run, features: str) -> Clustering | None:
@@ -122,7 +134,11 @@ class Explorer:
         self._titles = catalog["title"].to_numpy(dtype=object)
         self._row = {image_id: i for i, image_id in enumerate(self._ids)}
         self._x = run.features(self.features)
-        self._extractor = load_extractor(run, self.features)
+        try:
+            self._extractor: Extractor | None = load_extractor(run, self.features)
+            self._no_extractor = ""
+        except NoExtractor as e:
+            self._extractor, self._no_extractor = None, str(e)
         self._heads: list[Head] = [load_head(run, t, f) for t, f in trained_heads(run)
                                    if f == self.features]
         self._clustering = _load_clustering(run, self.features)
@@ -136,6 +152,8 @@ class Explorer:
         """The `similar --json` object for one image; a bad image gives {"query", "error"}."""
         start = time.perf_counter()
         label = _label(image)
+        if self._extractor is None:
+            return {"query": label, "error": self._no_extractor}
         try:
             x = self._extractor.embed([_open(image)])
         except BadImage as e:

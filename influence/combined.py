@@ -1,0 +1,178 @@
+"""Combined feature sets: several feature sets side by side, each L2-normalised and weighted.
+
+A combined set is named by its parts, `mobilenet_v2+efficientnet_lite0+style`, each part
+optionally weighted as `style@0.5`. Row i is the parts' rows i, each scaled to length `weight`,
+concatenated: under cosine similarity every part counts by its weight whatever its dimension.
+It is stored once, as `features/<name>.npy` and `.json` like an extracted set, so every stage
+reads it through `Run.features`; it is rebuilt when a part's features change. A query is embedded
+by each part's own extractor and combined the same way (`CombinedExtractor`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from influence.extractors import Extractor
+from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+
+SEP = "+"
+WEIGHT_SEP = "@"
+#: Rows combined at a time, so memory stays bounded on a large collection.
+CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    weight: float = 1.0
+
+    def __str__(self) -> str:
+        return self.name if self.weight == 1.0 else f"{self.name}{WEIGHT_SEP}{self.weight:g}"
+
+
+def is_combined(name: str) -> bool:
+    return SEP in name
+
+
+def parse(spec: str) -> list[Part]:
+    """The parts of `a+b@0.5+c`; InfluenceError on a malformed spec."""
+    parts = []
+    for item in spec.split(SEP):
+        name, sep, weight = item.strip().partition(WEIGHT_SEP)
+        try:
+            value = float(weight) if sep else 1.0
+        except ValueError:
+            value = float("nan")
+        if not name or not np.isfinite(value) or value <= 0:
+            raise InfluenceError(f"bad part '{item}' in combined feature set '{spec}' "
+                                 f"(expected NAME or NAME{WEIGHT_SEP}WEIGHT, weight > 0)")
+        parts.append(Part(name, value))
+    names = [p.name for p in parts]
+    if len(parts) < 2 or len(set(names)) != len(names):
+        raise InfluenceError(f"combined feature set '{spec}' needs two or more different parts")
+    return parts
+
+
+def canonical(spec: str) -> str:
+    """The stored name of a spec (weights of 1 dropped, weights written shortest)."""
+    return SEP.join(str(p) for p in parse(spec))
+
+
+def combine(blocks: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Rows of each block L2-normalised and scaled by its weight, concatenated (float32)."""
+    out = []
+    for block, weight in zip(blocks, weights, strict=True):
+        x = np.asarray(block, dtype=np.float32)
+        norm = np.linalg.norm(x, axis=1, keepdims=True)
+        out.append(x * (weight / np.maximum(norm, np.finfo(np.float32).tiny)))
+    return np.concatenate(out, axis=1)
+
+
+def save_features(run: Run, name: str, matrix_rows: int, dim: int,
+                  fill: Callable[[np.ndarray], None], info: dict[str, Any]) -> None:
+    """Write features/<name>.npy (filled in place by `fill`) then its JSON, each atomically."""
+    run.features_dir.mkdir(parents=True, exist_ok=True)
+    path = run.features_dir / f"{name}.npy"
+    tmp = path.with_name(path.name + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(matrix_rows, dim))
+    fill(out)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    write_json(run.features_dir / f"{name}.json", info)
+
+
+def build_combined(run: Run, spec: str) -> dict[str, Any]:
+    """Bring the combined set `spec` up to date in the run; returns its JSON (+ up_to_date)."""
+    parts = parse(spec)
+    name = canonical(spec)
+    for part in parts:
+        if is_combined(part.name):
+            raise InfluenceError(f"'{part.name}' in '{spec}' is itself combined: list its parts")
+        run.features(part.name)
+    infos = [run.features_info(p.name) for p in parts]
+    key = fingerprint([(run.features_dir / f"{p.name}.json").read_text() for p in parts]
+                      + [name])
+    json_path = run.features_dir / f"{name}.json"
+    if json_path.exists() and (run.features_dir / f"{name}.npy").exists():
+        info = read_json(json_path)
+        if info.get("input") == key:
+            return {**info, "up_to_date": True}
+    blocks = [run.features(p.name) for p in parts]
+    rows = {len(b) for b in blocks}
+    catalogs = {i.get("catalog") for i in infos}
+    if len(rows) > 1 or len(catalogs) > 1:
+        raise InfluenceError(f"the parts of '{name}' were made from different catalogs: "
+                             f"run extract again first")
+    n, dim = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+    weights = [p.weight for p in parts]
+
+    def fill(out: np.ndarray) -> None:
+        for start in range(0, n, CHUNK):
+            out[start:start + CHUNK] = combine([b[start:start + CHUNK] for b in blocks], weights)
+
+    info = {"extractor": "combined", "dim": dim, "rows": n,
+            "weights": "; ".join(f"{p.name}: {i.get('weights')}" for p, i in zip(parts, infos,
+                                                                                 strict=True)),
+            "parts": [{"name": p.name, "weight": p.weight, "dim": int(b.shape[1]),
+                       "weights": i.get("weights"), "extractor": i.get("extractor")}
+                      for p, b, i in zip(parts, blocks, infos, strict=True)],
+            "preprocessing": "each part L2-normalised per row, scaled by its weight, concatenated",
+            "config": {"combined": name}, "catalog": infos[0].get("catalog"), "input": key,
+            "versions": versions()}
+    save_features(run, name, n, dim, fill, info)
+    return {**info, "up_to_date": False}
+
+
+def ensure_combined(run: Run, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Build or refresh the combined sets among `names` (a stage may name one not yet built)."""
+    return [build_combined(run, name) for name in names if is_combined(name)]
+
+
+class CombinedExtractor(Extractor):
+    """Embeds images with each part's extractor and combines them as the stored set was."""
+
+    name = "combined"
+    summary = "several feature sets, each L2-normalised and weighted, concatenated"
+
+    def __init__(self, parts: Sequence[tuple[Extractor, float]]) -> None:
+        super().__init__(None)
+        self.parts = list(parts)
+        self.weights_used = "; ".join(f"{e.name}: {e.weights_used}" for e, _ in self.parts)
+
+    @property
+    def preprocess(self) -> Callable[[Image.Image], tuple[Any, ...]]:
+        return _EachPart(tuple(e.preprocess for e, _ in self.parts))
+
+    @property
+    def dim(self) -> int:
+        return sum(e.dim for e, _ in self.parts)
+
+    def load(self) -> CombinedExtractor:
+        for extractor, _ in self.parts:
+            extractor.load()
+        return self
+
+    def transform(self, batch: Sequence[Any]) -> np.ndarray:
+        """`batch` holds one preprocessed batch per part, in the parts' order."""
+        return combine([e.transform(b) for (e, _), b in zip(self.parts, batch, strict=True)],
+                       [w for _, w in self.parts])
+
+    def embed(self, images: list[Image.Image]) -> np.ndarray:
+        return combine([e.embed(images) for e, _ in self.parts], [w for _, w in self.parts])
+
+
+@dataclass(frozen=True)
+class _EachPart:
+    """Every part's preprocessing of one image (picklable)."""
+
+    steps: tuple[Callable[[Image.Image], Any], ...]
+
+    def __call__(self, image: Image.Image) -> tuple[Any, ...]:
+        return tuple(step(image) for step in self.steps)
