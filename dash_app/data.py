@@ -105,9 +105,9 @@ def _heads(run: Run) -> pd.DataFrame | None:
     rows = []
     for target, features in trained_heads(run):
         info = read_json(head_paths(run, target, features)["json"])
-        rows.append({"target": target, "features": features,
+        rows.append({"target": target, "features": features, "head": info.get("head"),
                      **{k: info.get(k) for k in ("accuracy", "macro_f1", "top5_accuracy",
-                                                 "n_train", "n_test")}})
+                                                 "ece", "n_train", "n_test")}})
     return pd.DataFrame(rows) if rows else None
 
 

@@ -1,11 +1,14 @@
 """Classifier heads on frozen features: which style, genre, artist or nationality a picture has.
 
-A head is a scikit-learn pipeline (L2 normalisation, standardisation, multinomial logistic
-regression with balanced class weights, so rare classes count as much as common ones), fitted on
-the training part of a stratified, seeded split that is saved per target
+A head is a scikit-learn pipeline (L2 normalisation, standardisation, then a multinomial logistic
+regression or a one-hidden-layer MLP, both weighting classes so rare ones count as much as common
+ones), fitted on the training part of a stratified, seeded split that is saved per target
 (`RUN/models/split-<target>.parquet`, shared by every feature set so heads compare fairly) and
-evaluated on the held-out part. Rows without the target label are left out, not guessed; labels
-with fewer than `MIN_PER_CLASS` paintings are dropped from that head, and the head says so.
+evaluated on the held-out part. With `head="auto"` the kind is chosen per target and feature set
+on a validation slice of the training part (never the held-out part), then refitted on all of it.
+Rows without the target label are left out, not guessed; labels with fewer than `MIN_PER_CLASS`
+paintings are dropped from that head, and the head says so. Besides accuracy, the held-out
+metrics include the expected calibration error, so a probability shown can be read as one.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.utils.class_weight import compute_sample_weight
 from tqdm.auto import tqdm
 
 from influence.runs import (
@@ -56,6 +61,16 @@ MIN_PER_CLASS = 5
 C = 0.1
 MAX_ITER = 1000
 TOP_K = 5
+#: Head kinds; "auto" picks one of them per target and feature set on a validation slice.
+HEADS = ("logistic", "mlp")
+#: Share of the training part held back to choose the head kind.
+VALIDATION_SIZE = 0.2
+#: The MLP: hidden units, L2 penalty, and the epochs without improvement before it stops.
+MLP_HIDDEN = 512
+MLP_ALPHA = 1.0
+MLP_PATIENCE = 10
+#: Equal-width confidence bins of the expected calibration error.
+ECE_BINS = 15
 #: Most confidently wrong test paintings kept per head.
 WRONG_ROWS = 50
 
@@ -82,11 +97,54 @@ def make_split(image_ids: Sequence[str], labels: Sequence[Any], test_size: float
     return frame.assign(part=pd.array(part, dtype="string")), dropped
 
 
-def make_head(c: float = C) -> Pipeline:
-    """The untrained head: normalise, standardise, balanced multinomial logistic regression."""
-    return make_pipeline(Normalizer(), StandardScaler(),
-                         LogisticRegression(C=c, class_weight="balanced", max_iter=MAX_ITER,
-                                            random_state=SEED))
+def make_head(kind: str = "logistic", c: float = C) -> Pipeline:
+    """The untrained head: normalise, standardise, then a logistic regression or an MLP."""
+    if kind == "mlp":
+        model = MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=MLP_ALPHA,
+                              early_stopping=True, n_iter_no_change=MLP_PATIENCE,
+                              max_iter=MAX_ITER, random_state=SEED)
+    elif kind == "logistic":
+        model = LogisticRegression(C=c, class_weight="balanced", max_iter=MAX_ITER,
+                                   random_state=SEED)
+    else:
+        raise InfluenceError(f"unknown head '{kind}' (heads: {', '.join(HEADS)}, auto)")
+    return make_pipeline(Normalizer(), StandardScaler(), model)
+
+
+def fit_head(head: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
+    """Fit with balanced class weights (the MLP has no class_weight, so it gets sample weights)."""
+    if isinstance(head[-1], MLPClassifier):
+        step = head.steps[-1][0]
+        return head.fit(x, y, **{f"{step}__sample_weight": compute_sample_weight("balanced", y)})
+    return head.fit(x, y)
+
+
+def choose_head(x: np.ndarray, y: np.ndarray) -> tuple[str, dict[str, float]]:
+    """The head kind with the best accuracy on a seeded, stratified validation slice of (x, y)."""
+    fit, val = train_test_split(np.arange(len(y)), test_size=VALIDATION_SIZE, random_state=SEED,
+                                stratify=y)
+    scores = {}
+    for kind in HEADS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            head = fit_head(make_head(kind), x[fit], y[fit])
+        scores[kind] = round(float(accuracy_score(y[val], head.predict(x[val]))), 4)
+    return max(HEADS, key=lambda k: scores[k]), scores
+
+
+def expected_calibration_error(y_true: Sequence[str], proba: np.ndarray,
+                               classes: Sequence[str], bins: int = ECE_BINS) -> float:
+    """Top-label ECE: the mean gap between confidence and accuracy over equal-width bins,
+    weighted by the share of predictions in each bin (0 = probabilities mean what they say)."""
+    confidence = proba.max(axis=1)
+    correct = np.asarray(classes, dtype=object)[proba.argmax(axis=1)] == np.asarray(y_true,
+                                                                                   dtype=object)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    gap = 0.0
+    for b in np.unique(which):
+        inside = which == b
+        gap += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(gap)
 
 
 def evaluate(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str],
@@ -105,7 +163,8 @@ def evaluate(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str],
              else top_k_accuracy_score(y_true, proba, k=k, labels=classes))
     metrics = {"accuracy": float(accuracy_score(y_true, y_pred)), "macro_precision": float(p),
                "macro_recall": float(r), "macro_f1": float(f), "top5_accuracy": float(top_k),
-               "top_k": k, "n_test": len(y_true), "chance_accuracy": 1 / len(classes)}
+               "top_k": k, "n_test": len(y_true), "chance_accuracy": 1 / len(classes),
+               "ece": expected_calibration_error(y_true, proba, classes), "ece_bins": ECE_BINS}
     pc, rc, fc, sc = precision_recall_fscore_support(y_true, y_pred, labels=classes,
                                                      zero_division=0)
     per_class = pd.DataFrame({"label": classes, "precision": pc, "recall": rc, "f1": fc,
@@ -174,9 +233,9 @@ def _draw_confusion(matrix: pd.DataFrame, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | None = None
-               ) -> dict[str, Any]:
-    """Bring one head up to date: fit, evaluate and write its files; returns its JSON."""
+def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | None = None,
+               head: str = "auto") -> dict[str, Any]:
+    """Bring one head up to date: choose (`head="auto"`), fit, evaluate, write; returns its JSON."""
     catalog = run.catalog() if catalog is None else catalog
     split, dropped = run_split(run, target, catalog)
     paths = head_paths(run, target, features)
@@ -185,18 +244,20 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
                              f"{MIN_PER_CLASS} paintings each; nothing to learn")
     step = Step("train", f"{target}/{features}",
                 {"c": C, "max_iter": MAX_ITER, "min": MIN_PER_CLASS, "seed": SEED,
-                 "test": TEST_SIZE}, VERSION,
+                 "test": TEST_SIZE, "head": head, "mlp": [MLP_HIDDEN, MLP_ALPHA, MLP_PATIENCE],
+                 "validation": VALIDATION_SIZE, "ece_bins": ECE_BINS}, VERSION,
                 {**column_fingerprints(catalog, [target]),
                  "split": fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
                                       + split["part"]),
                  "features": run.step_key("extract", features)},
                 tuple(paths.values()))
-    report = run.step(step, lambda: _train(run, target, features, catalog, split, dropped))
+    report = run.step(step, lambda: _train(run, target, features, catalog, split, dropped,
+                                           head))
     return {**read_json(paths["json"]), "up_to_date": report["up_to_date"]}
 
 
 def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: pd.DataFrame,
-           dropped: dict) -> dict[str, Any]:
+           dropped: dict, head: str) -> dict[str, Any]:
     """Fit, evaluate and write one head; returns what run.json records of it."""
     paths = head_paths(run, target, features)
     x_all = run.features(features)
@@ -206,19 +267,22 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
     labels = split["label"].to_numpy(dtype=object)
     x = np.asarray(x_all[rows], dtype=np.float32)
     start = time.perf_counter()
-    head = make_head()
+    kind, validation = ((head, {}) if head != "auto" else choose_head(x[train], labels[train]))
+    choose_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model = make_head(kind)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        head.fit(x[train], labels[train])
+        fit_head(model, x[train], labels[train])
     fit_s = time.perf_counter() - start
-    classes = [str(c) for c in head.classes_]
-    proba = head.predict_proba(x[test])
+    classes = [str(c) for c in model.classes_]
+    proba = model.predict_proba(x[test])
     metrics, per_class, matrix = evaluate(labels[test], proba, classes)
     n_train = pd.Series(labels[train]).value_counts()
     per_class["n_train"] = per_class["label"].map(n_train).fillna(0).astype(int)
 
     run.models_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump({"pipeline": head, "classes": classes, "target": target, "features": features},
+    joblib.dump({"pipeline": model, "classes": classes, "target": target, "features": features},
                 paths["model"])
     per_class.to_csv(paths["per_class"], index=False)
     matrix.to_csv(paths["confusion"])
@@ -233,12 +297,15 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
             "dropped_classes": dropped, "min_per_class": MIN_PER_CLASS,
             "split": {"file": split_path(run, target).name, "test_size": TEST_SIZE, "seed": SEED,
                       "stratified": True},
-            "model": repr(head), "converged": not any(issubclass(w.category, ConvergenceWarning)
-                                                      for w in caught),
-            "timings": {"fit_s": round(fit_s, 3)}, "versions": versions()}
+            "head": kind, "head_choice": {"asked": head, "validation_accuracy": validation,
+                                          "validation_size": VALIDATION_SIZE},
+            "model": repr(model), "converged": not any(issubclass(w.category, ConvergenceWarning)
+                                                       for w in caught),
+            "timings": {"fit_s": round(fit_s, 3), "choose_s": round(choose_s, 3)},
+            "versions": versions()}
     write_json(paths["json"], info)
-    return {k: info[k] for k in ("accuracy", "macro_f1", "top5_accuracy", "n_train", "n_test",
-                                 "timings")}
+    return {k: info[k] for k in ("head", "accuracy", "macro_f1", "top5_accuracy", "ece",
+                                 "n_train", "n_test", "timings")}
 
 
 def _wrong(catalog: pd.DataFrame, rows: np.ndarray, truth: np.ndarray, proba: np.ndarray,
@@ -259,18 +326,20 @@ def _wrong(catalog: pd.DataFrame, rows: np.ndarray, truth: np.ndarray, proba: np
 
 
 def train_heads(run: Run, targets: Sequence[str], features: Sequence[str],
-                progress: bool = True) -> list[dict[str, Any]]:
+                progress: bool = True, head: str = "auto") -> list[dict[str, Any]]:
     """`train` stage: one head per (target, feature set), each kept if up to date."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise InfluenceError(f"unknown target(s) {', '.join(unknown)} "
                              f"(targets: {', '.join(TARGETS)})")
+    if head not in (*HEADS, "auto"):
+        raise InfluenceError(f"unknown head '{head}' (heads: {', '.join(HEADS)}, auto)")
     catalog = run.catalog()
     jobs = [(t, f) for f in features for t in targets]
     out, skipped = [], []
     for target, name in tqdm(jobs, desc="train", unit="head", disable=not progress):
         try:
-            out.append(train_head(run, target, name, catalog))
+            out.append(train_head(run, target, name, catalog, head))
         except NothingToLearn as e:
             skipped.append(str(e))
     if not out and skipped:
@@ -293,9 +362,15 @@ class Head:
     pipeline: Pipeline
     classes: np.ndarray
 
-    def top(self, x: np.ndarray, k: int = TOP_K) -> list[list[dict[str, Any]]]:
-        """For each row: the k most probable labels, [{label, p}], most probable first."""
+    def top(self, x: np.ndarray, k: int = TOP_K, average: bool = False
+            ) -> list[list[dict[str, Any]]]:
+        """For each row: the k most probable labels, [{label, p}], most probable first.
+
+        `average`: one answer from the mean probabilities of all rows (views of one image).
+        """
         proba = self.pipeline.predict_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+        if average:
+            proba = proba.mean(axis=0, keepdims=True)
         order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         return [[{"label": str(self.classes[j]), "p": round(float(p[j]), 4)} for j in o]
                 for p, o in zip(proba, order, strict=True)]

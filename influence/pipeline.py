@@ -175,7 +175,8 @@ def cmd_index(run: str, features: str | Sequence[str] | None = None,
 
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
-              features: str | Sequence[str] | None = None, progress: bool = True) -> int:
+              features: str | Sequence[str] | None = None, head: str = "auto",
+              progress: bool = True) -> int:
     """Classifier heads on frozen features, evaluated on a stratified held-out split."""
     from influence.classify import train_heads
 
@@ -184,17 +185,18 @@ def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
     targets = _names(target) or []
-    infos = train_heads(out, targets, names, progress=progress)
+    infos = train_heads(out, targets, names, progress=progress, head=head)
     for i in infos:
         if i["dropped_classes"] and not i["up_to_date"]:
             print(f"note: {i['target']}/{i['features']}: left out "
                   f"{len(i['dropped_classes'])} label(s) with fewer than {i['min_per_class']} "
                   f"paintings ({', '.join(list(i['dropped_classes'])[:5])}"
                   f"{', ...' if len(i['dropped_classes']) > 5 else ''})")
-    _table(["target", "features", "classes", "train", "test", "accuracy", "macro F1", "top-5",
-            "this run"],
-           [(i["target"], i["features"], len(i["classes"]), i["n_train"], i["n_test"],
+    _table(["target", "features", "head", "classes", "train", "test", "accuracy", "macro F1",
+            "top-5", "ECE", "this run"],
+           [(i["target"], i["features"], i["head"], len(i["classes"]), i["n_train"], i["n_test"],
              f"{i['accuracy']:.3f}", f"{i['macro_f1']:.3f}", f"{i['top5_accuracy']:.3f}",
+             f"{i['ece']:.3f}",
              "up to date" if i["up_to_date"] else f"fitted in {i['timings']['fit_s']:.1f} s")
             for i in infos])
     return 0
@@ -228,13 +230,13 @@ def _fmt(value: float | None) -> str:
 
 # ---------------------------------------------------------------------------------------- similar
 def cmd_similar(run: str, images: Sequence[str], k: int = 10, features: str | None = None,
-                json: bool = False, progress: bool = True) -> int:
+                json: bool = False, flip: bool = False, progress: bool = True) -> int:
     """Nearest paintings, similar artists, head predictions and GMM responsibilities per image."""
     import json as json_module
 
     from influence.query import Explorer, collect_queries
 
-    explorer = Explorer(Run(Path(run)), features)
+    explorer = Explorer(Run(Path(run)), features, flip=flip)
     failed = 0
     for label, path in collect_queries(images):
         answer = (explorer.query(path, k=k) if path is not None
@@ -423,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="style,genre,artist,nationality",
                    help="comma-separated: style, genre, artist, nationality (default: all)")
     p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
+    p.add_argument("--head", default="auto", choices=["auto", "logistic", "mlp"],
+                   help="head kind; auto: chosen per target on a validation slice (default)")
 
     p = sub.add_parser("influence", help="who looks like whom across artists, ordered by time")
     p.add_argument("--run", required=True)
@@ -436,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="how many paintings (default 10)")
     p.add_argument("--features", help="feature set to search (default: the run's best)")
     p.add_argument("--json", action="store_true", help="one JSON object per image, per line")
+    p.add_argument("--flip", action="store_true",
+                   help="also embed each image mirrored and average (test-time augmentation)")
 
     p = sub.add_parser("export", help="write a cluster, a selection, a filter or an influence "
                        "table as CSV and Parquet (reads the run only)")

@@ -21,7 +21,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from influence.classify import Head, load_head, trained_heads
 from influence.clustering import Clustering, load_clustering
@@ -112,8 +112,11 @@ def _value(v: Any) -> Any:
 class Explorer:
     """Nearest paintings, similar artists, head predictions and clusters for images (see module)."""
 
-    def __init__(self, run: Run, features: str | None = None) -> None:
+    def __init__(self, run: Run, features: str | None = None, flip: bool = False) -> None:
         self.run = run
+        #: Test-time augmentation: a query is embedded as itself and mirrored left-right; the
+        #: search uses the mean of the two vectors and the heads the mean of their probabilities.
+        self.flip = flip
         self.features: str = features or default_features(run)
         if self.features not in indexed_features(run):
             raise InfluenceError(f"feature set '{self.features}' is not indexed in run "
@@ -155,11 +158,13 @@ class Explorer:
         if self._extractor is None:
             return {"query": label, "error": self._no_extractor}
         try:
-            x = self._extractor.embed([_open(image)])
+            picture = _open(image)
         except BadImage as e:
             return {"query": label, "error": str(e)}
-        clusters = (self._clustering.responsibilities(x)[0] if self._clustering is not None
-                    else None)
+        views = [picture, ImageOps.mirror(picture)] if self.flip else [picture]
+        x = self._extractor.embed(views)
+        clusters = (None if self._clustering is None
+                    else self._clustering.responsibilities(x.mean(axis=0, keepdims=True))[0])
         return self._answer(label, x, k, None, clusters, start)
 
     def neighbours_of(self, image_id: str, k: int = 10) -> dict[str, Any]:
@@ -190,7 +195,8 @@ class Explorer:
                 clusters: np.ndarray | None, start: float) -> dict[str, Any]:
         if k < 1:
             raise InfluenceError(f"k must be at least 1, got {k}")
-        scores, rows = search(self._index, x, max(k, ARTIST_POOL) + (exclude is not None))
+        query = normalise(x).mean(axis=0, keepdims=True)
+        scores, rows = search(self._index, query, max(k, ARTIST_POOL) + (exclude is not None))
         keep = (rows[0] >= 0) & (rows[0] != (-1 if exclude is None else exclude))
         scores, rows = scores[0][keep], rows[0][keep]
         paintings = [{"image_id": self._ids[r], "file": self._files[r],
@@ -198,7 +204,7 @@ class Explorer:
                       "score": round(float(s), 4)} for s, r in zip(scores[:k], rows[:k],
                                                                      strict=True)]
         artists = rank_artists(scores[:ARTIST_POOL], self._artists[rows[:ARTIST_POOL]])[:k]
-        predictions = {h.target: h.top(x)[0] for h in self._heads}
+        predictions = {h.target: h.top(x, average=True)[0] for h in self._heads}
         listed = []
         if clusters is not None:
             order = np.argsort(-clusters, kind="stable")

@@ -16,8 +16,11 @@ from sklearn.metrics import (
 from sklearn.pipeline import Pipeline
 
 from influence.classify import (
+    HEADS,
     MIN_PER_CLASS,
     TEST_SIZE,
+    choose_head,
+    expected_calibration_error,
     head_paths,
     make_head,
     run_split,
@@ -34,9 +37,11 @@ FEATURES = "mobilenet_v2,pca"
 
 @pytest.fixture(scope="module")
 def trained(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """Artist and genre heads on both feature sets (genre: 33 paintings unlabelled, imbalanced)."""
+    """Logistic artist and genre heads on both feature sets (genre: 33 paintings unlabelled,
+    imbalanced)."""
     run = copy_run(small_run, tmp_path_factory.mktemp("trained"))
-    assert cmd_train(run=str(run.root), target=TARGETS, features=FEATURES, progress=False) == 0
+    assert cmd_train(run=str(run.root), target=TARGETS, features=FEATURES, head="logistic",
+                     progress=False) == 0
     return run
 
 
@@ -165,7 +170,7 @@ def test_second_train_is_up_to_date(trained: Run, capsys: pytest.CaptureFixture)
     model = head_paths(trained, "artist", "mobilenet_v2")["model"]
     before = model.stat().st_mtime_ns
     capsys.readouterr()
-    assert cmd_train(run=str(trained.root), target=TARGETS, features=FEATURES,
+    assert cmd_train(run=str(trained.root), target=TARGETS, features=FEATURES, head="logistic",
                      progress=False) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.split()[:1] in (["artist"], ["genre"])]
@@ -208,3 +213,62 @@ def test_a_target_with_nothing_to_learn_is_skipped_unless_it_is_all_there_is(
     assert main(["train", "--run", str(run.root), "--target", "nationality",
                  "--features", "pca"]) == 2
     assert "nothing to learn" in capsys.readouterr().err
+
+
+def test_calibration_error_of_known_cases() -> None:
+    classes = ["a", "b"]
+    # Always 90 % sure and right 9 times in 10: calibrated. Always sure, right half the time: 0.5.
+    proba = np.tile([0.9, 0.1], (10, 1))
+    assert expected_calibration_error(["a"] * 9 + ["b"], proba, classes) == pytest.approx(0.0)
+    sure = np.tile([1.0, 0.0], (10, 1))
+    assert expected_calibration_error(["a", "b"] * 5, sure, classes) == pytest.approx(0.5)
+    # Two bins: 0.6 sure and always right (gap 0.4) on 3 rows, 0.95 sure and right (0.05) on 1.
+    mixed = np.array([[0.6, 0.4]] * 3 + [[0.05, 0.95]])
+    assert expected_calibration_error(["a", "a", "a", "b"], mixed, classes) == pytest.approx(
+        0.75 * 0.4 + 0.25 * 0.05)
+
+
+def test_stored_calibration_error_is_that_of_the_saved_head_on_the_test_part(
+        trained: Run) -> None:
+    info, split, x, labels = _saved(trained, "artist", "mobilenet_v2")
+    saved = joblib.load(head_paths(trained, "artist", "mobilenet_v2")["model"])
+    test = (split["part"] == "test").to_numpy()
+    proba = saved["pipeline"].predict_proba(x[test])
+    assert info["ece"] == pytest.approx(expected_calibration_error(labels[test], proba,
+                                                                   saved["classes"]))
+    assert 0 < info["ece"] < 0.5
+
+
+@pytest.fixture(scope="module")
+def chosen(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Artist heads of each kind, and one chosen automatically, on mobilenet_v2."""
+    run = copy_run(small_run, tmp_path_factory.mktemp("chosen"))
+    for head in HEADS:
+        assert cmd_train(run=str(run.root), target="artist", features="mobilenet_v2", head=head,
+                         progress=False) == 0
+        models = run.models_dir
+        for path in models.glob("artist-mobilenet_v2.*"):
+            path.rename(models / f"{head}-{path.name}")
+    assert cmd_train(run=str(run.root), target="artist", features="mobilenet_v2",
+                     progress=False) == 0
+    return run
+
+
+def test_mlp_head_is_an_mlp_with_balanced_weights_and_learns_the_artist(chosen: Run) -> None:
+    info = read_json(chosen.models_dir / "mlp-artist-mobilenet_v2.json")
+    mlp = joblib.load(chosen.models_dir / "mlp-artist-mobilenet_v2.joblib")["pipeline"]
+    assert info["head"] == "mlp" and type(mlp[-1]).__name__ == "MLPClassifier"
+    assert mlp[-1].hidden_layer_sizes == (512,)
+    assert info["accuracy"] >= 0.6  # chance: 0.17
+
+
+def test_auto_head_is_chosen_on_a_slice_of_the_training_part(chosen: Run) -> None:
+    info, split, x, labels = _saved(chosen, "artist", "mobilenet_v2")
+    train = (split["part"] == "train").to_numpy()
+    kind, scores = choose_head(x[train], labels[train])
+    assert info["head_choice"]["asked"] == "auto"
+    assert info["head_choice"]["validation_accuracy"] == scores
+    assert info["head"] == kind == max(scores, key=scores.get)
+    # The chosen head is that kind refitted on the whole training part: same test results.
+    same = read_json(chosen.models_dir / f"{kind}-artist-mobilenet_v2.json")
+    assert info["accuracy"] == same["accuracy"] and info["ece"] == same["ece"]

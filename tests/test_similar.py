@@ -233,3 +233,25 @@ def test_unusable_requests_are_clear_errors(built: Run, explorer: Explorer,
         explorer.neighbours_of("0" * 16)
     tiny = explorer.query(Image.new("RGB", (8, 8)))
     assert set(tiny) == {"query", "error"} and "too small" in tiny["error"]
+
+
+def test_with_flip_a_picture_and_its_mirror_image_get_the_same_answer(
+        built: Run, tmp_path: Path) -> None:
+    flipping, plain = Explorer(built, "mobilenet_v2", flip=True), Explorer(built, "mobilenet_v2")
+    (image_id, path), = _paintings(built, 1)
+    with Image.open(path) as im:
+        im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "m.png")
+    answers = [flipping.query(p, k=5) for p in (path, tmp_path / "m.png")]
+    first, second = answers
+    assert [p["image_id"] for p in first["paintings"]] == [p["image_id"]
+                                                           for p in second["paintings"]]
+    assert [p["score"] for p in first["paintings"]] == pytest.approx(
+        [p["score"] for p in second["paintings"]], abs=2e-3)
+    for target, top in first["predictions"].items():
+        assert [t["label"] for t in top] == [t["label"] for t in second["predictions"][target]]
+        assert [t["p"] for t in top] == pytest.approx(
+            [t["p"] for t in second["predictions"][target]], abs=2e-3)
+    # Averaging over the mirror image really changes the answer (it is not a no-op).
+    alone = plain.query(path, k=5)
+    assert answers[0]["paintings"][0]["image_id"] == image_id
+    assert answers[0]["paintings"][0]["score"] < alone["paintings"][0]["score"]
