@@ -228,6 +228,31 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+# --------------------------------------------------------------------------------------- finetune
+def cmd_finetune(run: str, target: str = "style", backbone: str = "mobilenet_v2",
+                 weights: str | None = None, head_epochs: int = 1, epochs: int = 10,
+                 budget: float | None = None, batch_size: int = 32, workers: int | None = None,
+                 progress: bool = True) -> int:
+    """Fine-tune a backbone with its head on the target's split; its features become a set."""
+    from influence.finetune import finetune
+
+    out = Run(Path(run))
+    if weights and weights != "random":
+        weights = str(Path(weights).resolve())
+    r = finetune(out, target, backbone, weights, head_epochs=head_epochs, epochs=epochs,
+                 budget_s=None if budget is None else budget * 60, batch_size=batch_size,
+                 workers=workers, progress=progress)
+    _table(["target", "features", "device", "epochs", "best", "stopped", "training", "accuracy",
+            "top-5", "ECE", "this run"],
+           [(r["target"], r["features"], r["device"], len(r["history"]), r["best_epoch"],
+             r["stopped"], f"{r['training_s'] / 60:.1f} min", f"{r['accuracy']:.3f}",
+             f"{r['top5_accuracy']:.3f}", f"{r['ece']:.3f}",
+             "up to date" if r["up_to_date"] else "trained")])
+    out.record_stage("finetune", target=target, backbone=backbone, features=r["features"],
+                     accuracy=r["accuracy"], training_s=r["training_s"], stopped=r["stopped"])
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- similar
 def cmd_similar(run: str, images: Sequence[str], k: int = 10, features: str | None = None,
                 json: bool = False, flip: bool = False, progress: bool = True) -> int:
@@ -364,6 +389,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
 COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
     "train": cmd_train, "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
+    "finetune": cmd_finetune,
 }
 
 
@@ -433,6 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="feature set (default: the search default)")
     p.add_argument("--recorded", metavar="CSV",
                    help="recorded influences (columns artist, influenced_by) to evaluate against")
+
+    p = sub.add_parser("finetune", help="fine-tune a backbone with its head for one target")
+    p.add_argument("--run", required=True)
+    p.add_argument("--target", default="style", help="catalog column to learn (default style)")
+    p.add_argument("--backbone", default="mobilenet_v2", help="network (default mobilenet_v2)")
+    p.add_argument("--weights", help="backbone weights file, or 'random' (default: ImageNet)")
+    p.add_argument("--head-epochs", type=int, default=1,
+                   help="epochs training the head alone first (default 1)")
+    p.add_argument("--epochs", type=int, default=10,
+                   help="most epochs training the whole net after that (default 10)")
+    p.add_argument("--budget", type=float, metavar="MINUTES",
+                   help="training time limit over all resumptions (default: none)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
 
     p = sub.add_parser("similar", help="paintings and artists that an image resembles")
     p.add_argument("--run", required=True)

@@ -1,0 +1,285 @@
+"""Fine-tuning a backbone with its head for one target, as the works this project grew from do.
+
+`finetune` trains torchvision's MobileNetV2 (ImageNet weights, resolved like the extractor's) with
+a new linear head on the target's recorded split (`models/split-<target>.parquet`):
+
+1. the head alone, the backbone frozen, for `head_epochs`;
+2. the whole net, with lower learning rates for earlier layers (`LAYER_LR`),
+
+with random crops and left-right flips as augmentation and class-balanced cross-entropy. Early
+stopping watches accuracy on a seeded validation slice of the training part (the held-out part is
+only used once, at the end). A checkpoint is written after every epoch, so a killed run resumes
+at the next one; `budget_s` bounds the training time over all resumptions. It runs on CUDA when
+there is a GPU, else on the CPU. The best epoch's backbone is saved as `models/<name>.pth`, its
+penultimate (pooled) features become the feature set `<backbone>-ft-<target>`, and the network's
+own head is judged on the held-out part with the same metrics as the other heads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from sklearn.model_selection import train_test_split
+from sklearn.utils.class_weight import compute_class_weight
+from torch.utils.data import DataLoader, Dataset
+from torchvision import models
+from tqdm.auto import tqdm
+
+from influence.classify import SEED, VALIDATION_SIZE, evaluate, run_split
+from influence.extractors import get_extractor, load_checked, resolve_state_dict
+from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
+from influence.features import FeatureStore, Item, default_workers, process
+from influence.images import open_rgb
+from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+
+BACKBONES = ("mobilenet_v2",)
+SIZE = 224
+BATCH_SIZE = 32
+#: Learning rate of the new head; in phase 2 a block of `features` gets `HEAD_LR * factor`, the
+#: factor of the first entry whose block index is at least its start (earlier layers learn less).
+HEAD_LR = 1e-3
+LAYER_LR = ((0, 0.01), (7, 0.03), (14, 0.1))
+WEIGHT_DECAY = 1e-4
+#: Random crops keep at least this share of the picture before resizing.
+CROP_SCALE = (0.6, 1.0)
+#: Epochs without a better validation accuracy before phase 2 stops.
+PATIENCE = 2
+
+
+class _Labelled(Dataset):
+    """Paintings with their class index, decoded and transformed in loader workers."""
+
+    def __init__(self, paths: Sequence[Path], labels: np.ndarray, transform: Any) -> None:
+        self.paths, self.labels, self.transform = list(paths), labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(open_rgb(self.paths[i])), int(self.labels[i])
+
+
+def train_transform() -> T.Compose:
+    """Augmentation: a random crop of most of the picture, a coin-flip mirror, ImageNet stats."""
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(SIZE, scale=CROP_SCALE, antialias=True),
+                      T.RandomHorizontalFlip(), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def feature_set_name(backbone: str, target: str) -> str:
+    return f"{backbone}-ft-{target}"
+
+
+def paths_of(run: Run, backbone: str, target: str) -> dict[str, Path]:
+    name = feature_set_name(backbone, target)
+    return {"checkpoint": run.models_dir / f"{name}.checkpoint.pt",
+            "weights": run.models_dir / f"{name}.pth", "report": run.models_dir / f"{name}.json"}
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_model(backbone: str, weights: str | None, classes: int) -> tuple[torch.nn.Module, str]:
+    """The backbone with its pretrained weights and a new `classes`-way head; and the weights."""
+    if backbone not in BACKBONES:
+        raise InfluenceError(f"cannot fine-tune '{backbone}' (backbones: {', '.join(BACKBONES)})")
+    default = models.MobileNet_V2_Weights.DEFAULT
+    state, used = resolve_state_dict(
+        backbone, weights, lambda: default.get_state_dict(progress=True, check_hash=True),
+        f"torchvision {default}")
+    model = models.mobilenet_v2(weights=None)
+    load_checked(model, state, backbone)
+    model.classifier[-1] = torch.nn.Linear(model.last_channel, classes)
+    return model, used
+
+
+def _optimizer(model: torch.nn.Module, phase: str) -> torch.optim.Optimizer:
+    """Phase 'head': only the head learns. Phase 'full': every block, earlier ones slower."""
+    head = {"params": model.classifier.parameters(), "lr": HEAD_LR}
+    if phase == "head":
+        return torch.optim.AdamW([head], weight_decay=WEIGHT_DECAY)
+    groups = [head]
+    for i, block in enumerate(model.features):
+        factor = [f for start, f in LAYER_LR if i >= start][-1]
+        groups.append({"params": block.parameters(), "lr": HEAD_LR * factor})
+    return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
+
+
+def _set_phase(model: torch.nn.Module, phase: str) -> None:
+    for p in model.features.parameters():
+        p.requires_grad_(phase == "full")
+    model.train()
+    if phase == "head":
+        model.features.eval()  # frozen: batch-norm statistics stay the pretrained ones
+
+
+def _predict(model: torch.nn.Module, loader: DataLoader, dev: torch.device) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            out.append(torch.softmax(model(x.to(dev)), dim=1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str | None = None,
+             *, head_epochs: int = 1, epochs: int = 10, budget_s: float | None = None,
+             batch_size: int = BATCH_SIZE, workers: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Fine-tune (or resume), judge on the held-out part, store the feature set; returns the
+    report (also written to `models/<backbone>-ft-<target>.json`)."""
+    catalog = run.catalog()
+    split, _ = run_split(run, target, catalog)
+    if split.empty:
+        raise InfluenceError(f"target '{target}' has too few labelled paintings to fine-tune on")
+    classes = sorted(split["label"].unique())
+    index = {c: i for i, c in enumerate(classes)}
+    files = catalog.set_index("image_id")["file"]
+    paths = np.asarray([run.image_path(f) for f in files.loc[split["image_id"]]], dtype=object)
+    y = split["label"].map(index).to_numpy()
+    train_rows = np.flatnonzero((split["part"] == "train").to_numpy())
+    test_rows = np.flatnonzero((split["part"] == "test").to_numpy())
+    fit_rows, val_rows = train_test_split(train_rows, test_size=VALIDATION_SIZE,
+                                          random_state=SEED, stratify=y[train_rows])
+    workers = default_workers() if workers is None else workers
+    dev = device()
+    torch.manual_seed(SEED)
+
+    def loader(rows: np.ndarray, shuffle_seed: int | None = None) -> DataLoader:
+        """Augmented and shuffled (seeded per epoch) when `shuffle_seed` is given."""
+        train = shuffle_seed is not None
+        transform = train_transform() if train else imagenet_preprocess()
+        data = _Labelled(paths[rows], y[rows], transform)
+        return DataLoader(data, batch_size=batch_size, shuffle=train, num_workers=workers,
+                          generator=torch.Generator().manual_seed(shuffle_seed) if train else None)
+
+    model, weights_used = build_model(backbone, weights, len(classes))
+    model.to(dev)
+    files_at = paths_of(run, backbone, target)
+    config = {"target": target, "backbone": backbone, "weights": weights_used,
+              "split": fingerprint(split["image_id"] + "\0" + split["part"]),
+              "batch_size": batch_size, "head_lr": HEAD_LR, "layer_lr": LAYER_LR, "size": SIZE,
+              "crop_scale": CROP_SCALE, "weight_decay": WEIGHT_DECAY, "seed": SEED}
+    state: dict[str, Any] = {"config": config, "epoch": 0, "history": [], "elapsed_s": 0.0,
+                             "best": None}
+    if files_at["checkpoint"].exists():
+        saved = torch.load(files_at["checkpoint"], map_location="cpu", weights_only=False)
+        if saved["config"] == config:
+            state = saved
+            model.load_state_dict(state["model"])
+        else:
+            print(f"{feature_set_name(backbone, target)}: configuration changed; starting again")
+    weight = torch.tensor(compute_class_weight("balanced", classes=np.arange(len(classes)),
+                                               y=y[train_rows]), dtype=torch.float32, device=dev)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    budget = float("inf") if budget_s is None else budget_s
+    stopped = ""
+    while True:
+        epoch = state["epoch"]
+        since_best = epoch - state["best"]["epoch"] if state["best"] else 0
+        if epoch >= head_epochs + epochs:
+            stopped = "epochs done"
+        elif epoch > head_epochs and since_best >= PATIENCE:
+            stopped = f"no better validation accuracy for {PATIENCE} epochs"
+        elif state["elapsed_s"] >= budget:
+            stopped = "time budget spent"
+        if stopped:
+            break
+        phase = "head" if epoch < head_epochs else "full"
+        _set_phase(model, phase)
+        optimizer = _optimizer(model, phase)
+        if state.get("optimizer") and state.get("phase") == phase:
+            optimizer.load_state_dict(state["optimizer"])
+        start = time.perf_counter()
+        losses = []
+        batches = tqdm(loader(fit_rows, SEED + epoch), desc=f"{phase} epoch {epoch + 1}",
+                       unit="batch", disable=not progress, leave=False)
+        for x, labels in batches:
+            optimizer.zero_grad()
+            loss = loss_fn(model(x.to(dev)), labels.to(dev))
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if state["elapsed_s"] + time.perf_counter() - start >= budget:
+                break
+        proba = _predict(model, loader(val_rows), dev)
+        accuracy = float((proba.argmax(axis=1) == y[val_rows]).mean())
+        seconds = time.perf_counter() - start
+        state["epoch"] = epoch + 1
+        state["elapsed_s"] += seconds
+        state["history"].append({"epoch": epoch + 1, "phase": phase, "loss": float(np.mean(losses)),
+                                 "batches": len(losses), "val_accuracy": round(accuracy, 4),
+                                 "seconds": round(seconds, 1)})
+        if state["best"] is None or accuracy > state["best"]["val_accuracy"]:
+            state["best"] = {"epoch": epoch + 1, "val_accuracy": accuracy,
+                             "model": {k: v.detach().cpu().clone()
+                                       for k, v in model.state_dict().items()}}
+        state.update(model=model.state_dict(), optimizer=optimizer.state_dict(), phase=phase)
+        _save(files_at["checkpoint"], state)
+        print(f"epoch {epoch + 1} ({phase}): loss {np.mean(losses):.3f}, validation accuracy "
+                  f"{accuracy:.3f}, {seconds:.0f} s", flush=True)
+    name = feature_set_name(backbone, target)
+    key = fingerprint([json.dumps(config, sort_keys=True), str(state["best"]["epoch"]),
+                       str(state["epoch"])])
+    if files_at["report"].exists() and name in run.feature_names():
+        report = read_json(files_at["report"])
+        if report.get("input") == key:
+            return {**report, "up_to_date": True}
+    model.load_state_dict(state["best"]["model"])
+    proba = _predict(model, loader(test_rows), dev)
+    labels = np.asarray(classes, dtype=object)
+    metrics, _, _ = evaluate(labels[y[test_rows]], proba, classes)
+    backbone_state = {k: v.cpu() for k, v in model.state_dict().items()
+                      if not k.startswith("classifier.")}
+    _save(files_at["weights"], backbone_state)
+    features = extract(run, name, backbone, files_at["weights"], key, workers, progress)
+    report = {"target": target, "features": name, "head": "fine-tuned network", **metrics,
+              "n_train": int(len(fit_rows)), "n_validation": int(len(val_rows)),
+              "classes": classes, "backbone": backbone, "weights": weights_used,
+              "device": str(dev), "stopped": stopped, "best_epoch": state["best"]["epoch"],
+              "best_val_accuracy": round(state["best"]["val_accuracy"], 4),
+              "history": state["history"], "training_s": round(state["elapsed_s"], 1),
+              "budget_s": budget_s, "torch_threads": torch.get_num_threads(),
+              "feature_set": {"dim": features["dim"], "rows": features["rows"]},
+              "config": config, "input": key, "versions": versions()}
+    write_json(files_at["report"], report)
+    return {**report, "up_to_date": False}
+
+
+def extract(run: Run, name: str, backbone: str, weights: Path, key: str, workers: int,
+            progress: bool) -> dict[str, Any]:
+    """Store the fine-tuned backbone's pooled features of every painting as feature set `name`
+    (resumable: rows already stored for the same weights `key` are kept)."""
+    store = FeatureStore(run, name)
+    meta = {"config": {"extractor": backbone, "weights_spec": str(weights)}, "weights": key}
+    if store.meta_path.exists() and read_json(store.meta_path) != meta:
+        store.reset("new fine-tuned weights")
+    extractor = get_extractor(backbone, str(weights)).load()
+    store.parts.mkdir(parents=True, exist_ok=True)
+    write_json(store.meta_path, meta)
+    catalog = run.catalog()
+    done = store.done_ids()
+    items = [Item(i, run.image_path(f)) for i, f in zip(catalog["image_id"], catalog["file"],
+                                                        strict=True) if i not in done]
+    process(extractor, items, store, workers=workers, progress=progress)
+    ids = catalog["image_id"].tolist()
+    store.gather(ids, extractor.dim)
+    info = {**extractor.info(), "config": meta["config"], "catalog": fingerprint(ids),
+            "rows": len(ids), "finetuned": key, "versions": versions()}
+    write_json(store.info_path, info)
+    return info

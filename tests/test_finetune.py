@@ -1,0 +1,69 @@
+"""Fine-tuning on a tiny slice: budget stop, resume from the checkpoint, the new feature set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from influence.classify import split_path
+from influence.finetune import finetune, paths_of
+from influence.images import open_rgb
+from influence.pipeline import cmd_extract
+from influence.query import load_extractor
+from influence.runs import Run
+
+from .conftest import MOBILENET, make_slice
+
+NAME = "mobilenet_v2-ft-artist"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Six artists, ten paintings each: 8 to train on per artist, 2 held out."""
+    collection = make_slice(tmp_path_factory.mktemp("tiny"), per_artist=10)
+    root = tmp_path_factory.mktemp("tiny-run")
+    assert cmd_extract(run=str(root), collection=str(collection), extractors="pca",
+                       progress=False) == 0
+    return Run(root)
+
+
+def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_features(
+        tiny_run: Run) -> None:
+    options = {"head_epochs": 1, "epochs": 1, "weights": str(MOBILENET), "batch_size": 16,
+               "workers": 0, "progress": False}
+    first = finetune(tiny_run, "artist", budget_s=1e-3, **options)
+    assert first["stopped"] == "time budget spent" and len(first["history"]) == 1
+    assert first["history"][0]["phase"] == "head" and first["history"][0]["batches"] == 1
+    checkpoint = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["checkpoint"],
+                            weights_only=False)
+    assert checkpoint["epoch"] == 1
+
+    # As after a kill: the next call starts at epoch 2, with the whole net learning.
+    second = finetune(tiny_run, "artist", **options)
+    assert second["history"][0] == first["history"][0]
+    assert [h["phase"] for h in second["history"]] == ["head", "full"]
+    assert second["stopped"] == "epochs done" and not second["up_to_date"]
+    assert finetune(tiny_run, "artist", **options)["up_to_date"]
+
+    split = pd.read_parquet(split_path(tiny_run, "artist"))
+    assert second["n_test"] == (split["part"] == "test").sum() == 12
+    assert second["device"] == "cpu" and 0 <= second["ece"] <= 1
+    # The backbone learnt: its last block moved away from the ImageNet weights.
+    tuned = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["weights"])
+    pretrained = torch.load(MOBILENET)
+    assert not torch.equal(tuned["features.18.0.weight"], pretrained["features.18.0.weight"])
+    assert not any(k.startswith("classifier.") for k in tuned)
+
+    # A feature set like any other, and a query is embedded with the fine-tuned weights.
+    x = tiny_run.features(NAME)
+    catalog = tiny_run.catalog()
+    assert NAME in tiny_run.feature_names() and x.shape == (len(catalog), 1280)
+    row = 5
+    image = open_rgb(Path(tiny_run.image_path(catalog["file"].iloc[row])))
+    np.testing.assert_allclose(load_extractor(tiny_run, NAME).embed([image])[0], x[row],
+                               rtol=1e-3, atol=1e-4)
+    assert tiny_run.features_info(NAME)["weights"].endswith(f"{NAME}.pth")
