@@ -3,28 +3,39 @@
 A combined set is named by its parts, `mobilenet_v2+efficientnet_lite0+style`, each part
 optionally weighted as `style@0.5`. Row i is the parts' rows i, each scaled to length `weight`,
 concatenated: under cosine similarity every part counts by its weight whatever its dimension.
-It is stored once, as `features/<name>.npy` and `.json` like an extracted set, so every stage
-reads it through `Run.features`; it is rebuilt when a part's features change. A query is embedded
-by each part's own extractor and combined the same way (`CombinedExtractor`).
+With the suffix `~w512` each (L2-normalised) part is first PCA-whitened to at most 512 dimensions,
+fitted on the collection: whitening stops the few directions every painting shares from
+dominating the similarity (on the shared collection it lifts leave-one-out artist retrieval of
+the three-part set from 0.67 to 0.72; see the README). It is stored once, as
+`features/<name>.npy` and `.json` like an extracted set (the whitening in `<name>.fit.joblib`), so
+every stage reads it through `Run.features`; it is rebuilt when a part's features change. A query
+is embedded by each part's own extractor and combined the same way (`CombinedExtractor`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import joblib
 import numpy as np
 from PIL import Image
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import normalize
 
 from influence.extractors import Extractor
 from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
 
 SEP = "+"
 WEIGHT_SEP = "@"
+WHITEN = re.compile(r"~w(\d+)$")
 #: Rows combined at a time, so memory stays bounded on a large collection.
 CHUNK = 8192
+#: Most paintings (a seeded sample) that a part's whitening is fitted on.
+WHITEN_SAMPLE = 50_000
 
 
 @dataclass(frozen=True)
@@ -40,10 +51,18 @@ def is_combined(name: str) -> bool:
     return SEP in name
 
 
+def whitening(spec: str) -> int | None:
+    """The most dimensions a part keeps after whitening (`~wK` suffix), None when not whitened."""
+    found = WHITEN.search(spec)
+    return int(found.group(1)) if found else None
+
+
 def parse(spec: str) -> list[Part]:
-    """The parts of `a+b@0.5+c`; InfluenceError on a malformed spec."""
+    """The parts of `a+b@0.5+c` (a `~wK` suffix aside); InfluenceError on a malformed spec."""
+    if whitening(spec) == 0:
+        raise InfluenceError(f"combined feature set '{spec}': whiten to at least 1 dimension")
     parts = []
-    for item in spec.split(SEP):
+    for item in WHITEN.sub("", spec).split(SEP):
         name, sep, weight = item.strip().partition(WEIGHT_SEP)
         try:
             value = float(weight) if sep else 1.0
@@ -61,17 +80,32 @@ def parse(spec: str) -> list[Part]:
 
 def canonical(spec: str) -> str:
     """The stored name of a spec (weights of 1 dropped, weights written shortest)."""
-    return SEP.join(str(p) for p in parse(spec))
+    k = whitening(spec)
+    return SEP.join(str(p) for p in parse(spec)) + (f"~w{k}" if k else "")
 
 
-def combine(blocks: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """Rows of each block L2-normalised and scaled by its weight, concatenated (float32)."""
+def combine(blocks: Sequence[np.ndarray], weights: Sequence[float],
+            whiteners: Sequence[PCA | None] | None = None) -> np.ndarray:
+    """Rows of each block L2-normalised, whitened if a whitener is given, L2-normalised again
+    and scaled by the block's weight, concatenated (float32)."""
+    whiteners = whiteners or [None] * len(blocks)
     out = []
-    for block, weight in zip(blocks, weights, strict=True):
-        x = np.asarray(block, dtype=np.float32)
-        norm = np.linalg.norm(x, axis=1, keepdims=True)
-        out.append(x * (weight / np.maximum(norm, np.finfo(np.float32).tiny)))
+    for block, weight, whitener in zip(blocks, weights, whiteners, strict=True):
+        x = normalize(np.asarray(block, dtype=np.float32))
+        if whitener is not None:
+            x = normalize(whitener.transform(x).astype(np.float32))
+        out.append(x * np.float32(weight))
     return np.concatenate(out, axis=1)
+
+
+def fit_whitener(block: np.ndarray, k: int) -> PCA:
+    """PCA whitening of a part's L2-normalised rows to at most k dimensions (seeded sample)."""
+    rows = np.arange(len(block))
+    if len(rows) > WHITEN_SAMPLE:
+        rows = np.sort(np.random.default_rng(0).choice(len(rows), WHITEN_SAMPLE, replace=False))
+    x = normalize(np.asarray(block[rows], dtype=np.float32))
+    k = min(k, x.shape[1], len(x) - 1)
+    return PCA(n_components=k, whiten=True, random_state=0).fit(x)
 
 
 def save_features(run: Run, name: str, matrix_rows: int, dim: int,
@@ -93,8 +127,6 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
     parts = parse(spec)
     name = canonical(spec)
     for part in parts:
-        if is_combined(part.name):
-            raise InfluenceError(f"'{part.name}' in '{spec}' is itself combined: list its parts")
         run.features(part.name)
     infos = [run.features_info(p.name) for p in parts]
     key = fingerprint([(run.features_dir / f"{p.name}.json").read_text() for p in parts]
@@ -110,20 +142,34 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
     if len(rows) > 1 or len(catalogs) > 1:
         raise InfluenceError(f"the parts of '{name}' were made from different catalogs: "
                              f"run extract again first")
-    n, dim = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
+    k = whitening(spec)
+    whiteners = [fit_whitener(b, k) for b in blocks] if k else None
+    dims = [w.n_components_ for w in whiteners] if whiteners else [b.shape[1] for b in blocks]
+    n, dim = blocks[0].shape[0], int(sum(dims))
     weights = [p.weight for p in parts]
+    state_path = run.features_dir / f"{name}.fit.joblib"
+    if whiteners:
+        joblib.dump(whiteners, state_path)
+    else:
+        state_path.unlink(missing_ok=True)
 
     def fill(out: np.ndarray) -> None:
         for start in range(0, n, CHUNK):
-            out[start:start + CHUNK] = combine([b[start:start + CHUNK] for b in blocks], weights)
+            out[start:start + CHUNK] = combine([b[start:start + CHUNK] for b in blocks], weights,
+                                               whiteners)
 
     info = {"extractor": "combined", "dim": dim, "rows": n,
             "weights": "; ".join(f"{p.name}: {i.get('weights')}" for p, i in zip(parts, infos,
                                                                                  strict=True)),
-            "parts": [{"name": p.name, "weight": p.weight, "dim": int(b.shape[1]),
-                       "weights": i.get("weights"), "extractor": i.get("extractor")}
-                      for p, b, i in zip(parts, blocks, infos, strict=True)],
-            "preprocessing": "each part L2-normalised per row, scaled by its weight, concatenated",
+            "parts": [{"name": p.name, "weight": p.weight, "dim": int(d),
+                       "input_dim": int(b.shape[1]), "weights": i.get("weights"),
+                       "extractor": i.get("extractor")}
+                      for p, b, d, i in zip(parts, blocks, dims, infos, strict=True)],
+            "whiten": k,
+            "preprocessing": "each part L2-normalised per row"
+                             + (f", PCA-whitened to at most {k} dims (fitted on the collection)"
+                                f" and L2-normalised again" if k else "")
+                             + ", scaled by its weight, concatenated",
             "config": {"combined": name}, "catalog": infos[0].get("catalog"), "input": key,
             "versions": versions()}
     save_features(run, name, n, dim, fill, info)
@@ -141,9 +187,11 @@ class CombinedExtractor(Extractor):
     name = "combined"
     summary = "several feature sets, each L2-normalised and weighted, concatenated"
 
-    def __init__(self, parts: Sequence[tuple[Extractor, float]]) -> None:
+    def __init__(self, parts: Sequence[tuple[Extractor, float]],
+                 whiteners: Sequence[PCA] | None = None) -> None:
         super().__init__(None)
         self.parts = list(parts)
+        self.whiteners = whiteners
         self.weights_used = "; ".join(f"{e.name}: {e.weights_used}" for e, _ in self.parts)
 
     @property
@@ -152,6 +200,8 @@ class CombinedExtractor(Extractor):
 
     @property
     def dim(self) -> int:
+        if self.whiteners:
+            return int(sum(w.n_components_ for w in self.whiteners))
         return sum(e.dim for e, _ in self.parts)
 
     def load(self) -> CombinedExtractor:
@@ -162,10 +212,11 @@ class CombinedExtractor(Extractor):
     def transform(self, batch: Sequence[Any]) -> np.ndarray:
         """`batch` holds one preprocessed batch per part, in the parts' order."""
         return combine([e.transform(b) for (e, _), b in zip(self.parts, batch, strict=True)],
-                       [w for _, w in self.parts])
+                       [w for _, w in self.parts], self.whiteners)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
-        return combine([e.embed(images) for e, _ in self.parts], [w for _, w in self.parts])
+        return combine([e.embed(images) for e, _ in self.parts], [w for _, w in self.parts],
+                       self.whiteners)
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,21 @@ def cmd_combine(run: str, sets: str | Sequence[str] | None = None, progress: boo
     return 0
 
 
+def cmd_import_features(run: str, name: str, file: str, ids: str | None = None,
+                        progress: bool = True) -> int:
+    """Vectors computed elsewhere, checked row by row, stored as a feature set like any other."""
+    from influence.imported import import_features
+
+    out = Run(Path(run))
+    info = import_features(out, name, Path(file), Path(ids) if ids else None)
+    _table(["features", "dim", "images", "left out (unknown)", "this run"],
+           [(name, info["dim"], info["rows"], info["left_out_unknown"],
+             "up to date" if info["up_to_date"] else "imported")])
+    out.record_stage(f"import-features {name}", file=info["config"]["imported"],
+                     ids=info["config"]["ids"], dim=info["dim"])
+    return 0
+
+
 def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
     """The named feature sets (default: all stored), combined ones built or refreshed first."""
     from influence.combined import canonical, ensure_combined, is_combined
@@ -389,7 +404,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
 COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
     "train": cmd_train, "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
-    "finetune": cmd_finetune,
+    "finetune": cmd_finetune, "import-features": cmd_import_features,
 }
 
 
@@ -435,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("sets", nargs="+", metavar="SET",
                    help="parts joined by '+', a part optionally weighted as NAME@WEIGHT")
+
+    p = sub.add_parser("import-features", help="vectors computed elsewhere as a feature set")
+    p.add_argument("--run", required=True)
+    p.add_argument("--name", required=True, help="name of the new feature set")
+    p.add_argument("file", help="Parquet/CSV with an image_id or file column and the vector, "
+                                "or a .npy matrix (with --ids)")
+    p.add_argument("--ids", help="for a .npy: CSV/Parquet with each row's image_id or file")
 
     p = sub.add_parser("cluster", help="cluster each feature set, score it and map it with UMAP")
     p.add_argument("--run", required=True)

@@ -79,8 +79,10 @@ def load_extractor(run: Run, features: str) -> Extractor:
     """The extractor that made a run's features, with the same weights and fitted state."""
     info = run.features_info(features)
     if "parts" in info:
+        state = run.features_dir / f"{features}.fit.joblib"
         return CombinedExtractor([(load_extractor(run, p["name"]), p["weight"])
-                                  for p in info["parts"]])
+                                  for p in info["parts"]],
+                                 joblib.load(state) if info.get("whiten") else None)
     config = info.get("config", {})
     if "imported" in config:
         raise NoExtractor(f"feature set '{features}' was imported from {config['imported']}: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.decomposition import PCA
 from sklearn.preprocessing import normalize
 
 from influence.combined import build_combined, canonical, parse
@@ -14,6 +15,7 @@ from influence.runs import InfluenceError, Run, read_json
 from .test_neighbours import copy_run
 
 SPEC = "mobilenet_v2+pca@0.5"
+WHITENED = "mobilenet_v2+pca~w20"
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def combined(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The small run with `mobilenet_v2+pca@0.5` indexed and an artist head on it."""
     run = copy_run(small_run, tmp_path_factory.mktemp("combined"))
     assert main(["--no-progress", "combine", "--run", str(run.root), SPEC]) == 0
-    assert cmd_index(run=str(run.root), features=SPEC, progress=False) == 0
+    assert cmd_index(run=str(run.root), features=f"{SPEC},{WHITENED}", progress=False) == 0
     assert cmd_train(run=str(run.root), target="artist", features=SPEC, progress=False) == 0
     return run
 
@@ -37,6 +39,19 @@ def test_rows_are_the_normalised_weighted_parts_side_by_side(combined: Run) -> N
         ("mobilenet_v2", 1.0, 1280), ("pca", 0.5, pca.shape[1])]
     assert "mobilenet_v2: file" in info["weights"]
     assert SPEC in combined.feature_names()
+
+
+def test_whitened_parts_are_pca_whitened_normalised_rows(combined: Run) -> None:
+    x = np.asarray(combined.features(WHITENED))
+    assert x.shape == (len(combined.catalog()), 40)
+    for block, name in ((x[:, :20], "mobilenet_v2"), (x[:, 20:], "pca")):
+        part = normalize(np.asarray(combined.features(name)))
+        pca = PCA(20, whiten=True, random_state=0).fit(part)
+        np.testing.assert_allclose(block, normalize(pca.transform(part)), atol=1e-4)
+        # Whitened: every kept direction has the same spread over the collection.
+        spread = (block * np.sqrt(20)).std(axis=0)
+        assert spread.max() / spread.min() < 2.5
+    assert combined.features_info(WHITENED)["whiten"] == 20
 
 
 def test_kept_while_parts_are_unchanged_and_rebuilt_when_one_changes(
@@ -58,13 +73,15 @@ def test_stages_read_it_like_any_other_set_and_name_it_in_their_records(combined
     assert combined.manifest()["stages"]["combine"]["sets"] == [SPEC]
 
 
-def test_a_query_is_embedded_by_each_part_and_finds_its_painting(combined: Run) -> None:
-    explorer = Explorer(combined, SPEC)
+@pytest.mark.parametrize("spec", [SPEC, WHITENED])
+def test_a_query_is_embedded_by_each_part_and_finds_its_painting(combined: Run,
+                                                                 spec: str) -> None:
+    explorer = Explorer(combined, spec)
     for row in combined.catalog().groupby("artist").head(1).head(2).itertuples():
         answer = explorer.query(combined.image_path(row.file), k=3)
         assert answer["paintings"][0]["image_id"] == row.image_id
         assert answer["paintings"][0]["score"] == pytest.approx(1.0, abs=1e-3)
-        assert answer["predictions"]["artist"]
+        assert bool(answer["predictions"]) == (spec == SPEC)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -73,6 +90,7 @@ def test_a_query_is_embedded_by_each_part_and_finds_its_painting(combined: Run) 
     ("pca+mobilenet_v2@0", "weight > 0"),
     ("pca+mobilenet_v2@x", "weight > 0"),
     ("pca+nope", "no features 'nope'"),
+    ("pca+mobilenet_v2~w0", "at least 1 dimension"),
 ])
 def test_bad_specs_are_one_line_errors(small_run: Run, spec: str, message: str) -> None:
     with pytest.raises(InfluenceError, match=message):
@@ -82,3 +100,4 @@ def test_bad_specs_are_one_line_errors(small_run: Run, spec: str, message: str) 
 def test_names_are_canonical() -> None:
     assert canonical("a@1+b@0.50") == "a+b@0.5"
     assert [p.weight for p in parse("a+b@2")] == [1.0, 2.0]
+    assert canonical("a@1.0+b~w64") == "a+b~w64" and parse("a+b~w64")[1].name == "b"
