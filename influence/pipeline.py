@@ -44,7 +44,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
     """Catalog the collection, then bring every extractor's features up to date."""
     from influence.catalog import Collection, build_catalog
-    from influence.extractors import RANDOM, available, extractor_class, get_extractor
+    from influence.extractors import RANDOM, available, extractor_class, get_extractor, is_known
     from influence.features import extract_features
 
     if collection:
@@ -56,7 +56,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     else:
         raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR")
     names = _names(extractors) or available()
-    unknown = sorted(set(names) - set(available()))
+    unknown = sorted(n for n in names if not is_known(n))
     if unknown:
         raise InfluenceError(f"unknown extractor(s) {', '.join(unknown)} "
                              f"(available: {', '.join(available())})")

@@ -9,7 +9,8 @@ image -> array) is known without loading the model, so reader workers and a clus
 run it; `load` loads the model once per worker, `transform` turns a batch into float32 rows.
 Weights are found in one order for every extractor (`locate_weights`). Every module in this
 package is imported on first use, so adding an extractor is adding a file with a class decorated
-by `@register`.
+by `@register`. A family of models from one library (`timm`, `open_clip`)
+registers once with `@register_family`; its extractors are named `family:model[:tag]`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from PIL import Image
 from influence.runs import InfluenceError
 
 _REGISTRY: dict[str, type[Extractor]] = {}
+_FAMILIES: dict[str, Any] = {}
+FAMILY_SEP = ":"
 RANDOM = "random"
 
 
@@ -115,6 +118,15 @@ def register(cls: type[Extractor]) -> type[Extractor]:
     return cls
 
 
+def register_family(prefix: str) -> Callable[[Any], Any]:
+    """Class decorator for extractors built from a model name: `cls(model, weights=...)`
+    answers for every name `prefix:model`."""
+    def add(cls: Any) -> Any:
+        _FAMILIES[prefix] = cls
+        return cls
+    return add
+
+
 def _discover() -> None:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
@@ -129,15 +141,37 @@ def available() -> list[str]:
 def extractor_class(name: str) -> type[Extractor]:
     """The registered class of an extractor (its declarations, without making one)."""
     _discover()
+    family, sep, model = name.partition(FAMILY_SEP)
+    if name not in _REGISTRY and sep and family in _FAMILIES and model:
+        return _FAMILIES[family]
     if name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY))
+        known = ", ".join(sorted(_REGISTRY) + [f"{f}{FAMILY_SEP}MODEL" for f in _FAMILIES])
         raise InfluenceError(f"unknown extractor '{name}' (available: {known})")
     return _REGISTRY[name]
 
 
 def get_extractor(name: str, weights: str | None = None) -> Extractor:
     """A new extractor by registry name; `weights` is a path, 'random', or None for the default."""
-    return extractor_class(name)(weights=weights)
+    cls = extractor_class(name)
+    if name in _REGISTRY:
+        return cls(weights=weights)
+    return cls(name.partition(FAMILY_SEP)[2], weights=weights)
+
+
+def is_known(name: str) -> bool:
+    """Whether `get_extractor(name)` names a registered extractor or a model of a family."""
+    _discover()
+    family, sep, model = name.partition(FAMILY_SEP)
+    return name in _REGISTRY or bool(sep and family in _FAMILIES and model)
+
+
+def optional_import(module: str, package: str) -> Any:
+    """A library only some extractors need, or a one-line error saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise InfluenceError(f"{module} models need the `{package}` package: "
+                             f"pip install 'influence[models]'") from None
 
 
 def weights_dir() -> Path:
