@@ -232,7 +232,7 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
         state.update(model=model.state_dict(), optimizer=optimizer.state_dict(), phase=phase)
         _save(files_at["checkpoint"], state)
         print(f"epoch {epoch + 1} ({phase}): loss {np.mean(losses):.3f}, validation accuracy "
-                  f"{accuracy:.3f}, {seconds:.0f} s", flush=True)
+              f"{accuracy:.3f}, {seconds:.0f} s", flush=True)
     name = feature_set_name(backbone, target)
     key = fingerprint([json.dumps(config, sort_keys=True), str(state["best"]["epoch"]),
                        str(state["epoch"])])
