@@ -80,9 +80,10 @@ def load_extractor(run: Run, features: str) -> Extractor:
     info = run.features_info(features)
     if "parts" in info:
         state = run.features_dir / f"{features}.fit.joblib"
+        whiteners = (joblib.load(run.require(state, f"combine {features}"))
+                     if info.get("whiten") else None)
         return CombinedExtractor([(load_extractor(run, p["name"]), p["weight"])
-                                  for p in info["parts"]],
-                                 joblib.load(state) if info.get("whiten") else None)
+                                  for p in info["parts"]], whiteners)
     config = info.get("config", {})
     if "imported" in config:
         raise NoExtractor(f"feature set '{features}' was imported from {config['imported']}: "
