@@ -27,13 +27,15 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import normalize
 
 from influence.extractors import Extractor
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+from influence.runs import InfluenceError, Run, Step, versions, write_json
 
 SEP = "+"
 WEIGHT_SEP = "@"
 WHITEN = re.compile(r"~w(\d+)$")
 #: Rows combined at a time, so memory stays bounded on a large collection.
 CHUNK = 8192
+#: Version of the combining code (the run protocol rebuilds a set made by another).
+VERSION = "1"
 #: Most paintings (a seeded sample) that a part's whitening is fitted on.
 WHITEN_SAMPLE = 50_000
 
@@ -129,13 +131,17 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
     for part in parts:
         run.features(part.name)
     infos = [run.features_info(p.name) for p in parts]
-    key = fingerprint([(run.features_dir / f"{p.name}.json").read_text() for p in parts]
-                      + [name])
-    json_path = run.features_dir / f"{name}.json"
-    if json_path.exists() and (run.features_dir / f"{name}.npy").exists():
-        info = read_json(json_path)
-        if info.get("input") == key:
-            return {**info, "up_to_date": True}
+    step = Step("extract", name, {"parts": [[p.name, p.weight] for p in parts],
+                                  "whiten": whitening(spec), "whiten_sample": WHITEN_SAMPLE},
+                VERSION, {p.name: run.step_key("extract", p.name) for p in parts},
+                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json"))
+    report = run.step(step, lambda: _build(run, spec, name, parts, infos))
+    return {**run.features_info(name), "up_to_date": report["up_to_date"]}
+
+
+def _build(run: Run, spec: str, name: str, parts: list[Part],
+           infos: list[dict[str, Any]]) -> dict[str, Any]:
+    """Combine the parts' stored rows into features/<name>; returns what run.json records."""
     blocks = [run.features(p.name) for p in parts]
     rows = {len(b) for b in blocks}
     catalogs = {i.get("catalog") for i in infos}
@@ -170,10 +176,10 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
                              + (f", PCA-whitened to at most {k} dims (fitted on the collection)"
                                 f" and L2-normalised again" if k else "")
                              + ", scaled by its weight, concatenated",
-            "config": {"combined": name}, "catalog": infos[0].get("catalog"), "input": key,
+            "config": {"combined": name}, "catalog": infos[0].get("catalog"),
             "versions": versions()}
     save_features(run, name, n, dim, fill, info)
-    return {**info, "up_to_date": False}
+    return {"dim": dim, "rows": n}
 
 
 def ensure_combined(run: Run, names: Sequence[str]) -> list[dict[str, Any]]:

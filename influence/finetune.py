@@ -34,11 +34,12 @@ from torchvision import models
 from tqdm.auto import tqdm
 
 from influence.classify import SEED, VALIDATION_SIZE, evaluate, run_split
-from influence.extractors import get_extractor, load_checked, resolve_state_dict
+from influence.combined import save_features
+from influence.extractors import load_checked, resolve_state_dict
 from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
-from influence.features import FeatureStore, Item, default_workers, process
+from influence.features import default_workers
 from influence.images import open_rgb
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions, write_json
+from influence.runs import InfluenceError, Run, Step, fingerprint, read_json, versions, write_json
 
 BACKBONES = ("mobilenet_v2",)
 SIZE = 224
@@ -247,7 +248,11 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     backbone_state = {k: v.cpu() for k, v in model.state_dict().items()
                       if not k.startswith("classifier.")}
     _save(files_at["weights"], backbone_state)
-    features = extract(run, name, backbone, files_at["weights"], key, workers, progress)
+    every = catalog["file"].map(run.image_path).to_numpy(dtype=object)
+    features = extract(run, name, model, backbone, files_at["weights"], key,
+                       DataLoader(_Labelled(every, np.zeros(len(every), dtype=int),
+                                            imagenet_preprocess()),
+                                  batch_size=batch_size, num_workers=workers), dev)
     report = {"target": target, "features": name, "head": "fine-tuned network", **metrics,
               "n_train": int(len(fit_rows)), "n_validation": int(len(val_rows)),
               "classes": classes, "backbone": backbone, "weights": weights_used,
@@ -261,25 +266,32 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     return {**report, "up_to_date": False}
 
 
-def extract(run: Run, name: str, backbone: str, weights: Path, key: str, workers: int,
-            progress: bool) -> dict[str, Any]:
-    """Store the fine-tuned backbone's pooled features of every painting as feature set `name`
-    (resumable: rows already stored for the same weights `key` are kept)."""
-    store = FeatureStore(run, name)
-    meta = {"config": {"extractor": backbone, "weights_spec": str(weights)}, "weights": key}
-    if store.meta_path.exists() and read_json(store.meta_path) != meta:
-        store.reset("new fine-tuned weights")
-    extractor = get_extractor(backbone, str(weights)).load()
-    store.parts.mkdir(parents=True, exist_ok=True)
-    write_json(store.meta_path, meta)
+def extract(run: Run, name: str, model: torch.nn.Module, backbone: str, weights: Path,
+            key: str, loader: Any, dev: torch.device) -> dict[str, Any]:
+    """Store the fine-tuned backbone's pooled features of every painting as feature set `name`,
+    recorded as an extraction step so later stages see when it changes."""
     catalog = run.catalog()
-    done = store.done_ids()
-    items = [Item(i, run.image_path(f)) for i, f in zip(catalog["image_id"], catalog["file"],
-                                                        strict=True) if i not in done]
-    process(extractor, items, store, workers=workers, progress=progress)
-    ids = catalog["image_id"].tolist()
-    store.gather(ids, extractor.dim)
-    info = {**extractor.info(), "config": meta["config"], "catalog": fingerprint(ids),
-            "rows": len(ids), "finetuned": key, "versions": versions()}
-    write_json(store.info_path, info)
-    return info
+    config = {"extractor": backbone, "weights_spec": str(weights)}
+    step = Step("extract", name, config, "finetune-1", {"weights": key},
+                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json"))
+
+    def build() -> dict[str, Any]:
+        model.eval()
+        rows = []
+        with torch.inference_mode():
+            for x, _ in loader:
+                rows.append(model.features(x.to(dev)).mean(dim=(2, 3)).cpu().numpy())
+        x = np.concatenate(rows).astype(np.float32)
+        info = {"extractor": backbone, "dim": int(x.shape[1]), "weights": f"file {weights}",
+                "preprocessing": repr(imagenet_preprocess()), "config": config,
+                "catalog": fingerprint(catalog["image_id"].tolist()), "rows": len(x),
+                "finetuned": key, "versions": versions()}
+
+        def fill(out: np.ndarray) -> None:
+            out[:] = x
+
+        save_features(run, name, len(x), x.shape[1], fill, info)
+        return {"dim": int(x.shape[1]), "rows": len(x)}
+
+    run.step(step, build)
+    return run.features_info(name)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from influence.combined import save_features
 from influence.extractors import available
-from influence.runs import InfluenceError, Run, fingerprint, read_json, versions
+from influence.runs import InfluenceError, Run, Step, fingerprint, versions
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 KEYS = ("image_id", "file")
@@ -90,11 +90,16 @@ def import_features(run: Run, name: str, path: Path, ids: Path | None = None) ->
     catalog = run.catalog()
     catalog_key = fingerprint(catalog["image_id"].tolist())
     config = {"imported": str(path), "ids": str(ids) if ids else None, "sha256": digest}
-    info_path = run.features_dir / f"{name}.json"
-    if info_path.exists() and (run.features_dir / f"{name}.npy").exists():
-        info = read_json(info_path)
-        if info.get("config") == config and info.get("catalog") == catalog_key:
-            return {**info, "up_to_date": True}
+    step = Step("extract", name, config, "imported-1", {"catalog": catalog_key},
+                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json"))
+    report = run.step(step, lambda: _import(run, name, path, ids, config, catalog_key))
+    return {**run.features_info(name), "up_to_date": report["up_to_date"]}
+
+
+def _import(run: Run, name: str, path: Path, ids: Path | None, config: dict[str, Any],
+            catalog_key: str) -> dict[str, Any]:
+    """Read, check and store the vectors; returns what run.json records."""
+    catalog = run.catalog()
     keys, vectors, key = read_vectors(path, ids)
     by_key = catalog.set_index(key)["image_id"] if key == "file" else None
     image_ids = keys.map(by_key) if by_key is not None else keys.where(
@@ -141,4 +146,4 @@ def import_features(run: Run, name: str, path: Path, ids: Path | None = None) ->
             "config": config, "catalog": catalog_key, "left_out_unknown": unknown,
             "versions": versions()}
     save_features(run, name, len(catalog), dim, fill, info)
-    return {**info, "up_to_date": False}
+    return {"dim": dim, "rows": len(catalog), "left_out_unknown": unknown}

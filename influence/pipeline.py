@@ -112,7 +112,6 @@ def cmd_combine(run: str, sets: str | Sequence[str] | None = None, progress: boo
     _table(["features", "dim", "parts", "this run"],
            [(i["config"]["combined"], i["dim"], len(i["parts"]),
              "up to date" if i["up_to_date"] else "combined") for i in infos])
-    out.record_stage("combine", sets=[i["config"]["combined"] for i in infos])
     return 0
 
 
@@ -126,8 +125,6 @@ def cmd_import_features(run: str, name: str, file: str, ids: str | None = None,
     _table(["features", "dim", "images", "left out (unknown)", "this run"],
            [(name, info["dim"], info["rows"], info["left_out_unknown"],
              "up to date" if info["up_to_date"] else "imported")])
-    out.record_stage(f"import-features {name}", file=info["config"]["imported"],
-                     ids=info["config"]["ids"], dim=info["dim"])
     return 0
 
 
@@ -263,8 +260,6 @@ def cmd_finetune(run: str, target: str = "style", backbone: str = "mobilenet_v2"
              r["stopped"], f"{r['training_s'] / 60:.1f} min", f"{r['accuracy']:.3f}",
              f"{r['top5_accuracy']:.3f}", f"{r['ece']:.3f}",
              "up to date" if r["up_to_date"] else "trained")])
-    out.record_stage("finetune", target=target, backbone=backbone, features=r["features"],
-                     accuracy=r["accuracy"], training_s=r["training_s"], stopped=r["stopped"])
     return 0
 
 

@@ -10,7 +10,7 @@ from sklearn.preprocessing import normalize
 from influence.combined import build_combined, canonical, parse
 from influence.pipeline import cmd_index, cmd_train, main
 from influence.query import Explorer
-from influence.runs import InfluenceError, Run, read_json
+from influence.runs import InfluenceError, Run, read_json, write_json
 
 from .test_neighbours import copy_run
 
@@ -58,8 +58,9 @@ def test_kept_while_parts_are_unchanged_and_rebuilt_when_one_changes(
         combined: Run, tmp_path_factory: pytest.TempPathFactory) -> None:
     run = copy_run(combined, tmp_path_factory.mktemp("changed"))
     assert build_combined(run, SPEC)["up_to_date"]
-    part = run.features_dir / "pca.json"
-    part.write_text(part.read_text().replace('"rows"', '"rows_again"', 1))
+    manifest = run.manifest()
+    manifest["steps"]["extract"]["pca"]["key"] = "pca extracted again"
+    write_json(run.manifest_path, manifest)
     assert not build_combined(run, SPEC)["up_to_date"]
     assert build_combined(run, "mobilenet_v2+pca@0.50")["up_to_date"]
 
@@ -70,7 +71,9 @@ def test_stages_read_it_like_any_other_set_and_name_it_in_their_records(combined
     assert index["dim"] == combined.features(SPEC).shape[1]
     head = read_json(combined.models_dir / f"artist-{SPEC}.json")
     assert head["features"] == SPEC and head["accuracy"] > 0.5
-    assert combined.manifest()["stages"]["combine"]["sets"] == [SPEC]
+    # Recorded as a step, so the index and heads see when it changes.
+    key = combined.step_key("extract", SPEC)
+    assert key and combined.step_record("index", SPEC)["inputs"]["features"] == key
 
 
 @pytest.mark.parametrize("spec", [SPEC, WHITENED])
