@@ -84,6 +84,13 @@ def test_a_killed_ray_extraction_resumes_to_the_local_features(local_run, hundre
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not store.matrix_path.exists(), "extraction finished before it could be interrupted"
+    parts = store.writer.part_files()
+    if len(store.writer.done_ids()) == 100:
+        # Ray may run every write task at once, so all parts can land before the kill does
+        # (CI saw it on a loaded machine). Parts are atomic files: a kill a moment earlier
+        # leaves a subset of them, the state made here by keeping the first only.
+        for path in parts[1:]:
+            store.writer.fs.rm(path)
     first = len(store.writer.done_ids())
     assert 0 < first < 100
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_S + RUN_S)
