@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import in_child
+from measure import in_child, save
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT.parent / "shared" / "data" / "wikiart-pd" / "influences.csv"
@@ -100,9 +100,7 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     results["features"] = features
     results["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    results["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    save(results, Path(args.out))
 
     lines = [["features", "scores", "AUC", "hit@5", "MRR", "stage s", "peak MB"]]
     for name, r in features.items():

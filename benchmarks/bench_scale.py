@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from measure import in_child
+from measure import in_child, save
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -176,9 +176,7 @@ def main() -> None:
                           record.get("peak_rss_mb")} if app_out.exists() else record)
     result["targets"] = targets(result)
     result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    result["recorded_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save(result, Path(args.out))
     for name, t in result["targets"].items():
         print(f"{'pass' if t['passed'] else 'MISS'}  {name}: {t['value']} (limit {t['limit']})")
     print(f"-> {args.out}")
