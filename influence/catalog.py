@@ -22,7 +22,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from influence.images import DEFAULT_LIMITS, BadImage, ImageLimits, open_rgb
-from influence.runs import InfluenceError, Run, Step, column_fingerprints, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    column_fingerprints,
+    file_fingerprint,
+    write_json,
+)
 
 #: Catalog field -> CSV column name; override any of them with `--columns field=csv_name`.
 DEFAULT_COLUMNS: dict[str, str] = {
@@ -308,7 +315,7 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     write_json(run.manifest_path, manifest)
     # Always rebuilt (checking unchanged files is cached); recorded so run.json lists it.
     run.record(Step("catalog", "catalog", collection.describe(), VERSION,
-                    {"metadata": hashlib.sha256(collection.metadata.read_bytes()).hexdigest()[:16],
+                    {"metadata": file_fingerprint(collection.metadata),
                      **column_fingerprints(catalog, LABEL_FIELDS)}),
                images=len(catalog), rejected=len(rejected_df))
     return CatalogResult(catalog, rejected_df, notes)

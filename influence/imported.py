@@ -11,7 +11,6 @@ know are left out with a note; any other problem stops the import, so a set neve
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pandas as pd
 
 from influence.combined import save_features
 from influence.extractors import available
-from influence.runs import InfluenceError, Run, Step, fingerprint, versions
+from influence.runs import InfluenceError, Run, Step, file_fingerprint, fingerprint, versions
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 KEYS = ("image_id", "file")
@@ -83,10 +82,10 @@ def import_features(run: Run, name: str, path: Path, ids: Path | None = None) ->
     path = Path(path).resolve()
     if not path.is_file():
         raise InfluenceError(f"no file {path}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = file_fingerprint(path)
     if ids is not None:
         ids = Path(ids).resolve()
-        digest += hashlib.sha256(ids.read_bytes()).hexdigest()[:16]
+        digest += file_fingerprint(ids)
     catalog = run.catalog()
     catalog_key = fingerprint(catalog["image_id"].tolist())
     config = {"imported": str(path), "ids": str(ids) if ids else None, "sha256": digest}

@@ -45,7 +45,6 @@ in the same run: cosine between artists' mean vectors, and metadata alone.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +64,7 @@ from influence.runs import (
     Run,
     Step,
     column_fingerprints,
+    file_fingerprint,
     read_json,
     versions,
     write_json,
@@ -426,10 +426,6 @@ VERSION = "1"
 FILES = ("artists.parquet", "pairs.parquet", "flows.parquet", "influence.json")
 
 
-def _file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def build_influence(run: Run, features: str | None = None, recorded: Path | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """`influence` stage: write RUN/influence/ for a feature set; returns its summary."""
@@ -441,8 +437,6 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
     if len(x) != len(catalog):
         raise InfluenceError(f"features '{features}' have {len(x)} rows but the catalog has "
                              f"{len(catalog)}: run `extract` again")
-    clustering = load_clustering(run, features)
-    index = load_index(run, features)
     table = read_recorded(Path(recorded)) if recorded else None
     out = influence_dir(run)
     config = {"pool": POOL, "best_of": BEST_OF, "top_paintings": TOP_PAINTINGS,
@@ -460,18 +454,21 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
                  "features": run.step_key("extract", features),
                  "clusters": run.step_key("cluster", features),
                  "index": run.step_key("index", features),
-                 "recorded": _file_hash(Path(recorded)) if recorded else None},
+                 "recorded": file_fingerprint(Path(recorded)) if recorded else None},
                 outputs)
-    report = run.step(step, lambda: _build(run, features, catalog, x, clustering, index, table,
-                                           recorded, config, progress))
+    report = run.step(step, lambda: _build(run, features, catalog, x, table, recorded, config,
+                                           progress))
     return {**read_json(out / "influence.json"), "up_to_date": report["up_to_date"]}
 
 
-def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray, clustering: Any,
-           index: Any, table: pd.DataFrame | None, recorded: Path | None,
-           config: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray,
+           table: pd.DataFrame | None, recorded: Path | None, config: dict[str, Any],
+           progress: bool) -> dict[str, Any]:
     """Score, evaluate and write RUN/influence/; returns what run.json records of it."""
     out = influence_dir(run)
+    # Loaded only when the tables must be rebuilt (an up-to-date run reads neither).
+    clustering = load_clustering(run, features)
+    index = load_index(run, features)
     set_threads()
     timings: dict[str, float] = {}
     start = time.perf_counter()

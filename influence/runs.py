@@ -42,6 +42,11 @@ def fingerprint(values: Iterable[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def file_fingerprint(path: Path) -> str:
+    """A short hash of a file's bytes: an input a step reads from outside the run."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def column_fingerprints(catalog: pd.DataFrame, columns: Iterable[str]) -> dict[str, str]:
     """Fingerprints of catalog columns (image ids always), as inputs of a step that reads them.
 
