@@ -7,7 +7,9 @@ ones), fitted on the training part of a stratified, seeded split that is saved p
 evaluated on the held-out part. With `head="auto"` the kind is chosen per target and feature set
 on a validation slice of the training part (never the held-out part), then refitted on all of it.
 Rows without the target label are left out, not guessed; labels with fewer than `MIN_PER_CLASS`
-paintings are dropped from that head, and the head says so. Besides accuracy, the held-out
+paintings are dropped from that head, and the head says so. Past `TRAIN_MAX` training rows a head
+is fitted on a seeded, stratified sample that size (its time and memory stay bounded on a large
+collection) and still judged on the whole held-out part. Besides accuracy, the held-out
 metrics include the expected calibration error, so a probability shown can be read as one.
 """
 
@@ -63,6 +65,8 @@ MAX_ITER = 1000
 TOP_K = 5
 #: Head kinds; "auto" picks one of them per target and feature set on a validation slice.
 HEADS = ("logistic", "mlp")
+#: Most training rows a head is fitted on; a larger training part is sampled (stratified, seeded).
+TRAIN_MAX = 10_000
 #: Share of the training part held back to choose the head kind.
 VALIDATION_SIZE = 0.2
 #: The MLP: hidden units, L2 penalty, and the epochs without improvement before it stops.
@@ -117,6 +121,17 @@ def fit_head(head: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
         step = head.steps[-1][0]
         return head.fit(x, y, **{f"{step}__sample_weight": compute_sample_weight("balanced", y)})
     return head.fit(x, y)
+
+
+def fit_sample(y: np.ndarray, limit: int | None = None, seed: int = SEED) -> np.ndarray:
+    """Sorted positions of the rows a head is fitted on: all of y, or a stratified seeded sample
+    of `limit` (default `TRAIN_MAX`; every label keeps at least one row)."""
+    limit = TRAIN_MAX if limit is None else limit
+    rows = np.arange(len(y))
+    if len(y) <= limit:
+        return rows
+    keep, _ = train_test_split(rows, train_size=limit, random_state=seed, stratify=y)
+    return np.sort(keep)
 
 
 def choose_head(x: np.ndarray, y: np.ndarray) -> tuple[str, dict[str, float]]:
@@ -244,6 +259,7 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
                              f"{MIN_PER_CLASS} paintings each; nothing to learn")
     step = Step("train", f"{target}/{features}",
                 {"c": C, "max_iter": MAX_ITER, "min": MIN_PER_CLASS, "seed": SEED,
+                 "train_max": TRAIN_MAX,
                  "test": TEST_SIZE, "head": head, "mlp": [MLP_HIDDEN, MLP_ALPHA, MLP_PATIENCE],
                  "validation": VALIDATION_SIZE, "ece_bins": ECE_BINS}, VERSION,
                 {**column_fingerprints(catalog, [target]),
@@ -265,6 +281,10 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
     rows = row.loc[split["image_id"].to_numpy()].to_numpy()
     train, test = (split["part"] == "train").to_numpy(), (split["part"] == "test").to_numpy()
     labels = split["label"].to_numpy(dtype=object)
+    n_train_part = int(train.sum())
+    sampled = np.flatnonzero(train)[fit_sample(labels[train])]
+    train = np.zeros(len(split), dtype=bool)
+    train[sampled] = True
     x = np.asarray(x_all[rows], dtype=np.float32)
     start = time.perf_counter()
     kind, validation = ((head, {}) if head != "auto" else choose_head(x[train], labels[train]))
@@ -292,7 +312,7 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
                                                                             index=False)
     info = {"target": target, "features": features,
             "weights": run.features_info(features).get("weights"), **metrics,
-            "n_train": int(train.sum()), "classes": classes,
+            "n_train": int(train.sum()), "train_part": n_train_part, "classes": classes,
             "unlabelled": int(catalog[target].isna().sum()),
             "dropped_classes": dropped, "min_per_class": MIN_PER_CLASS,
             "split": {"file": split_path(run, target).name, "test_size": TEST_SIZE, "seed": SEED,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import joblib
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ from sklearn.metrics import (
 )
 from sklearn.pipeline import Pipeline
 
+from influence import classify
 from influence.classify import (
     HEADS,
     MIN_PER_CLASS,
@@ -213,6 +216,21 @@ def test_a_target_with_nothing_to_learn_is_skipped_unless_it_is_all_there_is(
     assert main(["train", "--run", str(run.root), "--target", "nationality",
                  "--features", "pca"]) == 2
     assert "nothing to learn" in capsys.readouterr().err
+
+
+def test_a_large_training_part_is_sampled_stratified_and_judged_on_the_whole_test_part(
+        small_run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = copy_run(small_run, tmp_path)
+    monkeypatch.setattr(classify, "TRAIN_MAX", 60)
+    assert cmd_train(run=str(run.root), target="artist", features="pca", head="logistic",
+                     progress=False) == 0
+    info, split, _, labels = _saved(run, "artist", "pca")
+    assert info["train_part"] == (split["part"] == "train").sum() > 60
+    assert info["n_train"] == 60
+    assert info["n_test"] == (split["part"] == "test").sum()
+    per_class = pd.read_csv(head_paths(run, "artist", "pca")["per_class"])
+    assert (per_class["n_train"] >= 1).all() and per_class["n_train"].sum() == 60
+    assert set(per_class["label"]) == set(labels)
 
 
 def test_calibration_error_of_known_cases() -> None:
