@@ -118,9 +118,7 @@ def test_large_collections_get_an_approximate_index(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
     x = np.asarray(small_run.features("mobilenet_v2"))
     index = build_index(x)
-    assert neighbours.describe(index)["kind"].startswith("IndexHNSWFlat")
-    _, rows = search(index, x, 1)
-    assert np.mean(rows[:, 0] == np.arange(len(x))) >= 0.98
+    assert neighbours.describe(index)["kind"].startswith("IndexIVFFlat")
     # Its recall@10 against exact search is measured the way the index JSON records it.
     queries = np.arange(0, len(x), 3)
     exact = faiss.IndexFlatIP(x.shape[1])
@@ -130,6 +128,22 @@ def test_large_collections_get_an_approximate_index(monkeypatch: pytest.MonkeyPa
     expected = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
     assert neighbours.recall_at(index, x, queries) == pytest.approx(expected, abs=1e-4)
     assert neighbours.recall_at(exact, x, queries) == 1.0
+    # Probing every list is an exact search.
+    index.nprobe = index.nlist
+    assert neighbours.recall_at(index, x, queries) == 1.0
+
+
+def test_nprobe_is_the_smallest_that_reaches_the_recall_target(monkeypatch: pytest.MonkeyPatch,
+                                                               small_run: Run) -> None:
+    monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
+    x = np.asarray(small_run.features("mobilenet_v2"))
+    index = build_index(x)
+    queries = np.arange(0, len(x), 2)
+    tried = neighbours.tune_nprobe(index, x, queries, target=0.99)
+    assert [t["nprobe"] for t in tried] == sorted({t["nprobe"] for t in tried})
+    assert all(t["recall"] < 0.99 for t in tried[:-1])
+    assert tried[-1]["recall"] >= 0.99 and index.nprobe == tried[-1]["nprobe"]
+    assert len(tried) > 1  # the smallest nprobe alone misses on these features
 
 
 def test_the_index_json_records_recall_at_10(monkeypatch: pytest.MonkeyPatch, small_run: Run,
@@ -137,9 +151,12 @@ def test_the_index_json_records_recall_at_10(monkeypatch: pytest.MonkeyPatch, sm
     monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
     run = copy_run(small_run, tmp_path / "run")
     info = build_run_index(run, "mobilenet_v2")
-    assert info["kind"].startswith("IndexHNSWFlat")
+    assert info["kind"].startswith("IndexIVFFlat")
     assert info["recall_at_10"]["queries"] == len(run.catalog())
-    assert 0.9 <= info["recall_at_10"]["value"] <= 1.0
+    assert info["recall_at_10"]["value"] >= neighbours.RECALL_TARGET
+    # The tuned nprobe is what the saved index searches with.
+    assert neighbours.load_index(run, "mobilenet_v2").nprobe == info["nprobe"]
+    assert info["recall_at_10"]["nprobe_tried"][-1]["nprobe"] == info["nprobe"]
 
 
 def test_index_of_unknown_features_is_a_clear_error(indexed: Run,
