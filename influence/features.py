@@ -20,6 +20,7 @@ its new images. `extract_features` runs one feature set through the run protocol
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import time
@@ -51,13 +52,34 @@ from influence.runs import (
 
 #: Rows per part file: the most work an interrupted extraction can lose.
 PART_SIZE = 256
+#: Allocations at least this large get their own memory map, handed back to the system on free.
+MMAP_THRESHOLD = 1 << 20
 ENGINES = ("local", "ray")
+#: mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
 @dataclass(frozen=True)
 class Item:
     image_id: str
     path: str
+
+
+def bound_malloc() -> None:
+    """Keep glibc from hoarding freed batch buffers.
+
+    glibc raises its mmap threshold each time a large block is freed, so the next batches'
+    tensors come from the heap, and freed heap is returned only now and then: a model's process
+    climbed to twice its working memory in a saw-tooth, and the longer the extraction the higher
+    the peak. A fixed threshold (and trim threshold) makes large buffers memory maps again.
+    Does nothing where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------- reader
@@ -118,39 +140,69 @@ def default_workers() -> int:
 class DecodedCache:
     """Preprocessed images kept by a pass that decoded them anyway (the thumbnails'), keyed by the
     preprocessing, so extractors whose preprocessed form is small do not decode every image again.
+
+    Stored as chunk files (`add` writes one, atomically), read a chunk at a time (`batches`), so
+    neither the writing pass nor the reader holds the whole collection's pixels in memory.
     """
 
     def __init__(self, run: Run, preprocess: Any) -> None:
-        self.path = run.root / ".cache" / f"decoded-{fingerprint([repr(preprocess)])}.npz"
+        self.folder = run.root / ".cache" / f"decoded-{fingerprint([repr(preprocess)])}"
 
-    def rows(self) -> dict[str, np.ndarray]:
-        if not self.path.exists():
-            return {}
-        with np.load(self.path) as z:
-            return dict(zip(z["ids"].tolist(), z["x"], strict=True))
+    def chunks(self) -> list[Path]:
+        return sorted(self.folder.glob("chunk-*.npz")) if self.folder.exists() else []
+
+    def where(self) -> dict[str, tuple[Path, int]]:
+        """Each cached image's chunk file and row (only the ids are read)."""
+        out: dict[str, tuple[Path, int]] = {}
+        for path in self.chunks():
+            with np.load(path) as z:
+                out.update((i, (path, row)) for row, i in enumerate(z["ids"].tolist()))
+        return out
 
     def add(self, ids: Sequence[str], rows: Sequence[np.ndarray]) -> None:
-        """Merge rows into the cache, written atomically."""
-        merged = {**self.rows(), **dict(zip(ids, rows, strict=True))}
-        if not merged:
+        """Write these rows as one more chunk file, atomically."""
+        if not len(ids):
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"chunk-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.npz"
+        tmp = final.with_name(final.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, ids=np.asarray(list(merged), dtype=str), x=np.stack(list(merged.values())))
-        os.replace(tmp, self.path)
+            np.savez(f, ids=np.asarray(ids, dtype=str), x=np.stack(list(rows)))
+        os.replace(tmp, final)
+
+    def batches(self, items: Sequence[Item], batch_size: int) -> Iterator[Batch] | None:
+        """The items' rows in batches, one chunk in memory at a time; None unless every item
+        is cached."""
+        where = self.where()
+        if not items or any(it.image_id not in where for it in items):
+            return None
+        return self._batches(items, batch_size, where)
+
+    @staticmethod
+    def _batches(items: Sequence[Item], batch_size: int,
+                 where: dict[str, tuple[Path, int]]) -> Iterator[Batch]:
+        loaded: tuple[Path | None, np.ndarray | None] = (None, None)
+        for lo in range(0, len(items), batch_size):
+            ids = [it.image_id for it in items[lo:lo + batch_size]]
+            rows = []
+            for image_id in ids:
+                path, row = where[image_id]
+                if path != loaded[0]:
+                    with np.load(path) as z:
+                        loaded = (path, z["x"])
+                rows.append(loaded[1][row])
+            yield Batch(ids, np.stack(rows))
 
 
 def read_batches(items: Sequence[Item], preprocess: Any, batch_size: int,
-                 workers: int, cached: dict[str, np.ndarray] | None = None) -> Iterator[Batch]:
+                 workers: int, cached: DecodedCache | None = None) -> Iterator[Batch]:
     """The local reader: preprocessed batches in order, decoded in `workers` processes.
 
-    If `cached` holds every item's preprocessed row (see `DecodedCache`), nothing is decoded.
+    If `cached` (see `DecodedCache`) holds every item's preprocessed row, nothing is decoded.
     """
-    if cached and all(it.image_id in cached for it in items):
-        for i in range(0, len(items), batch_size):
-            ids = [it.image_id for it in items[i:i + batch_size]]
-            yield Batch(ids, np.stack([cached[j] for j in ids]))
+    found = cached.batches(items, batch_size) if cached is not None else None
+    if found is not None:
+        yield from found
         return
     loader = DataLoader(ImageReader(items, preprocess), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, worker_init_fn=_worker_init,
@@ -171,6 +223,7 @@ class FeatureMapper:
                  state: dict[str, Any] | None = None, threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        bound_malloc()
         self.extractor = get_extractor(name, weights)
         if state is not None:
             self.extractor.set_state(state)
@@ -256,23 +309,36 @@ class FeatureStore:
     def gather(self, image_ids: Sequence[str], dim: int) -> list[str]:
         """Write the aligned matrix part by part (memory stays one part, whatever the size).
 
+        Rows are written with positioned writes, not through a memory map, whose touched pages
+        would count in the process's memory and grow with the collection.
         Returns the weights the workers loaded; more than one is an error, and so is a row
         missing for any image.
         """
         position = pd.Index(image_ids)
         tmp = self.matrix_path.with_name(self.matrix_path.name + ".tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
-                                        shape=(len(image_ids), dim))
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                  "fortran_order": False, "shape": (len(image_ids), dim)}
         filled = np.zeros(len(image_ids), dtype=bool)
         weights: set[str] = set()
-        for part in self.writer.parts():
-            keep = position.get_indexer(part["ids"])
-            mask = keep >= 0
-            out[keep[mask]] = part["x"][mask]
-            filled[keep[mask]] = True
-            weights.update(part["weights"].tolist())
-        out.flush()
-        del out
+        row_bytes = dim * 4
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            start = f.tell()
+            f.truncate(start + len(image_ids) * row_bytes)
+            for part in self.writer.parts():
+                keep = position.get_indexer(part["ids"])
+                mask = keep >= 0
+                rows, x = keep[mask], np.ascontiguousarray(part["x"][mask], dtype=np.float32)
+                order = np.argsort(rows, kind="stable")
+                rows, x = rows[order], x[order]
+                if not len(rows):
+                    continue
+                # Runs of consecutive rows go out in one write each.
+                breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+                for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
+                    os.pwrite(f.fileno(), x[lo:hi].tobytes(), start + int(rows[lo]) * row_bytes)
+                filled[rows] = True
+                weights.update(part["weights"].tolist())
         if len(weights) > 1:
             tmp.unlink()
             self.reset(f"workers loaded different weights ({'; '.join(sorted(weights))})")
@@ -378,8 +444,8 @@ def plan_extraction(run: Run, name: str, weights: str | None = None, *,
     return Plan(run, name, weights, step, extractor, items, partitions, timings)
 
 
-def _cached(run: Run, extractor: Extractor) -> dict[str, np.ndarray] | None:
-    return DecodedCache(run, extractor.preprocess).rows() if extractor.cache_decoded else None
+def _cached(run: Run, extractor: Extractor) -> DecodedCache | None:
+    return DecodedCache(run, extractor.preprocess) if extractor.cache_decoded else None
 
 
 def _fit(extractor: Extractor, items: Sequence[Item], store: FeatureStore, workers: int,

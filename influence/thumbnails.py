@@ -24,6 +24,8 @@ DEFAULT_SIZE = 160
 QUALITY = 85
 #: Version of this step's recipe: bump it when a code change changes the thumbnails.
 VERSION = "1"
+#: Images decoded between two writes of the kept pixels (memory holds at most this many).
+CHUNK = 2_000
 #: What an image id looks like (catalog content hashes); anything else is never a file name.
 IMAGE_ID = re.compile(r"^[0-9a-f]{8,64}$")
 
@@ -95,14 +97,21 @@ def _make_all(run: Run, size: int, progress: bool,
     have = {p.stem for p in folder.glob("*.jpg")}
     todo = [(i, f) for i, f in zip(catalog["image_id"], catalog["file"], strict=True)
             if i not in have]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        made = list(tqdm(pool.map(lambda r: _make_one(run, r[0], r[1], size, keep), todo),
-                         total=len(todo), desc="thumbnails", unit="img", disable=not progress))
-    errors = [e for e, _ in made if e]
-    for n, preprocess in enumerate(keep):
-        good = [(i, out[n]) for (i, _), (e, out) in zip(todo, made, strict=True) if e is None]
-        if good:
-            DecodedCache(run, preprocess).add(*zip(*good, strict=True))
+    caches = [DecodedCache(run, preprocess) for preprocess in keep]
+    errors: list[str] = []
+    with (ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+          tqdm(total=len(todo), desc="thumbnails", unit="img", disable=not progress) as bar):
+        # A chunk at a time, so the kept pixels are written as they come, never all held.
+        for lo in range(0, len(todo), CHUNK):
+            chunk = todo[lo:lo + CHUNK]
+            made = list(pool.map(lambda r: _make_one(run, r[0], r[1], size, keep), chunk))
+            errors += [e for e, _ in made if e]
+            for n, cache in enumerate(caches):
+                good = [(i, out[n]) for (i, _), (e, out) in zip(chunk, made, strict=True)
+                        if e is None]
+                if good:
+                    cache.add(*zip(*good, strict=True))
+            bar.update(len(chunk))
     info = {"size": size, "quality": QUALITY, "format": "jpeg", "images": len(catalog),
             "made": len(todo) - len(errors), "failed": errors}
     write_json(info_path, info)
