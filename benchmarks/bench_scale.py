@@ -1,15 +1,21 @@
 """Every stage at several collection sizes: seconds, peak memory and growth, in one run.
 
     .venv/bin/python benchmarks/bench_scale.py [--sizes 7000,25000,100000]
-        [--extractors pca,mobilenet_v2] [--root data/scale] [--no-app]
+        [--extractors pca,mobilenet_v2] [--root data/scale] [--no-app] [--stages a,b]
 
 For each size N, `make_collection.py` varies the shared paintings into data/scale/N/ (kept, so a
 second run reuses it), then each stage runs from the command line in its own child process on
 data/scale/N/run: extract, cluster, index, train, influence, and warm `similar` queries. Each
 record has the stage's seconds and the child's peak memory; the growth exponent between two sizes
-is log(t2 / t1) / log(n2 / n1). At the largest size the explorer is measured by
+is log(t2 / t1) / log(n2 / n1). At the smallest size past the clustering's fit sample, one
+feature set is also clustered in full, to measure what the sample fit costs (`cluster_shortcut`:
+NMI between the partitions, both fits' scores). At the largest size the explorer is measured by
 `bench_app.py` (start, the map's first paint, an upload's answer). The JSON also checks the
 targets of issue 12 (`targets`). Nothing is written to the shared collection.
+
+`--stages` runs only some stages (at every size) and merges their records into the JSON already
+at `--out`, so the long extraction can be measured once and the later stages again after a
+change; each record keeps the load average it was taken under.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ def child_stage(argv: list[str]) -> None:
 
 
 def child_similar(run_dir: str) -> None:
-    """Child process: load the explorer once, then time warm single-image queries."""
+    """Child process: load the explorer once, then time warm single-image queries (embedding
+    included: `seconds`) and the same answers for indexed paintings (search, similar artists,
+    heads and clusters without embedding: `search_s`)."""
     from influence.query import Explorer
     from influence.runs import Run
 
@@ -58,9 +66,54 @@ def child_similar(run_dir: str) -> None:
     files = [run.image_path(f) for f in catalog["file"].iloc[::step][:QUERIES]]
     explorer.query(files[0])
     times = [explorer.query(f)["seconds"] for f in files]
+    ids = catalog["image_id"].iloc[::step][:QUERIES]
+    search = [explorer.neighbours_of(i)["seconds"] for i in ids]
     print(json.dumps({"status": 0, "seconds": round(statistics.median(times), 4),
                       "p90_s": round(sorted(times)[int(0.9 * (len(times) - 1))], 4),
-                      "load_s": round(loaded, 2), "features": explorer.features}))
+                      "search_s": round(statistics.median(search), 4),
+                      "load_s": round(loaded, 2), "features": explorer.features,
+                      "queries": len(times)}))
+
+
+def child_shortcut(run_dir: str, features: str) -> None:
+    """Child process: what fitting on a sample costs against a full fit of the same features:
+    NMI between the two partitions, both fits' scores, k and seconds."""
+    import numpy as np
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from influence.clustering import FIT_SAMPLE, fit_clustering
+    from influence.runs import Run
+
+    x = np.asarray(Run(Path(run_dir)).features(features))
+    fits = {}
+    for name, limit in (("sample", FIT_SAMPLE), ("full", len(x))):
+        start = time.perf_counter()
+        fits[name] = fit_clustering(x, progress=False, name=features, fit_sample=limit)
+        fits[name].timings["total"] = time.perf_counter() - start
+    sample, full = fits["sample"], fits["full"]
+    print(json.dumps({
+        "status": 0, "features": features, "rows": len(x), "fit_sample": FIT_SAMPLE,
+        "nmi": {"kmeans": round(normalized_mutual_info_score(full.kmeans_labels,
+                                                             sample.kmeans_labels), 4),
+                "gmm": round(normalized_mutual_info_score(full.gmm_labels, sample.gmm_labels), 4)},
+        **{name: {"k": fit.k, "scores": {m: {s: round(v, 4) for s, v in sc.items()}
+                                         for m, sc in fit.scores.items()},
+                  "seconds": {s: round(v, 2) for s, v in fit.timings.items()}}
+           for name, fit in fits.items()}}))
+
+
+def shortcut(sizes: list[int], root: Path, extractors: str) -> dict:
+    """The sample fit against a full fit, at the smallest size past FIT_SAMPLE, on the last
+    extractor (the learned one by default)."""
+    from influence.clustering import FIT_SAMPLE
+
+    past = [n for n in sizes if n > FIT_SAMPLE]
+    if not past:
+        return {"skipped": f"no size above the fit sample ({FIT_SAMPLE})"}
+    features = [e for e in extractors.split(",") if e][-1]
+    record = in_child([__file__, "--shortcut", str(root / str(past[0]) / "run"), features])
+    print(f"{past[0]:>7} shortcut  {record}", file=sys.stderr, flush=True)
+    return record
 
 
 def stage_args(stage: str, run: Path, collection: Path, extractors: str) -> list[str]:
@@ -99,15 +152,15 @@ def targets(result: dict) -> dict[str, dict]:
         passed = value is not None and (value <= limit if below else value >= limit)
         out[name] = {"value": value, "limit": limit, "passed": passed}
 
-    extract_small = stage["extract"][small].get("peak_rss_mb")
-    extract_large = stage["extract"][large].get("peak_rss_mb")
+    extract_small = stage["extract"].get(small, {}).get("peak_rss_mb")
+    extract_large = stage["extract"].get(large, {}).get("peak_rss_mb")
     check("extract peak memory, largest / smallest", round(extract_large / extract_small, 3)
           if extract_small and extract_large else None, 1.10)
     check("cluster seconds per feature set at the largest size",
-          stage["cluster"][large].get("seconds_per_feature_set"), 180)
-    check("index seconds at the largest size", stage["index"][large].get("seconds"), 30)
-    check("similar median seconds at the largest size", stage["similar"][large].get("seconds"),
-          0.05)
+          stage["cluster"].get(large, {}).get("seconds_per_feature_set"), 180)
+    check("index seconds at the largest size", stage["index"].get(large, {}).get("seconds"), 30)
+    check("similar median seconds at the largest size",
+          stage["similar"].get(large, {}).get("seconds"), 0.05)
     if result.get("app"):
         check("map first paint seconds at the largest size",
               result["app"].get("views_s", {}).get("map"), 2.0)
@@ -125,9 +178,12 @@ def main() -> None:
     parser.add_argument("--extractors", default="pca,mobilenet_v2")
     parser.add_argument("--root", default=str(ROOT / "data" / "scale"))
     parser.add_argument("--no-app", dest="app", action="store_false")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="stages to measure; the others keep their records from --out")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     parser.add_argument("--stage", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     parser.add_argument("--similar", help=argparse.SUPPRESS)
+    parser.add_argument("--shortcut", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage:
         child_stage(args.stage)
@@ -135,15 +191,27 @@ def main() -> None:
     if args.similar:
         child_similar(args.similar)
         return
+    if args.shortcut:
+        child_shortcut(*args.shortcut)
+        return
 
     sizes = sorted(int(s) for s in args.sizes.split(",") if s)
+    stages = [s for s in STAGES if s in args.stages.split(",")]
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown:
+        raise SystemExit(f"error: unknown stages {sorted(unknown)}; choose from {STAGES}")
     n_features = len([e for e in args.extractors.split(",") if e])
+    out = Path(args.out)
+    earlier = json.loads(out.read_text()) if out.exists() and len(stages) < len(STAGES) else {}
+    if earlier and (earlier.get("sizes") != sizes or earlier.get("extractors") != args.extractors):
+        raise SystemExit(f"error: {out} holds sizes {earlier.get('sizes')} of "
+                         f"{earlier.get('extractors')}; give the same, or measure every stage")
     result: dict = {"sizes": sizes, "extractors": args.extractors,
                     "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
-                                "platform": platform.platform(),
-                                "load_average_at_start": [round(v, 2)
-                                                          for v in os.getloadavg()]},
+                                "platform": platform.platform()},
                     "collections": {}, "stages": {s: {} for s in STAGES}}
+    for s, records in earlier.get("stages", {}).items():
+        result["stages"][s] = records
     for n in sizes:
         collection = Path(args.root) / str(n)
         start = time.perf_counter()
@@ -152,7 +220,8 @@ def main() -> None:
         result["collections"][str(n)] = {"path": str(collection),
                                          "seconds": round(time.perf_counter() - start, 1)}
         run = collection / "run"
-        for stage in STAGES:
+        for stage in stages:
+            load = [round(v, 2) for v in os.getloadavg()]
             if stage == "similar":
                 record = in_child([__file__, "--similar", str(run)])
             else:
@@ -160,13 +229,20 @@ def main() -> None:
                                    *stage_args(stage, run, collection, args.extractors)])
             if stage == "cluster" and "seconds" in record:
                 record["seconds_per_feature_set"] = round(record["seconds"] / n_features, 2)
+            record["load_average_before"] = load
             result["stages"][stage][str(n)] = record
             print(f"{n:>7} {stage:<9} {record}", file=sys.stderr, flush=True)
             if record.get("status") != 0:
                 raise SystemExit(f"error: {stage} failed at {n} paintings ({record}); "
                                  "see its message above")
-    result["growth"] = {s: growth(sizes, [result["stages"][s][str(n)].get("seconds")
+    if "cluster" in stages:
+        result["cluster_shortcut"] = shortcut(sizes, Path(args.root), args.extractors)
+    elif earlier.get("cluster_shortcut"):
+        result["cluster_shortcut"] = earlier["cluster_shortcut"]
+    result["growth"] = {s: growth(sizes, [result["stages"][s].get(str(n), {}).get("seconds")
                                           for n in sizes]) for s in STAGES}
+    if earlier.get("app") and not args.app:
+        result["app"] = earlier["app"]
     if args.app:
         app_out = Path(args.out).with_name("scale-app.json")
         record = in_child([str(ROOT / "benchmarks" / "bench_app.py"), "--run",
@@ -175,8 +251,7 @@ def main() -> None:
         result["app"] = ({**json.loads(app_out.read_text()), "peak_rss_mb":
                           record.get("peak_rss_mb")} if app_out.exists() else record)
     result["targets"] = targets(result)
-    result["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    save(result, Path(args.out))
+    save(result, out)
     for name, t in result["targets"].items():
         print(f"{'pass' if t['passed'] else 'MISS'}  {name}: {t['value']} (limit {t['limit']})")
     print(f"-> {args.out}")

@@ -207,8 +207,10 @@ class Result:
 
 
 def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = SEED,
-                   progress: bool = True, name: str = "features") -> Result:
-    """Reduce x, sweep KMeans and GMM over k_min..k_max, choose k, and project with UMAP."""
+                   progress: bool = True, name: str = "features",
+                   fit_sample: int | None = None) -> Result:
+    """Reduce x, sweep KMeans and GMM over k_min..k_max, choose k, and project with UMAP; past
+    `fit_sample` rows (default FIT_SAMPLE) the models are fitted on a seeded sample that size."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
     from tqdm.auto import tqdm
@@ -225,7 +227,7 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
     if k_max >= n:
         raise InfluenceError(f"{name}: k-max {k_max} needs more than {n} paintings")
     timings: dict[str, float] = {}
-    sample = fit_rows(n, seed)
+    sample = fit_rows(n, seed, fit_sample)
     with timed(timings, "reduce"):
         reducer, reduction = make_reducer(x if sample is None else x[sample], seed)
         y = reducer.transform(x).astype(np.float32)
