@@ -125,7 +125,10 @@ def stage_args(stage: str, run: Path, collection: Path, extractors: str) -> list
         return ["extract", *common, "--collection", str(collection), "--extractors", extractors,
                 *weights]
     if stage == "train":
-        return ["train", *common, "--target", "style,genre,artist,nationality"]
+        # Logistic heads: `auto` fits each kind again to choose, which measures the choice three
+        # times over rather than the head.
+        return ["train", *common, "--target", "style,genre,artist,nationality",
+                "--head", "logistic"]
     if stage == "influence":
         return ["influence", *common, "--recorded", str(RECORDED)]
     return [stage, *common]

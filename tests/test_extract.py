@@ -199,3 +199,24 @@ def test_efficientnet_features_are_what_the_pretrained_classifier_reads(small_ru
         expected = net(batch)
         logits = net._fc(torch.from_numpy(extractor.embed(images)))
     assert torch.allclose(logits, expected, atol=1e-3)
+
+
+def test_pixel_pca_is_fitted_in_steps_and_explains_what_a_full_pca_does(small_run: Run) -> None:
+    from sklearn.decomposition import PCA
+
+    from influence.extractors.pixels import scaled
+
+    extractor = get_extractor("pca")
+    catalog = small_run.catalog()
+    rows = np.stack([extractor.preprocess(Image.open(small_run.image_path(f)).convert("RGB"))
+                     for f in catalog["file"]])
+    extractor.n_components, extractor.fit_rows = 16, 64
+    extractor.fit(rows[i:i + 50] for i in range(0, len(rows), 50))
+    assert extractor.fitted_on_ == len(rows) and extractor.dim == 16
+    assert extractor.model_.n_samples_seen_ == len(rows)
+    full = PCA(16, random_state=0).fit(scaled(rows))
+    explained = extractor.model_.explained_variance_ratio_.sum()
+    assert explained == pytest.approx(full.explained_variance_ratio_.sum(), abs=0.01)
+    # Too few images for a step: one fit on all of them, with fewer components.
+    extractor.fit([rows[:10]])
+    assert extractor.fitted_on_ == 10 and extractor.dim == 9

@@ -1,9 +1,9 @@
 """PCA and kernel PCA on downsampled pixels: the baselines every learned feature must beat.
 
 Both are fitted on a seeded sample of the collection (capped, so fitting cost does not grow with
-the collection) and then applied to every image. PCA's cap is generous (20,000 images: about
-250 MB of pixels); kernel PCA's is 2,000 because its kernel matrix grows with the square of the
-sample and every later image is compared with each sampled one.
+the collection) and then applied to every image. PCA's cap is generous (20,000 images), since it
+is fitted incrementally, 1,024 images at a time; kernel PCA's is 2,000 because its kernel matrix
+grows with the square of the sample and every later image is compared with each sampled one.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
-from sklearn.decomposition import PCA, KernelPCA
+from sklearn.decomposition import IncrementalPCA, KernelPCA
 
 from influence.extractors import RANDOM, Extractor, register
 from influence.runs import InfluenceError
@@ -73,7 +73,9 @@ class PixelDecomposition(Extractor):
         raise NotImplementedError
 
     def fit(self, batches: Iterable[np.ndarray]) -> PixelDecomposition:
-        x = np.concatenate([scaled(b) for b in batches]).astype(np.float32)
+        # Gathered as bytes and scaled once: a list of float batches, their concatenation and a
+        # cast each held the whole sample again (three times the memory of one float copy).
+        x = scaled(np.concatenate([np.asarray(b, dtype=np.uint8) for b in batches]))
         if len(x) < 3:
             raise InfluenceError(f"{self.name} needs at least 3 images to fit, got {len(x)}")
         n = min(self.n_components, len(x) - 1)
@@ -105,9 +107,35 @@ class PixelPCA(PixelDecomposition):
     summary = "PCA on 32x32 pixels: 128-d"
     fit_sample = 20_000
     cost = 12.0
+    version = "3"
+    #: Rows per incremental step of the fit (at least twice the components).
+    fit_rows = 1024
 
-    def make_model(self, x: np.ndarray, n_components: int) -> PCA:
-        return PCA(n_components=n_components, svd_solver="randomized", random_state=0)
+    def fit(self, batches: Iterable[np.ndarray]) -> PixelPCA:
+        """Incremental PCA over the sample's batches: fitting memory is one step's rows,
+        whatever the sample (a full PCA held the sample twice in floats, and its peak grew with
+        the collection up to the cap)."""
+        pending: list[np.ndarray] = []
+        held = fitted = 0
+        model = IncrementalPCA(n_components=self.n_components)
+        for batch in batches:
+            pending.append(np.asarray(batch, dtype=np.uint8))
+            held += len(pending[-1])
+            # Keep one step in hand, so the last step is never shorter than the components.
+            if held >= 2 * self.fit_rows:
+                rows = np.concatenate(pending)
+                model.partial_fit(scaled(rows[:self.fit_rows]))
+                pending, held = [rows[self.fit_rows:]], held - self.fit_rows
+                fitted += self.fit_rows
+        total = fitted + held
+        if total < 3:
+            raise InfluenceError(f"{self.name} needs at least 3 images to fit, got {total}")
+        if not fitted:
+            model.n_components = min(self.n_components, total - 1)
+        if held:
+            model.partial_fit(scaled(np.concatenate(pending)))
+        self.model_, self.fitted_on_, self.dim_ = model, total, int(model.n_components_)
+        return self
 
 
 @register
