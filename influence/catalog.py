@@ -269,7 +269,8 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     paths = [p for p, o in zip(paths, outside, strict=True) if not o]
 
     checks = _checks(paths, run.root / ".cache" / "files.parquet", limits, progress)
-    info = pd.DataFrame([c.__dict__ for c in checks], index=rows.index)
+    info = pd.DataFrame([c.__dict__ for c in checks], index=rows.index,
+                        columns=list(FileCheck.__dataclass_fields__))
     bad = info["error"].notna()
     for r, err in zip(rows[bad].itertuples(), info.loc[bad, "error"], strict=True):
         reason = "missing file" if err == "file not found" else "unusable image"

@@ -171,3 +171,14 @@ def test_cli_reports_an_unreadable_csv_in_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_a_collection_with_no_usable_image_is_catalogued_empty_with_its_reasons(tmp_path):
+    folder = tmp_path / "coll"
+    (folder / "images").mkdir(parents=True)
+    pd.DataFrame({"file": ["images/../../elsewhere.jpg", "../../../etc/hostname"],
+                  "title": ["a", "b"], "artist": ["x", "y"]}).to_csv(folder / "paintings.csv",
+                                                                       index=False)
+    result = build_catalog(Collection.from_dir(folder), Run(tmp_path / "run"), progress=False)
+    assert result.catalog.empty
+    assert list(result.rejected["reason"]) == ["path outside the collection"] * 2
