@@ -21,6 +21,7 @@ from influence import classify
 from influence.classify import (
     HEADS,
     MIN_PER_CLASS,
+    MLP_SEEDS,
     TEST_SIZE,
     choose_head,
     expected_calibration_error,
@@ -272,11 +273,17 @@ def chosen(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
     return run
 
 
-def test_mlp_head_is_an_mlp_with_balanced_weights_and_learns_the_artist(chosen: Run) -> None:
+def test_mlp_head_is_a_soft_vote_of_seeded_mlps_and_learns_the_artist(chosen: Run) -> None:
     info = read_json(chosen.models_dir / "mlp-artist-mobilenet_v2.json")
     mlp = joblib.load(chosen.models_dir / "mlp-artist-mobilenet_v2.joblib")["pipeline"]
-    assert info["head"] == "mlp" and type(mlp[-1]).__name__ == "MLPClassifier"
-    assert mlp[-1].hidden_layer_sizes == (512,)
+    assert info["head"] == "mlp" and mlp[-1].voting == "soft"
+    members = mlp[-1].estimators_
+    assert [m.random_state for m in members] == list(range(MLP_SEEDS))
+    assert all(m.hidden_layer_sizes == (512,) for m in members)
+    # The head's probabilities are the mean of its members'.
+    x = mlp[:-1].transform(np.asarray(chosen.features("mobilenet_v2"))[:20])
+    mean = np.mean([m.predict_proba(x) for m in members], axis=0)
+    np.testing.assert_allclose(mlp[-1].predict_proba(x), mean, rtol=1e-6)
     assert info["accuracy"] >= 0.6  # chance: 0.17
 
 
