@@ -71,6 +71,14 @@ class RunData:
     def row_of(self, image_id: str) -> int | None:
         return self._row.get(image_id)
 
+    def id_at(self, row: Any) -> str | None:
+        """The image_id of a catalog row number (as a map point carries it), or None."""
+        try:
+            row = int(row)
+        except (TypeError, ValueError):
+            return None
+        return str(self.catalog["image_id"].iat[row]) if 0 <= row < len(self.catalog) else None
+
     def painting(self, image_id: str) -> dict[str, Any] | None:
         """The catalog row of a painting as a dict, or None for an unknown id."""
         row = self.row_of(image_id)

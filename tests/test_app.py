@@ -120,11 +120,12 @@ def downloaded(folder: Path, pattern: str) -> Path:
     return WebDriverWait(None, WAIT).until(done)
 
 
-def map_ids(browser) -> list[str]:
-    """Every painting drawn on the map (the customdata of its traces)."""
-    return browser.execute_script("""
+def map_ids(browser, data: RunData) -> list[str]:
+    """Every painting drawn on the map (its traces carry catalog row numbers as customdata)."""
+    rows = browser.execute_script("""
         const g = document.querySelector('#map-graph .js-plotly-plot');
         return g.data.flatMap(t => Array.from(t.customdata || []));""")
+    return [data.id_at(r) for r in rows]
 
 
 def map_thumbs(browser) -> list[str]:
@@ -236,13 +237,14 @@ def test_map_shows_every_painting_and_opens_one_on_click(browser, base_url: str,
         """, x0, x1, y0, y1)
     WebDriverWait(browser, WAIT).until(lambda d: len(map_thumbs(d)) == len(in_view))
     assert sorted(map_thumbs(browser)) == sorted(in_view)
-    image_id = browser.execute_script("""
+    image_id = data.id_at(browser.execute_script("""
         const g = document.querySelector('#map-graph .js-plotly-plot');
         const point = {curveNumber: 0, pointNumber: 0, customdata: g.data[0].customdata[0],
                        x: g.data[0].x[0], y: g.data[0].y[0],
                        bbox: {x0: 300, x1: 305, y0: 300, y1: 305}};
         g.emit('plotly_hover', {points: [point]});
-        return point.customdata;""")
+        return point.customdata;"""))
+    assert image_id is not None
     tip = wait_for(browser, ".tooltip-thumb")[0]
     assert tip.get_attribute("src").endswith(f"/thumbs/{image_id}.jpg")
     browser.execute_script("""
@@ -378,13 +380,13 @@ def test_a_filter_leaves_only_matching_points(browser, base_url: str, data: RunD
 
     browser.get(base_url + "/")
     wait_for(browser, "#map-graph .legendtext")
-    assert len(map_ids(browser)) == len(data.catalog)
+    assert sorted(map_ids(browser, data)) == sorted(data.catalog["image_id"])
     browser.find_element(By.CSS_SELECTOR, "#map-style").click()
     wait_for(browser, "label.dash-dropdown-option input[value='Baroque']")[0].click()
     baroque = set(data.catalog["image_id"][data.catalog["style"] == "Baroque"])
     wait_text(browser, "#map-count", rf"^{len(baroque)} of {len(data.catalog)} paintings$")
-    WebDriverWait(browser, WAIT).until(lambda d: len(map_ids(d)) == len(baroque))
-    assert set(map_ids(browser)) == baroque
+    WebDriverWait(browser, WAIT).until(lambda d: len(map_ids(d, data)) == len(baroque))
+    assert set(map_ids(browser, data)) == baroque
     assert "style=Baroque" in browser.current_url
 
 

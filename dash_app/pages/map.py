@@ -168,7 +168,6 @@ def figure(data: RunData, features: str, colour: str, where: Filter,
         names = {g: str(g) for g in order}
     groups = groups.to_numpy()[rows]
     x, y = assignments["umap_x"].to_numpy()[rows], assignments["umap_y"].to_numpy()[rows]
-    ids = assignments["image_id"].to_numpy()[rows]
     fig = go.Figure()
     for n, group in enumerate(order):
         mask = groups == group
@@ -176,7 +175,9 @@ def figure(data: RunData, features: str, colour: str, where: Filter,
             continue
         fig.add_trace(go.Scattergl(
             x=x[mask], y=y[mask], mode="markers", name=f"{names[group]} ({mask.sum():,})",
-            customdata=ids[mask], hoverinfo="none",
+            # Row numbers, not ids: 100k ids are 2 MB of text. A plain list, not an array: plotly
+            # would send an array in binary, which Dash's hover and click events cannot read.
+            customdata=rows[mask].tolist(), hoverinfo="none",
             marker={"size": 5 if len(rows) > THUMBS else 9, "opacity": 0.8,
                     "color": OTHER if group == "other" else COLOURS[n % len(COLOURS)]}))
     fig.update_layout(template="plotly_white", height=680, margin={"l": 0, "r": 0, "t": 10,
@@ -313,7 +314,8 @@ def register(app: Dash) -> None:
         if not hover_data:
             return False, no_update, no_update
         point = hover_data["points"][0]
-        row = current().painting(str(point.get("customdata")))
+        data = current()
+        row = data.painting(data.id_at(point.get("customdata")) or "")
         if row is None:
             return False, no_update, no_update
         year = text(row["year"], "")
@@ -330,6 +332,5 @@ def register(app: Dash) -> None:
     def open_painting(click_data: dict | None) -> str:
         if not click_data:
             return no_update
-        image_id = click_data["points"][0].get("customdata")
-        return (painting_href(image_id) if current().row_of(str(image_id)) is not None
-                else no_update)
+        image_id = current().id_at(click_data["points"][0].get("customdata"))
+        return painting_href(image_id) if image_id is not None else no_update
