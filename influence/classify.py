@@ -123,11 +123,6 @@ def make_head(kind: str = "logistic", c: float = C) -> Pipeline:
     return make_pipeline(Normalizer(), StandardScaler(), model)
 
 
-def fit_head(head: Pipeline, x: np.ndarray, y: np.ndarray) -> Pipeline:
-    """Fit a head made by `make_head` on (x, y)."""
-    return head.fit(x, y)
-
-
 def fit_sample(y: np.ndarray, limit: int | None = None, seed: int = SEED) -> np.ndarray:
     """Sorted positions of the rows a head is fitted on: all of y, or a stratified seeded sample
     of `limit` (default `TRAIN_MAX`; every label keeps at least one row)."""
@@ -147,7 +142,7 @@ def choose_head(x: np.ndarray, y: np.ndarray) -> tuple[str, dict[str, float]]:
     for kind in HEADS:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            head = fit_head(make_head(kind), x[fit], y[fit])
+            head = make_head(kind).fit(x[fit], y[fit])
         scores[kind] = round(float(accuracy_score(y[val], head.predict(x[val]))), 4)
     return max(HEADS, key=lambda k: scores[k]), scores
 
@@ -298,7 +293,7 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
     model = make_head(kind)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        fit_head(model, x[train], labels[train])
+        model.fit(x[train], labels[train])
     fit_s = time.perf_counter() - start
     classes = [str(c) for c in model.classes_]
     proba = model.predict_proba(x[test])
