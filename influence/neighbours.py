@@ -6,8 +6,8 @@ an exact index (`IndexFlatIP`); past that, an inverted file (`IndexIVFFlat`: the
 into about 4 * sqrt(n) k-means lists trained on a seeded sample, and a query scans only the
 `nprobe` lists nearest to it). `nprobe` is tuned when the index is built: the smallest of
 `NPROBES` whose recall@10 against exact search reaches `RECALL_TARGET`, measured and recorded.
-An inverted file builds in seconds where an HNSW graph of the same vectors takes minutes on two
-cores, and its recall is measured rather than assumed.
+On 100,000 mobilenet_v2 vectors and two cores the inverted file built in 18 s, an HNSW graph
+(M 32, efConstruction 80) in 40 s; and the inverted file's recall is measured, not assumed.
 
 Artists are ranked from the `ARTIST_POOL` nearest paintings by `rank_artists`, a rule that does
 not let a prolific artist win by volume alone: see its docstring.
