@@ -3,7 +3,10 @@
 `finetune` trains torchvision's MobileNetV2 (ImageNet weights, resolved like the extractor's) with
 a new linear head on the target's recorded split (`models/split-<target>.parquet`):
 
-1. the head alone, the backbone frozen, for `head_epochs`;
+1. a linear probe: the head alone, fitted as a class-balanced logistic regression on the frozen
+   backbone's pooled features (standardisation folded into the layer). Fine-tuning from a
+   converged head distorts the pretrained features less than from a random one (LP-FT, Kumar et
+   al. 2022), and on a CPU one pass over the pictures replaces epochs of training the head;
 2. the whole net, with lower learning rates for earlier layers (`LAYER_LR`),
 
 with random crops and left-right flips as augmentation and class-balanced cross-entropy. Early
@@ -27,13 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from tqdm.auto import tqdm
 
-from influence.classify import SEED, VALIDATION_SIZE, evaluate, run_split
+from influence.classify import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
 from influence.combined import save_features
 from influence.extractors import load_checked, resolve_state_dict
 from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
@@ -51,7 +57,7 @@ LAYER_LR = ((0, 0.01), (7, 0.03), (14, 0.1))
 WEIGHT_DECAY = 1e-4
 #: Random crops keep at least this share of the picture before resizing.
 CROP_SCALE = (0.6, 1.0)
-#: Epochs without a better validation accuracy before phase 2 stops.
+#: Epochs without a better validation accuracy before the whole-net phase stops.
 PATIENCE = 2
 
 
@@ -103,24 +109,41 @@ def build_model(backbone: str, weights: str | None, classes: int) -> tuple[torch
     return model, used
 
 
-def _optimizer(model: torch.nn.Module, phase: str) -> torch.optim.Optimizer:
-    """Phase 'head': only the head learns. Phase 'full': every block, earlier ones slower."""
-    head = {"params": model.classifier.parameters(), "lr": HEAD_LR}
-    if phase == "head":
-        return torch.optim.AdamW([head], weight_decay=WEIGHT_DECAY)
-    groups = [head]
+def _optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Every block learns, earlier ones slower than later ones and the head."""
+    groups = [{"params": model.classifier.parameters(), "lr": HEAD_LR}]
     for i, block in enumerate(model.features):
         factor = [f for start, f in LAYER_LR if i >= start][-1]
         groups.append({"params": block.parameters(), "lr": HEAD_LR * factor})
     return torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
 
 
-def _set_phase(model: torch.nn.Module, phase: str) -> None:
-    for p in model.features.parameters():
-        p.requires_grad_(phase == "full")
-    model.train()
-    if phase == "head":
-        model.features.eval()  # frozen: batch-norm statistics stay the pretrained ones
+def _pooled(model: torch.nn.Module, loader: DataLoader, dev: torch.device) -> np.ndarray:
+    """The backbone's pooled (penultimate) features of every picture the loader gives."""
+    model.eval()
+    rows = []
+    with torch.inference_mode():
+        for x, _ in loader:
+            rows.append(model.features(x.to(dev)).mean(dim=(2, 3)).cpu().numpy())
+    return np.concatenate(rows).astype(np.float32)
+
+
+def _probe(model: torch.nn.Module, fit: tuple[np.ndarray, np.ndarray],
+           val: tuple[np.ndarray, np.ndarray]) -> tuple[float, float]:
+    """Set the head to a logistic regression fitted on frozen pooled features (x, class index);
+    returns its training log-loss and validation accuracy."""
+    (x_fit, y_fit), (x_val, y_val) = fit, val
+    scaler = StandardScaler().fit(x_fit)
+    probe = LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER,
+                               random_state=SEED).fit(scaler.transform(x_fit), y_fit)
+    layer = model.classifier[-1]
+    weight = probe.coef_ / scaler.scale_
+    with torch.no_grad():
+        layer.weight[probe.classes_] = torch.as_tensor(weight, dtype=layer.weight.dtype)
+        layer.bias[probe.classes_] = torch.as_tensor(probe.intercept_ - weight @ scaler.mean_,
+                                                     dtype=layer.bias.dtype)
+    loss = log_loss(y_fit, probe.predict_proba(scaler.transform(x_fit)), labels=probe.classes_)
+    return float(loss), float((probe.predict(scaler.transform(x_val)) == y_val).mean())
 
 
 def _predict(model: torch.nn.Module, loader: DataLoader, dev: torch.device) -> np.ndarray:
@@ -139,7 +162,7 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 
 def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str | None = None,
-             *, head_epochs: int = 1, epochs: int = 10, budget_s: float | None = None,
+             *, epochs: int = 10, budget_s: float | None = None,
              batch_size: int = BATCH_SIZE, workers: int | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume), judge on the held-out part, store the feature set; returns the
@@ -175,7 +198,8 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     config = {"target": target, "backbone": backbone, "weights": weights_used,
               "split": fingerprint(split["image_id"] + "\0" + split["part"]),
               "batch_size": batch_size, "head_lr": HEAD_LR, "layer_lr": LAYER_LR, "size": SIZE,
-              "crop_scale": CROP_SCALE, "weight_decay": WEIGHT_DECAY, "seed": SEED}
+              "crop_scale": CROP_SCALE, "weight_decay": WEIGHT_DECAY, "seed": SEED,
+              "probe_c": C}
     state: dict[str, Any] = {"config": config, "epoch": 0, "history": [], "elapsed_s": 0.0,
                              "best": None}
     if files_at["checkpoint"].exists():
@@ -193,46 +217,51 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     while True:
         epoch = state["epoch"]
         since_best = epoch - state["best"]["epoch"] if state["best"] else 0
-        if epoch >= head_epochs + epochs:
+        if epoch >= 1 + epochs:
             stopped = "epochs done"
-        elif epoch > head_epochs and since_best >= PATIENCE:
+        elif epoch > 1 and since_best >= PATIENCE:
             stopped = f"no better validation accuracy for {PATIENCE} epochs"
         elif state["elapsed_s"] >= budget:
             stopped = "time budget spent"
         if stopped:
             break
-        phase = "head" if epoch < head_epochs else "full"
-        _set_phase(model, phase)
-        optimizer = _optimizer(model, phase)
-        if state.get("optimizer") and state.get("phase") == phase:
-            optimizer.load_state_dict(state["optimizer"])
         start = time.perf_counter()
-        losses = []
-        batches = tqdm(loader(fit_rows, SEED + epoch), desc=f"{phase} epoch {epoch + 1}",
-                       unit="batch", disable=not progress, leave=False)
-        for x, labels in batches:
-            optimizer.zero_grad()
-            loss = loss_fn(model(x.to(dev)), labels.to(dev))
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if state["elapsed_s"] + time.perf_counter() - start >= budget:
-                break
-        proba = _predict(model, loader(val_rows), dev)
-        accuracy = float((proba.argmax(axis=1) == y[val_rows]).mean())
+        if epoch == 0:
+            phase, batches = "probe", 0
+            loss, accuracy = _probe(model, (_pooled(model, loader(fit_rows), dev), y[fit_rows]),
+                                    (_pooled(model, loader(val_rows), dev), y[val_rows]))
+        else:
+            phase, losses = "full", []
+            model.train()
+            optimizer = _optimizer(model)
+            if state.get("optimizer"):
+                optimizer.load_state_dict(state["optimizer"])
+            for x, labels in tqdm(loader(fit_rows, SEED + epoch), desc=f"epoch {epoch + 1}",
+                                  unit="batch", disable=not progress, leave=False):
+                optimizer.zero_grad()
+                batch_loss = loss_fn(model(x.to(dev)), labels.to(dev))
+                batch_loss.backward()
+                optimizer.step()
+                losses.append(batch_loss.item())
+                if state["elapsed_s"] + time.perf_counter() - start >= budget:
+                    break
+            loss, batches = float(np.mean(losses)), len(losses)
+            state["optimizer"] = optimizer.state_dict()
+            proba = _predict(model, loader(val_rows), dev)
+            accuracy = float((proba.argmax(axis=1) == y[val_rows]).mean())
         seconds = time.perf_counter() - start
         state["epoch"] = epoch + 1
         state["elapsed_s"] += seconds
-        state["history"].append({"epoch": epoch + 1, "phase": phase, "loss": float(np.mean(losses)),
-                                 "batches": len(losses), "val_accuracy": round(accuracy, 4),
+        state["history"].append({"epoch": epoch + 1, "phase": phase, "loss": round(loss, 4),
+                                 "batches": batches, "val_accuracy": round(accuracy, 4),
                                  "seconds": round(seconds, 1)})
         if state["best"] is None or accuracy > state["best"]["val_accuracy"]:
             state["best"] = {"epoch": epoch + 1, "val_accuracy": accuracy,
                              "model": {k: v.detach().cpu().clone()
                                        for k, v in model.state_dict().items()}}
-        state.update(model=model.state_dict(), optimizer=optimizer.state_dict(), phase=phase)
+        state["model"] = model.state_dict()
         _save(files_at["checkpoint"], state)
-        print(f"epoch {epoch + 1} ({phase}): loss {np.mean(losses):.3f}, validation accuracy "
+        print(f"epoch {epoch + 1} ({phase}): loss {loss:.3f}, validation accuracy "
               f"{accuracy:.3f}, {seconds:.0f} s", flush=True)
     name = feature_set_name(backbone, target)
     key = fingerprint([json.dumps(config, sort_keys=True), str(state["best"]["epoch"]),
@@ -276,12 +305,7 @@ def extract(run: Run, name: str, model: torch.nn.Module, backbone: str, weights:
                 (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json"))
 
     def build() -> dict[str, Any]:
-        model.eval()
-        rows = []
-        with torch.inference_mode():
-            for x, _ in loader:
-                rows.append(model.features(x.to(dev)).mean(dim=(2, 3)).cpu().numpy())
-        x = np.concatenate(rows).astype(np.float32)
+        x = _pooled(model, loader, dev)
         info = {"extractor": backbone, "dim": int(x.shape[1]), "weights": f"file {weights}",
                 "preprocessing": repr(imagenet_preprocess()), "config": config,
                 "catalog": fingerprint(catalog["image_id"].tolist()), "rows": len(x),

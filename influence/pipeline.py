@@ -242,7 +242,7 @@ def _fmt(value: float | None) -> str:
 
 # --------------------------------------------------------------------------------------- finetune
 def cmd_finetune(run: str, target: str = "style", backbone: str = "mobilenet_v2",
-                 weights: str | None = None, head_epochs: int = 1, epochs: int = 10,
+                 weights: str | None = None, epochs: int = 10,
                  budget: float | None = None, batch_size: int = 32, workers: int | None = None,
                  progress: bool = True) -> int:
     """Fine-tune a backbone with its head on the target's split; its features become a set."""
@@ -251,7 +251,7 @@ def cmd_finetune(run: str, target: str = "style", backbone: str = "mobilenet_v2"
     out = Run(Path(run))
     if weights and weights != "random":
         weights = str(Path(weights).resolve())
-    r = finetune(out, target, backbone, weights, head_epochs=head_epochs, epochs=epochs,
+    r = finetune(out, target, backbone, weights, epochs=epochs,
                  budget_s=None if budget is None else budget * 60, batch_size=batch_size,
                  workers=workers, progress=progress)
     _table(["target", "features", "device", "epochs", "best", "stopped", "training", "accuracy",
@@ -482,10 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="style", help="catalog column to learn (default style)")
     p.add_argument("--backbone", default="mobilenet_v2", help="network (default mobilenet_v2)")
     p.add_argument("--weights", help="backbone weights file, or 'random' (default: ImageNet)")
-    p.add_argument("--head-epochs", type=int, default=1,
-                   help="epochs training the head alone first (default 1)")
     p.add_argument("--epochs", type=int, default=10,
-                   help="most epochs training the whole net after that (default 10)")
+                   help="most epochs training the whole net after the linear probe (default 10)")
     p.add_argument("--budget", type=float, metavar="MINUTES",
                    help="training time limit over all resumptions (default: none)")
     p.add_argument("--batch-size", type=int, default=32)

@@ -33,11 +33,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
 
 def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_features(
         tiny_run: Run) -> None:
-    options = {"head_epochs": 1, "epochs": 1, "weights": str(MOBILENET), "batch_size": 16,
+    options = {"epochs": 1, "weights": str(MOBILENET), "batch_size": 16,
                "workers": 0, "progress": False}
     first = finetune(tiny_run, "artist", budget_s=1e-3, **options)
     assert first["stopped"] == "time budget spent" and len(first["history"]) == 1
-    assert first["history"][0]["phase"] == "head" and first["history"][0]["batches"] == 1
+    assert first["history"][0]["phase"] == "probe"
+    # The probe alone, folded into the network's head, already tells six artists apart.
+    assert first["accuracy"] >= 0.5 and first["best_epoch"] == 1
     checkpoint = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["checkpoint"],
                             weights_only=False)
     assert checkpoint["epoch"] == 1
@@ -45,17 +47,24 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     # As after a kill: the next call starts at epoch 2, with the whole net learning.
     second = finetune(tiny_run, "artist", **options)
     assert second["history"][0] == first["history"][0]
-    assert [h["phase"] for h in second["history"]] == ["head", "full"]
+    assert [h["phase"] for h in second["history"]] == ["probe", "full"]
     assert second["stopped"] == "epochs done" and not second["up_to_date"]
     assert finetune(tiny_run, "artist", **options)["up_to_date"]
 
     split = pd.read_parquet(split_path(tiny_run, "artist"))
     assert second["n_test"] == (split["part"] == "test").sum() == 12
     assert second["device"] == "cpu" and 0 <= second["ece"] <= 1
-    # The backbone learnt: its last block moved away from the ImageNet weights.
-    tuned = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["weights"])
+    # The backbone learnt in the whole-net epoch: its last block moved from the ImageNet weights;
+    # the weights kept are the best epoch's backbone, without the head.
+    files = paths_of(tiny_run, "mobilenet_v2", "artist")
+    checkpoint = torch.load(files["checkpoint"], weights_only=False)
     pretrained = torch.load(MOBILENET)
-    assert not torch.equal(tuned["features.18.0.weight"], pretrained["features.18.0.weight"])
+    assert not torch.equal(checkpoint["model"]["features.18.0.weight"],
+                           pretrained["features.18.0.weight"])
+    tuned = torch.load(files["weights"])
+    assert checkpoint["best"]["epoch"] == second["best_epoch"]
+    assert torch.equal(tuned["features.18.0.weight"],
+                       checkpoint["best"]["model"]["features.18.0.weight"])
     assert not any(k.startswith("classifier.") for k in tuned)
 
     # A feature set like any other, and a query is embedded with the fine-tuned weights.
