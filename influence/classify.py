@@ -11,7 +11,9 @@ Rows without the target label are left out, not guessed; labels with fewer than 
 paintings are dropped from that head, and the head says so. Past `TRAIN_MAX` training rows a head
 is fitted on a seeded, stratified sample that size (its time and memory stay bounded on a large
 collection) and still judged on the whole held-out part. Besides accuracy, the held-out
-metrics include the expected calibration error, so a probability shown can be read as one.
+metrics include the expected calibration error, so a probability shown can be read as one. A head
+on features fine-tuned for another target records how many of its held-out paintings that
+fine-tuning trained on (`seen_in_fine_tuning`), since those figures are then optimistic.
 """
 
 from __future__ import annotations
@@ -189,6 +191,27 @@ def evaluate(y_true: Sequence[str], proba: np.ndarray, classes: Sequence[str],
     return metrics, per_class, matrix
 
 
+def fine_tuned_on(info: dict[str, Any]) -> list[str]:
+    """The targets a feature set's networks were fine-tuned on (itself or its combined parts)."""
+    parts = [info, *info.get("parts", [])]
+    return sorted({p["fine_tuned_on"] for p in parts if p.get("fine_tuned_on")})
+
+
+def seen_in_fine_tuning(run: Run, features: str, target: str, held_out: Sequence[str]
+                        ) -> dict[str, int]:
+    """Per other target the feature set was fine-tuned on: how many of this head's held-out
+    paintings were among that fine-tuning's training pictures. Their labels differ, but they
+    correlate (style and genre), so a non-zero count makes the held-out figures optimistic."""
+    seen = {}
+    for other in fine_tuned_on(run.features_info(features)):
+        path = split_path(run, other)
+        if other != target and path.exists():
+            other_split = pd.read_parquet(path)
+            trained = other_split.loc[other_split["part"] == "train", "image_id"]
+            seen[other] = int(pd.Index(held_out).isin(trained).sum())
+    return seen
+
+
 def head_paths(run: Run, target: str, features: str) -> dict[str, Path]:
     stem = run.models_dir / f"{target}-{features}"
     # Suffixes appended, not swapped: a feature set's name may hold a dot (`style@0.5`).
@@ -298,6 +321,12 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
     classes = [str(c) for c in model.classes_]
     proba = model.predict_proba(x[test])
     metrics, per_class, matrix = evaluate(labels[test], proba, classes)
+    seen = seen_in_fine_tuning(run, features, target, split.loc[test, "image_id"])
+    for other, count in seen.items():
+        if count:
+            print(f"note: head {target}/{features}: {count} of {int(test.sum())} held-out "
+                  f"paintings were training pictures of the {other} fine-tuning; its held-out "
+                  f"figures are optimistic", file=sys.stderr)
     n_train = pd.Series(labels[train]).value_counts()
     per_class["n_train"] = per_class["label"].map(n_train).fillna(0).astype(int)
 
@@ -315,6 +344,7 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
             "n_train": int(train.sum()), "train_part": n_train_part, "classes": classes,
             "unlabelled": int(catalog[target].isna().sum()),
             "dropped_classes": dropped, "min_per_class": MIN_PER_CLASS,
+            "seen_in_fine_tuning": seen,
             "split": {"file": split_path(run, target).name, "test_size": TEST_SIZE, "seed": SEED,
                       "stratified": True},
             "head": kind, "head_choice": {"asked": head, "validation_accuracy": validation,

@@ -169,7 +169,7 @@ def _build(run: Run, spec: str, name: str, parts: list[Part],
                                                                                  strict=True)),
             "parts": [{"name": p.name, "weight": p.weight, "dim": int(d),
                        "input_dim": int(b.shape[1]), "weights": i.get("weights"),
-                       "extractor": i.get("extractor")}
+                       "extractor": i.get("extractor"), "fine_tuned_on": i.get("fine_tuned_on")}
                       for p, b, d, i in zip(parts, blocks, dims, infos, strict=True)],
             "whiten": k,
             "preprocessing": "each part L2-normalised per row"

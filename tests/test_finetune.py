@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from influence.classify import split_path
+from influence.classify import split_path, train_head
 from influence.finetune import finetune, paths_of
 from influence.images import open_rgb
 from influence.pipeline import cmd_extract
@@ -23,21 +23,24 @@ NAME = "mobilenet_v2-ft-artist"
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    """Six artists, ten paintings each: 8 to train on per artist, 2 held out."""
+    """Six artists, ten paintings each: 8 to train on per artist, 2 held out; mobilenet_v2
+    extracted with the shared ImageNet weights."""
     collection = make_slice(tmp_path_factory.mktemp("tiny"), per_artist=10)
     root = tmp_path_factory.mktemp("tiny-run")
-    assert cmd_extract(run=str(root), collection=str(collection), extractors="pca",
-                       progress=False) == 0
+    assert cmd_extract(run=str(root), collection=str(collection), extractors="mobilenet_v2",
+                       weights={"mobilenet_v2": str(MOBILENET)}, progress=False) == 0
     return Run(root)
 
 
 def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_features(
         tiny_run: Run) -> None:
-    options = {"epochs": 1, "weights": str(MOBILENET), "batch_size": 16,
+    options = {"epochs": 1, "batch_size": 16,
                "workers": 0, "progress": False}
     first = finetune(tiny_run, "artist", budget_s=1e-3, **options)
     assert first["stopped"] == "time budget spent" and len(first["history"]) == 1
     assert first["history"][0]["phase"] == "probe"
+    # No weights given: it starts from those the run's own mobilenet_v2 features were made with.
+    assert first["weights"] == f"file {MOBILENET.resolve()}"
     # The probe alone, folded into the network's head, already tells six artists apart.
     assert first["accuracy"] >= 0.5 and first["best_epoch"] == 1
     checkpoint = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["checkpoint"],
@@ -76,3 +79,13 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     np.testing.assert_allclose(load_extractor(tiny_run, NAME).embed([image])[0], x[row],
                                rtol=1e-3, atol=1e-4)
     assert tiny_run.features_info(NAME)["weights"].endswith(f"{NAME}.pth")
+
+    # A head of another target on these features says how many of its held-out paintings the
+    # fine-tuning trained on; a head of the fine-tuned target itself has none.
+    style = train_head(tiny_run, "style", NAME, head="logistic")
+    style_test = pd.read_parquet(split_path(tiny_run, "style")).query("part == 'test'")
+    artist_train = split.query("part == 'train'")["image_id"]
+    assert style["seen_in_fine_tuning"] == {"artist": int(style_test["image_id"]
+                                                           .isin(artist_train).sum())}
+    assert style["seen_in_fine_tuning"]["artist"] > 0
+    assert train_head(tiny_run, "artist", NAME, head="logistic")["seen_in_fine_tuning"] == {}
