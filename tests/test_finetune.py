@@ -64,6 +64,9 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     pretrained = torch.load(MOBILENET)
     assert not torch.equal(checkpoint["model"]["features.18.0.weight"],
                            pretrained["features.18.0.weight"])
+    # ... while its batch norms kept the pretrained statistics the probe was fitted under.
+    assert torch.equal(checkpoint["model"]["features.18.1.running_mean"],
+                       pretrained["features.18.1.running_mean"])
     tuned = torch.load(files["weights"])
     assert checkpoint["best"]["epoch"] == second["best_epoch"]
     assert torch.equal(tuned["features.18.0.weight"],
