@@ -7,7 +7,7 @@
    backbone's pooled features (standardisation folded into the layer). Fine-tuning from a
    converged head distorts the pretrained features less than from a random one (LP-FT, Kumar et
    al. 2022), and on a CPU one pass over the pictures replaces epochs of training the head;
-2. the whole net, with lower learning rates for earlier layers (`LAYER_LR`),
+2. the whole net, batch norms frozen, with lower learning rates for earlier layers (`LAYER_LR`),
 
 with random crops and left-right flips as augmentation and class-balanced cross-entropy. Early
 stopping watches accuracy on a seeded validation slice of the training part (the held-out part is
