@@ -6,7 +6,8 @@
 1. a linear probe: the head alone, fitted as a class-balanced logistic regression on the frozen
    backbone's pooled features (standardisation folded into the layer). Fine-tuning from a
    converged head distorts the pretrained features less than from a random one (LP-FT, Kumar et
-   al. 2022), and on a CPU one pass over the pictures replaces epochs of training the head;
+   al. 2022), and it costs no training epochs: it reads the run's stored features of the same
+   backbone and weights when there are some, else it takes one pass over the pictures;
 2. the whole net, batch norms frozen, with lower learning rates for earlier layers (`LAYER_LR`),
 
 with random crops and left-right flips as augmentation and class-balanced cross-entropy. Early
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torchvision.transforms.v2 as T
 from sklearn.linear_model import LogisticRegression
@@ -112,6 +114,17 @@ def starting_weights(run: Run, backbone: str) -> str | None:
         return None
     spec = run.features_info(backbone).get("config", {}).get("weights_spec")
     return spec if spec and spec != RANDOM else None
+
+
+def stored_features(run: Run, catalog: pd.DataFrame, backbone: str, weights: str | None,
+                    image_ids: pd.Series) -> np.ndarray | None:
+    """The run's own `backbone` features of `image_ids` when they were made with `weights`: the
+    probe then reads them instead of passing every picture through the frozen net again."""
+    recorded = starting_weights(run, backbone)
+    if weights is None or recorded is None or Path(weights).resolve() != Path(recorded).resolve():
+        return None
+    row = pd.Series(np.arange(len(catalog)), index=catalog["image_id"].to_numpy())
+    return np.asarray(run.features(backbone)[row.loc[image_ids].to_numpy()], dtype=np.float32)
 
 
 def build_model(backbone: str, weights: str | None, classes: int) -> tuple[torch.nn.Module, str]:
@@ -232,6 +245,7 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
                           generator=torch.Generator().manual_seed(shuffle_seed) if train else None)
 
     weights = weights or starting_weights(run, backbone)
+    stored = stored_features(run, catalog, backbone, weights, split["image_id"])
     model, weights_used = build_model(backbone, weights, len(classes))
     model.to(dev)
     files_at = paths_of(run, backbone, target)
@@ -269,10 +283,14 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
         start = time.perf_counter()
         if epoch == 0:
             phase, batches = "probe", 0
-            shown = "probe: frozen features" if progress else None
-            loss, accuracy = _probe(model,
-                                    (_pooled(model, loader(fit_rows), dev, shown), y[fit_rows]),
-                                    (_pooled(model, loader(val_rows), dev, shown), y[val_rows]))
+            if stored is not None:
+                frozen = {"fit": stored[fit_rows], "val": stored[val_rows]}
+            else:
+                shown = "probe: frozen features" if progress else None
+                frozen = {"fit": _pooled(model, loader(fit_rows), dev, shown),
+                          "val": _pooled(model, loader(val_rows), dev, shown)}
+            loss, accuracy = _probe(model, (frozen["fit"], y[fit_rows]),
+                                    (frozen["val"], y[val_rows]))
         else:
             phase, losses = "full", []
             _train_mode(model)
@@ -328,7 +346,10 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     report = {"target": target, "features": name, "head": "fine-tuned network", **metrics,
               "n_train": int(len(fit_rows)), "n_validation": int(len(val_rows)),
               "classes": classes, "backbone": backbone, "weights": weights_used,
-              "device": str(dev), "stopped": stopped, "best_epoch": state["best"]["epoch"],
+              "device": str(dev), "stopped": stopped,
+              "probe_features": (f"the run's stored {backbone} features" if stored is not None
+                                 else "computed by the frozen net"),
+              "best_epoch": state["best"]["epoch"],
               "best_val_accuracy": round(state["best"]["val_accuracy"], 4),
               "history": state["history"], "training_s": round(state["elapsed_s"], 1),
               "budget_s": budget_s, "torch_threads": torch.get_num_threads(),

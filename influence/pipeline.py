@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--target", default="style", help="catalog column to learn (default style)")
     p.add_argument("--backbone", default="mobilenet_v2", help="network (default mobilenet_v2)")
-    p.add_argument("--weights", help="backbone weights file, or 'random' (default: ImageNet)")
+    p.add_argument("--weights", help="backbone weights file, or 'random' (default: those the run's "
+                   "own mobilenet_v2 features were made with, else ImageNet)")
     p.add_argument("--epochs", type=int, default=10,
                    help="most epochs training the whole net after the linear probe (default 10)")
     p.add_argument("--budget", type=float, metavar="MINUTES",

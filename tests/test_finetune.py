@@ -41,6 +41,7 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     assert first["history"][0]["phase"] == "probe"
     # No weights given: it starts from those the run's own mobilenet_v2 features were made with.
     assert first["weights"] == f"file {MOBILENET.resolve()}"
+    assert first["probe_features"] == "the run's stored mobilenet_v2 features"
     # The probe alone, folded into the network's head, already tells six artists apart.
     assert first["accuracy"] >= 0.5 and first["best_epoch"] == 1
     checkpoint = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["checkpoint"],
