@@ -29,7 +29,7 @@ RECORDED = ROOT.parent / "shared" / "data" / "wikiart-pd" / "influences.csv"
 
 def one(run_dir: str, name: str, recorded: str) -> None:
     """Child process: run the influence stage on one feature set and print its record as JSON."""
-    from influence.influences import build_influence
+    from influence.influence import build_influence
     from influence.runs import Run
 
     start = time.perf_counter()
@@ -75,7 +75,7 @@ def main() -> None:
         return
 
     from influence.clustering import clustered_features
-    from influence.neighbours import indexed_features
+    from influence.index import indexed_features
     from influence.runs import Run
 
     source = Run(Path(args.run))

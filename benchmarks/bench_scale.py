@@ -54,8 +54,8 @@ def child_similar(run_dir: str) -> None:
     """Child process: load the explorer once, then time warm single-image queries (embedding
     included: `seconds`) and the same answers for indexed paintings (search, similar artists,
     heads and clusters without embedding: `search_s`)."""
-    from influence.query import Explorer
     from influence.runs import Run
+    from influence.similar import Explorer
 
     run = Run(Path(run_dir))
     start = time.perf_counter()

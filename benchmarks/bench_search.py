@@ -47,8 +47,8 @@ def percentile_ms(seconds: list[float], q: float) -> float:
 
 def bench_features(run, name: str, queries: int) -> dict:
     """Latency of one-image queries in a warm Explorer, and search-only time, for a feature set."""
-    from influence.neighbours import load_index, search
-    from influence.query import Explorer
+    from influence.index import load_index, search
+    from influence.similar import Explorer
 
     start = time.perf_counter()
     explorer = Explorer(run, name)
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search.json"))
     args = parser.parse_args()
 
-    from influence.neighbours import build_run_index, index_paths, indexed_features
+    from influence.index import build_run_index, index_paths, indexed_features
     from influence.runs import Run, read_json
 
     run = Run(Path(args.run))

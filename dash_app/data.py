@@ -19,10 +19,10 @@ from PIL import Image
 from influence.catalog import LABEL_FIELDS
 from influence.classify import head_paths, trained_heads
 from influence.clustering import clustered_features, load_clustering
-from influence.influences import load_influence
-from influence.query import Explorer
+from influence.influence import load_influence
 from influence.runs import InfluenceError, Run, read_json
 from influence.selections import plot_paths, read_comparison
+from influence.similar import Explorer
 from influence.thumbnails import thumbs_dir
 
 #: Where the app keeps its RunData among the Flask app's extensions.
@@ -42,7 +42,7 @@ class RunData:
     explorer_error: str | None
     comparison: pd.DataFrame | None
     heads: pd.DataFrame | None
-    #: The `influence` stage's tables (influence.influences.Influence), None before that stage.
+    #: The `influence` stage's tables (influence.influence.Influence), None before that stage.
     influence: Any | None = None
     #: The process's resident memory before and after loading the run (MB): what the run costs.
     memory_mb: dict[str, float] = field(default_factory=dict)

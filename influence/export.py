@@ -93,7 +93,7 @@ def influence_export(run: Run, table: str) -> Export:
     """The `influence` stage's artists or pairs table."""
     if table not in INFLUENCE_TABLES:
         raise InfluenceError(f"unknown table '{table}' (one of {', '.join(INFLUENCE_TABLES)})")
-    from influence.influences import load_influence
+    from influence.influence import load_influence
 
     inf = load_influence(run)
     return Export(getattr(inf, table), f"{run.root.name}_influence-{table}_{inf.features}")

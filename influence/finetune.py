@@ -44,7 +44,7 @@ from torchvision import models
 from tqdm.auto import tqdm
 
 from influence.classify import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
-from influence.combined import save_features
+from influence.combine import save_features
 from influence.extractors import RANDOM, load_checked, resolve_state_dict
 from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
 from influence.features import default_workers

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from influence.pipeline import cmd_cluster, cmd_extract, cmd_index, cmd_influence, cmd_train
+from influence.commands import cmd_cluster, cmd_extract, cmd_index, cmd_influence, cmd_train
 from influence.runs import Run
 
 #: What the project is given beside its root (the collection, the weights); movable for CI.

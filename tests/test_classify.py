@@ -30,10 +30,11 @@ from influence.classify import (
     run_split,
     split_path,
 )
-from influence.pipeline import cmd_train, main
+from influence.commands import cmd_train
+from influence.pipeline import main
 from influence.runs import Run, read_json
 
-from .test_neighbours import copy_run
+from .test_index import copy_run
 
 TARGETS = "artist,genre"
 FEATURES = "mobilenet_v2,pca"

@@ -26,7 +26,7 @@ from influence.clustering import (
     kneedle,
     load_clustering,
 )
-from influence.pipeline import cmd_cluster, cmd_extract
+from influence.commands import cmd_cluster, cmd_extract
 from influence.runs import InfluenceError, Run, read_json
 
 from .conftest import COLLECTION

@@ -137,7 +137,7 @@ def test_export_stage_filters_and_chosen_ids(explored_run: Run, catalog: pd.Data
 
 
 def test_export_stage_writes_the_influence_tables(explored_run: Run, tmp_path: Path) -> None:
-    from influence.influences import load_influence
+    from influence.influence import load_influence
 
     pairs = load_influence(explored_run).pairs
     assert main(["export", "--run", str(explored_run.root), "--table", "pairs",

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from influence.commands import cmd_extract
 from influence.extractors import available, get_extractor, resolve_state_dict
 from influence.features import FeatureStore, extract_features
-from influence.pipeline import cmd_extract
 from influence.runs import InfluenceError, Run
 
 from .conftest import MOBILENET, make_slice

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from influence.classify import split_path, train_head
+from influence.commands import cmd_extract
 from influence.finetune import finetune, paths_of
 from influence.images import open_rgb
-from influence.pipeline import cmd_extract
-from influence.query import load_extractor
 from influence.runs import Run
+from influence.similar import load_extractor
 
 from .conftest import MOBILENET, make_slice
 

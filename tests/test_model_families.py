@@ -13,13 +13,13 @@ import open_clip
 import pytest
 import timm
 
+from influence.commands import cmd_extract
 from influence.extractors import get_extractor
 from influence.images import open_rgb
-from influence.pipeline import cmd_extract
-from influence.query import load_extractor
 from influence.runs import InfluenceError, Run
+from influence.similar import load_extractor
 
-from .test_neighbours import copy_run
+from .test_index import copy_run
 
 TIMM = "timm:mobilenetv3_small_050"
 CLIP = "open_clip:ViT-S-32"

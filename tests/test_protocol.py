@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from influence import classify, clustering, neighbours
+from influence import classify, clustering
+from influence import index as index_stage
 from influence.classify import train_head
 from influence.clustering import cluster_features
 from influence.extractors import pixels
 from influence.features import extract_features
-from influence.influences import build_influence
-from influence.neighbours import build_run_index
+from influence.index import build_run_index
+from influence.influence import build_influence
 from influence.runs import Run, Step, write_json
 from influence.thumbnails import make_thumbnails
 
@@ -88,7 +89,7 @@ BOTH["influence"] = {("influence", "tables")}
     # A parameter of one stage: that stage's steps only.
     # Influence reads the clusters and the index: it follows them.
     ("k range", None, BOTH["cluster"] | BOTH["influence"]),
-    ("index constant", (neighbours, "EVAL_QUERIES", 100), BOTH["index"] | BOTH["influence"]),
+    ("index constant", (index_stage, "EVAL_QUERIES", 100), BOTH["index"] | BOTH["influence"]),
     ("head constant", (classify, "C", 0.5), {("train", f"{t}/{n}") for t in TARGETS
                                              for n in FEATURES}),
     ("clustering recipe", (clustering, "VERSION", "test"), BOTH["cluster"] | BOTH["influence"]),

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from influence.commands import cmd_extract
 from influence.features import FeatureStore
-from influence.pipeline import cmd_extract
 from influence.runs import Run
 
 from .conftest import ARTISTS, MOBILENET, make_slice

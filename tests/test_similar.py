@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from influence import query
+from influence import similar
 from influence.catalog import artist_slug
 from influence.clustering import load_clustering
-from influence.pipeline import cmd_cluster, cmd_index, cmd_train, main
-from influence.query import Explorer
+from influence.commands import cmd_cluster, cmd_index, cmd_train
+from influence.pipeline import main
 from influence.runs import InfluenceError, Run, read_json
+from influence.similar import Explorer
 
-from .test_neighbours import copy_run
+from .test_index import copy_run
 
 ANSWER_KEYS = {"query", "features", "paintings", "artists", "predictions", "clusters", "seconds"}
 PAINTING_KEYS = {"image_id", "file", "artist", "title", "score"}
@@ -71,9 +72,9 @@ def test_default_features_are_the_best_at_finding_the_artist(built: Run,
     assert recorded["mobilenet_v2"] != recorded["pca"]
     # The best, or the cheapest per query (the extractors' declared cost) of those within CLOSE
     # of it: on six artists both find the artist in their top five almost always.
-    near = [n for n, v in recorded.items() if v >= max(recorded.values()) - query.CLOSE]
-    assert query.default_features(built) == min(near, key=query.query_cost)
-    assert query.query_cost("pca") < query.query_cost("mobilenet_v2")
+    near = [n for n, v in recorded.items() if v >= max(recorded.values()) - similar.CLOSE]
+    assert similar.default_features(built) == min(near, key=similar.query_cost)
+    assert similar.query_cost("pca") < similar.query_cost("mobilenet_v2")
     assert sorted(explorer.targets) == ["artist", "style"]
 
 
@@ -208,8 +209,8 @@ def test_the_model_and_index_load_once_for_many_queries(
             return real(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(query, "load_extractor", counted("extractor", query.load_extractor))
-    monkeypatch.setattr(query, "load_index", counted("index", query.load_index))
+    monkeypatch.setattr(similar, "load_extractor", counted("extractor", similar.load_extractor))
+    monkeypatch.setattr(similar, "load_index", counted("index", similar.load_index))
     paths = [str(p) for _, p in _paintings(built, 4)]
     assert main(["similar", "--run", str(built.root), "--json", *paths, *paths]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 8

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from sklearn.neighbors import NearestNeighbors
 
-from influence import neighbours
-from influence.neighbours import (
+from influence import index as index_stage
+from influence.commands import cmd_index
+from influence.index import (
     build_index,
     build_run_index,
     leave_one_out,
@@ -19,7 +20,6 @@ from influence.neighbours import (
     rank_artists,
     search,
 )
-from influence.pipeline import cmd_index
 from influence.runs import Run, read_json, write_json
 
 
@@ -48,7 +48,7 @@ def test_prolific_artist_with_mediocre_matches_loses_to_fewer_closer_ones() -> N
                          "score": pytest.approx(0.9333, abs=1e-4), "paintings": 3}
     assert ranked[1]["paintings"] == 12
     # The naive vote would have chosen the prolific painter.
-    assert neighbours.vote_artists(artists)[0] == "Many"
+    assert index_stage.vote_artists(artists)[0] == "Many"
 
 
 def test_one_lucky_match_does_not_beat_a_consistent_artist() -> None:
@@ -115,31 +115,31 @@ def test_index_is_kept_when_up_to_date_and_rebuilt_when_features_change(indexed:
 
 def test_large_collections_get_an_approximate_index(monkeypatch: pytest.MonkeyPatch,
                                                     small_run: Run) -> None:
-    monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
+    monkeypatch.setattr(index_stage, "EXACT_MAX", 100)
     x = np.asarray(small_run.features("mobilenet_v2"))
     index = build_index(x)
-    assert neighbours.describe(index)["kind"].startswith("IndexIVFFlat")
+    assert index_stage.describe(index)["kind"].startswith("IndexIVFFlat")
     # Its recall@10 against exact search is measured the way the index JSON records it.
     queries = np.arange(0, len(x), 3)
     exact = faiss.IndexFlatIP(x.shape[1])
-    exact.add(neighbours.normalise(x))
+    exact.add(index_stage.normalise(x))
     _, truth = search(exact, x[queries], 10)
     _, found = search(index, x[queries], 10)
     expected = np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found, strict=True)])
-    assert neighbours.recall_at(index, x, queries) == pytest.approx(expected, abs=1e-4)
-    assert neighbours.recall_at(exact, x, queries) == 1.0
+    assert index_stage.recall_at(index, x, queries) == pytest.approx(expected, abs=1e-4)
+    assert index_stage.recall_at(exact, x, queries) == 1.0
     # Probing every list is an exact search.
     index.nprobe = index.nlist
-    assert neighbours.recall_at(index, x, queries) == 1.0
+    assert index_stage.recall_at(index, x, queries) == 1.0
 
 
 def test_nprobe_is_the_smallest_that_reaches_the_recall_target(monkeypatch: pytest.MonkeyPatch,
                                                                small_run: Run) -> None:
-    monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
+    monkeypatch.setattr(index_stage, "EXACT_MAX", 100)
     x = np.asarray(small_run.features("mobilenet_v2"))
     index = build_index(x)
     queries = np.arange(0, len(x), 2)
-    tried = neighbours.tune_nprobe(index, x, queries, target=0.99)
+    tried = index_stage.tune_nprobe(index, x, queries, target=0.99)
     assert [t["nprobe"] for t in tried] == sorted({t["nprobe"] for t in tried})
     assert all(t["recall"] < 0.99 for t in tried[:-1])
     assert tried[-1]["recall"] >= 0.99 and index.nprobe == tried[-1]["nprobe"]
@@ -148,14 +148,14 @@ def test_nprobe_is_the_smallest_that_reaches_the_recall_target(monkeypatch: pyte
 
 def test_the_index_json_records_recall_at_10(monkeypatch: pytest.MonkeyPatch, small_run: Run,
                                              tmp_path: Path) -> None:
-    monkeypatch.setattr(neighbours, "EXACT_MAX", 100)
+    monkeypatch.setattr(index_stage, "EXACT_MAX", 100)
     run = copy_run(small_run, tmp_path / "run")
     info = build_run_index(run, "mobilenet_v2")
     assert info["kind"].startswith("IndexIVFFlat")
     assert info["recall_at_10"]["queries"] == len(run.catalog())
-    assert info["recall_at_10"]["value"] >= neighbours.RECALL_TARGET
+    assert info["recall_at_10"]["value"] >= index_stage.RECALL_TARGET
     # The tuned nprobe is what the saved index searches with.
-    assert neighbours.load_index(run, "mobilenet_v2").nprobe == info["nprobe"]
+    assert index_stage.load_index(run, "mobilenet_v2").nprobe == info["nprobe"]
     assert info["recall_at_10"]["nprobe_tried"][-1]["nprobe"] == info["nprobe"]
 
 

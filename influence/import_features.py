@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from influence.combined import save_features
+from influence.combine import save_features
 from influence.extractors import available
 from influence.runs import InfluenceError, Run, Step, file_fingerprint, fingerprint, versions
 

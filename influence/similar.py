@@ -25,10 +25,10 @@ from PIL import Image, ImageOps
 
 from influence.classify import Head, load_head, trained_heads
 from influence.clustering import Clustering, load_clustering
-from influence.combined import CombinedExtractor
+from influence.combine import CombinedExtractor
 from influence.extractors import Extractor, extractor_class, get_extractor
 from influence.images import BadImage, check_size, open_rgb, to_rgb
-from influence.neighbours import (
+from influence.index import (
     ARTIST_POOL,
     index_paths,
     indexed_features,

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from influence.catalog import artist_slug
 from influence.clustering import load_clustering
-from influence.neighbours import BEST_OF, load_index, search, set_threads
+from influence.index import BEST_OF, load_index, search, set_threads
 from influence.runs import (
     InfluenceError,
     Run,
@@ -429,7 +429,7 @@ FILES = ("artists.parquet", "pairs.parquet", "flows.parquet", "influence.json")
 def build_influence(run: Run, features: str | None = None, recorded: Path | None = None,
                     progress: bool = True) -> dict[str, Any]:
     """`influence` stage: write RUN/influence/ for a feature set; returns its summary."""
-    from influence.query import default_features
+    from influence.similar import default_features
 
     features = features or default_features(run)
     catalog = run.catalog()

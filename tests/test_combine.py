@@ -7,12 +7,13 @@ import pytest
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import normalize
 
-from influence.combined import build_combined, canonical, parse
-from influence.pipeline import cmd_index, cmd_train, main
-from influence.query import Explorer
+from influence.combine import build_combined, canonical, parse
+from influence.commands import cmd_index, cmd_train
+from influence.pipeline import main
 from influence.runs import InfluenceError, Run, read_json, write_json
+from influence.similar import Explorer
 
-from .test_neighbours import copy_run
+from .test_index import copy_run
 
 SPEC = "mobilenet_v2+pca@0.5"
 WHITENED = "mobilenet_v2+pca~w20"

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from influence.imported import import_features, problems_path
-from influence.pipeline import cmd_index, main
-from influence.query import Explorer
+from influence.commands import cmd_index
+from influence.import_features import import_features, problems_path
+from influence.pipeline import main
 from influence.runs import InfluenceError, Run
+from influence.similar import Explorer
 
-from .test_neighbours import copy_run
+from .test_index import copy_run
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,16 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from influence import influences
+from influence import influence as influence_stage
 from influence.catalog import artist_slug
-from influence.influences import active_years, load_influence, time_rule
-from influence.neighbours import load_index, search
-from influence.pipeline import cmd_cluster, cmd_index, main
+from influence.commands import cmd_cluster, cmd_index
+from influence.index import load_index, search
+from influence.influence import active_years, load_influence, time_rule
+from influence.pipeline import main
 from influence.runs import Run, read_json
 
 from .conftest import ARTISTS
-from .test_neighbours import copy_run
+from .test_index import copy_run
 
 FEATURES = "mobilenet_v2"
 #: Recorded influences for the slice: two plausible ones, one against the time rule (Monet did
@@ -91,10 +92,10 @@ def test_time_rule_orders_pairs_and_keeps_undated_both_ways() -> None:
 
 def test_time_part_pushes_down_candidates_who_started_later() -> None:
     artists = pd.DataFrame({"active_start": [1600, 1605, 1630, 1590, np.nan]})
-    timing = influences.seniority(artists)
+    timing = influence_stage.seniority(artists)
     assert timing[0, 3] == 0  # began earlier: no penalty
-    assert timing[0, 1] == pytest.approx(-influences.LATE_PENALTY / 2)  # 5 of 10 years later
-    assert timing[0, 2] == -influences.LATE_PENALTY  # 30 years later: the full penalty
+    assert timing[0, 1] == pytest.approx(-influence_stage.LATE_PENALTY / 2)  # 5 of 10 years later
+    assert timing[0, 2] == -influence_stage.LATE_PENALTY  # 30 years later: the full penalty
     assert timing[0, 4] == timing[4, 0] == 0  # undated: no time part
 
 
@@ -128,7 +129,7 @@ def test_files_and_schemas(built: Run) -> None:
     # The score is made of its parts, and ranks follow it within each artist.
     assert np.allclose(pairs["score"], (pairs["visual"] + pairs["reverse"]) / 2 + pairs["time"],
                        atol=2e-4)
-    assert (pairs["time"] <= 0).all() and (pairs["time"] >= -influences.LATE_PENALTY).all()
+    assert (pairs["time"] <= 0).all() and (pairs["time"] >= -influence_stage.LATE_PENALTY).all()
     for _, group in pairs.groupby("artist"):
         assert list(group.sort_values("rank")["score"]) == sorted(group["score"], reverse=True)
 
@@ -159,12 +160,12 @@ def test_evidence_pairs_are_neighbours_in_the_index(built: Run) -> None:
     row_of = {i: n for n, i in enumerate(catalog["image_id"])}
     index = load_index(built, FEATURES)
     x = np.asarray(built.features(FEATURES))
-    _, found = search(index, x, influences.POOL + 1)
+    _, found = search(index, x, influence_stage.POOL + 1)
     with_evidence = 0
     for pair in inf.pairs.itertuples():
         sims = [e["similarity"] for e in pair.evidence]
         assert sims == sorted(sims, reverse=True)
-        assert len(pair.evidence) <= influences.EVIDENCE
+        assert len(pair.evidence) <= influence_stage.EVIDENCE
         with_evidence += len(pair.evidence) > 0
         for e in pair.evidence:
             a, b = row_of[e["image_id"]], row_of[e["influenced_by_image_id"]]

@@ -1,0 +1,412 @@
+"""The stages' commands: one `cmd_<stage>(**options)` per stage, a thin layer over the library.
+
+The command line (`influence.pipeline`) and `run --config` both call these, so a configuration
+file and the command line always mean the same thing.
+"""
+
+from __future__ import annotations
+
+import sys
+import tomllib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from influence.runs import InfluenceError, Run
+
+
+def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
+    """Parse repeated or comma-separated NAME=VALUE options."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        for pair in filter(None, value.split(",")):
+            name, sep, rest = pair.partition("=")
+            if not sep or not name or not rest:
+                raise InfluenceError(f"{flag} expects NAME=VALUE, got '{pair}'")
+            out[name.strip()] = rest.strip()
+    return out
+
+
+def _names(value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return [v.strip() for v in items if v.strip()] or None
+
+
+# ---------------------------------------------------------------------------------------- extract
+def cmd_extract(run: str, collection: str | None = None, metadata: str | None = None,
+                images: str | None = None, extractors: str | Sequence[str] | None = None,
+                weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
+                workers: int | None = None, engine: str = "local", ray_address: str | None = None,
+                ray_actors: int | None = None, ray_batch_size: int | None = None,
+                ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
+    """Catalog the collection, then bring every extractor's features up to date."""
+    from influence.catalog import Collection, build_catalog
+    from influence.extractors import RANDOM, available, extractor_class, get_extractor, is_known
+    from influence.features import extract_features
+
+    if collection:
+        coll = Collection.from_dir(Path(collection), columns)
+    elif metadata and images:
+        from influence.catalog import DEFAULT_COLUMNS
+        coll = Collection(Path(metadata).resolve(), Path(images).resolve(),
+                          {**DEFAULT_COLUMNS, **(columns or {})})
+    else:
+        raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR")
+    names = _names(extractors) or available()
+    unknown = sorted(n for n in names if not is_known(n))
+    if unknown:
+        raise InfluenceError(f"unknown extractor(s) {', '.join(unknown)} "
+                             f"(available: {', '.join(available())})")
+    weights = {k: v if v == RANDOM else str(Path(v).resolve()) for k, v in (weights or {}).items()}
+    stray = sorted(set(weights) - set(names))
+    if stray:
+        raise InfluenceError(f"--weights names {', '.join(stray)}, which is not being extracted")
+    ray = {"address": ray_address, "concurrency": ray_actors, "batch_size": ray_batch_size,
+           "cpus_per_actor": ray_cpus_per_actor}
+    out = Run(Path(run))
+    result = build_catalog(coll, out, progress=progress)
+    for note in result.notes:
+        print(f"note: {note}")
+    reasons = result.rejected["reason"].value_counts().to_dict()
+    print(f"catalog: {len(result.catalog)} images; rejected {len(result.rejected)}"
+          + (f" ({', '.join(f'{n} {r}' for r, n in reasons.items())})" if reasons else "")
+          + f" -> {out.rejected_path}")
+    from influence.thumbnails import make_thumbnails
+    # Extractors with a small preprocessed form get it from the thumbnails' decoding pass.
+    keep = {repr(p): p for p in (get_extractor(n, weights.get(n)).preprocess for n in names
+                                 if extractor_class(n).cache_decoded)}
+    make_thumbnails(out, progress=progress, keep=list(keep.values()))
+    rows, failed = [], []
+    for name in names:
+        try:
+            info = extract_features(out, name, weights.get(name), engine=engine,
+                                    workers=workers, progress=progress, ray=ray)
+        except InfluenceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(name)
+            continue
+        rate = info["timings"]["images_per_s"] if not info["up_to_date"] else None
+        rows.append((name, info["dim"], info["rows"],
+                     "up to date" if info["up_to_date"] else f"{info['new_rows']} new"
+                     + (f", {rate:.1f} img/s" if rate else ""), info["weights"]))
+    _table(["features", "dim", "images", "this run", "weights"], rows)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------- combine
+def cmd_combine(run: str, sets: str | Sequence[str] | None = None, progress: bool = True) -> int:
+    """Combined feature sets (`a+b+c`, a part weighted as `c@0.5`), stored like extracted ones."""
+    from influence.combine import ensure_combined, is_combined
+
+    out = Run(Path(run))
+    names = _names(sets) or []
+    single = [n for n in names if not is_combined(n)]
+    if single:
+        raise InfluenceError(f"'{single[0]}' is not a combined set: join parts with '+'")
+    infos = ensure_combined(out, names)
+    if not infos:
+        return 0
+    _table(["features", "dim", "parts", "this run"],
+           [(i["config"]["combined"], i["dim"], len(i["parts"]),
+             "up to date" if i["up_to_date"] else "combined") for i in infos])
+    return 0
+
+
+def cmd_import_features(run: str, name: str, file: str, ids: str | None = None,
+                        progress: bool = True) -> int:
+    """Vectors computed elsewhere, checked row by row, stored as a feature set like any other."""
+    from influence.import_features import import_features
+
+    out = Run(Path(run))
+    info = import_features(out, name, Path(file), Path(ids) if ids else None)
+    _table(["features", "dim", "images", "left out (unknown)", "this run"],
+           [(name, info["dim"], info["rows"], info["left_out_unknown"],
+             "up to date" if info["up_to_date"] else "imported")])
+    return 0
+
+
+def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
+    """The named feature sets (default: all stored), combined ones built or refreshed first."""
+    from influence.combine import canonical, ensure_combined, is_combined
+
+    names = [canonical(n) if is_combined(n) else n for n in _names(features) or []]
+    ensure_combined(out, names or [n for n in out.feature_names() if is_combined(n)])
+    return names or out.feature_names()
+
+
+# ---------------------------------------------------------------------------------------- cluster
+def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
+                k_max: int = 30, progress: bool = True) -> int:
+    """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP."""
+    from influence.clustering import cluster_features, comparison
+
+    out = Run(Path(run))
+    names = _feature_sets(out, features)
+    if not names:
+        raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
+    done = {}
+    for name in names:
+        s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress)
+        done[name] = "up to date" if s["up_to_date"] else f"{s['timings']['total']:.1f} s"
+        print(f"{name}: k = {s['k']} ({done[name]}; BIC prefers {s['gmm']['bic_best_k']}, "
+              f"silhouette {s['choice']['silhouette_best_k']}; "
+              f"PCA {s['reduction']['input_dims']} -> {s['reduction']['pca_dims']} dims)")
+    table = comparison(out)
+    shown = table[table["features"].isin(names)]
+    fields = [c for c in shown.columns if c.startswith("nmi_")]
+    _table(["features", "method", "k", "silhouette", "davies-bouldin", "calinski-harabasz",
+            *fields],
+           [(r.features, r.method, r.k, f"{r.silhouette:.3f}", f"{r.davies_bouldin:.2f}",
+             f"{r.calinski_harabasz:.0f}", *(f"{getattr(r, c):.3f}" for c in fields))
+            for r in shown.itertuples()])
+    print(f"clusters -> {out.clusters_dir}/<features>/, table -> "
+          f"{out.clusters_dir / 'comparison.csv'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ index
+def cmd_index(run: str, features: str | Sequence[str] | None = None,
+              progress: bool = True) -> int:
+    """A faiss nearest-neighbour index per feature set."""
+    from influence.index import build_run_indexes
+
+    out = Run(Path(run))
+    names = _feature_sets(out, features)
+    if not names:
+        raise InfluenceError(f"run {out.root} has no features: run `extract` first")
+    infos = build_run_indexes(out, names, progress=progress)
+    _table(["features", "paintings", "index", "artist in top 5 (leave-one-out)", "this run"],
+           [(i["features"], i["rows"], i["kind"], i["leave_one_out"]["artist_top5"],
+             "up to date" if i["up_to_date"] else f"built in {i['timings']['build_s']} s")
+            for i in infos])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
+              features: str | Sequence[str] | None = None, head: str = "auto",
+              progress: bool = True) -> int:
+    """Classifier heads on frozen features, evaluated on a stratified held-out split."""
+    from influence.classify import train_heads
+
+    out = Run(Path(run))
+    names = _feature_sets(out, features)
+    if not names:
+        raise InfluenceError(f"run {out.root} has no features: run `extract` first")
+    targets = _names(target) or []
+    infos = train_heads(out, targets, names, progress=progress, head=head)
+    for i in infos:
+        if i["dropped_classes"] and not i["up_to_date"]:
+            print(f"note: {i['target']}/{i['features']}: left out "
+                  f"{len(i['dropped_classes'])} label(s) with fewer than {i['min_per_class']} "
+                  f"paintings ({', '.join(list(i['dropped_classes'])[:5])}"
+                  f"{', ...' if len(i['dropped_classes']) > 5 else ''})")
+    _table(["target", "features", "head", "classes", "train", "test", "accuracy", "macro F1",
+            "top-5", "ECE", "this run"],
+           [(i["target"], i["features"], i["head"], len(i["classes"]), i["n_train"], i["n_test"],
+             f"{i['accuracy']:.3f}", f"{i['macro_f1']:.3f}", f"{i['top5_accuracy']:.3f}",
+             f"{i['ece']:.3f}",
+             "up to date" if i["up_to_date"] else f"fitted in {i['timings']['fit_s']:.1f} s")
+            for i in infos])
+    return 0
+
+
+# -------------------------------------------------------------------------------------- influence
+def cmd_influence(run: str, features: str | None = None, recorded: str | None = None,
+                  progress: bool = True) -> int:
+    """Artists, time-ordered artist pairs with painting evidence, and family flows."""
+    from influence.influence import HIT_AT, build_influence, influence_dir
+
+    out = Run(Path(run))
+    if features:
+        features, = _feature_sets(out, features)
+    s = build_influence(out, features, Path(recorded).resolve() if recorded else None,
+                        progress=progress)
+    state = "up to date" if s["up_to_date"] else f"{s['timings']['total_s']:.1f} s"
+    print(f"influence ({s['features']}): {s['artists']} artists, {s['pairs']} time-ordered "
+          f"pairs, {s['families']} visual families ({state}) -> {influence_dir(out)}")
+    if s["evaluation"]:
+        hit = f"hit@{HIT_AT}"
+        _table(["scores", "AUC", hit, "MRR"],
+               [(r["scores"], _fmt(r["auc"]), _fmt(r[hit]), _fmt(r["mrr"]))
+                for r in s["evaluation"]])
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------------------- finetune
+def cmd_finetune(run: str, target: str = "style", backbone: str = "mobilenet_v2",
+                 weights: str | None = None, epochs: int = 10,
+                 budget: float | None = None, batch_size: int = 32, workers: int | None = None,
+                 progress: bool = True) -> int:
+    """Fine-tune a backbone with its head on the target's split; its features become a set."""
+    from influence.finetune import finetune
+
+    out = Run(Path(run))
+    if weights and weights != "random":
+        weights = str(Path(weights).resolve())
+    r = finetune(out, target, backbone, weights, epochs=epochs,
+                 budget_s=None if budget is None else budget * 60, batch_size=batch_size,
+                 workers=workers, progress=progress)
+    _table(["target", "features", "device", "epochs", "best", "stopped", "training", "accuracy",
+            "top-5", "ECE", "this run"],
+           [(r["target"], r["features"], r["device"], len(r["history"]), r["best_epoch"],
+             r["stopped"], f"{r['training_s'] / 60:.1f} min", f"{r['accuracy']:.3f}",
+             f"{r['top5_accuracy']:.3f}", f"{r['ece']:.3f}",
+             "up to date" if r["up_to_date"] else "trained")])
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- similar
+def cmd_similar(run: str, images: Sequence[str], k: int = 10, features: str | None = None,
+                json: bool = False, flip: bool = False, progress: bool = True) -> int:
+    """Nearest paintings, similar artists, head predictions and GMM responsibilities per image."""
+    import json as json_module
+
+    from influence.similar import Explorer, collect_queries
+
+    explorer = Explorer(Run(Path(run)), features, flip=flip)
+    failed = 0
+    for label, path in collect_queries(images):
+        answer = (explorer.query(path, k=k) if path is not None
+                  else {"query": label, "error": "folder has no image files"})
+        failed += "error" in answer
+        if json:
+            print(json_module.dumps(answer, ensure_ascii=False), flush=True)
+        elif "error" in answer:
+            print(f"error: {label}: {answer['error']}", file=sys.stderr)
+        else:
+            _print_answer(answer)
+    return 1 if failed else 0
+
+
+def _print_answer(answer: dict[str, Any]) -> None:
+    """One `similar` answer as readable tables."""
+    print(f"\n== {answer['query']}  ({answer['features']} features, {answer['seconds']:.3f} s)")
+    _table(["#", "score", "artist", "title", "file"],
+           [(n, f"{p['score']:.3f}", p["artist"], p["title"], p["file"])
+            for n, p in enumerate(answer["paintings"], 1)])
+    print()
+    _table(["#", "score", "similar artist", "paintings among the nearest"],
+           [(n, f"{a['score']:.3f}", a["artist"], a["paintings"])
+            for n, a in enumerate(answer["artists"], 1)])
+    for target, top in answer["predictions"].items():
+        print(f"{target}: " + ", ".join(f"{t['label']} {t['p']:.2f}" for t in top))
+    if answer["clusters"]:
+        print("clusters: " + ", ".join(f"{c['cluster']} ({c['p']:.2f})"
+                                       for c in answer["clusters"]))
+
+
+# ----------------------------------------------------------------------------------------- export
+def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: str | None = None,
+               method: str = "gmm", min_p: float | None = None, ids: str | None = None,
+               table: str | None = None, format: str | Sequence[str] = "csv,parquet",
+               artist: str | None = None, nationality: str | None = None,
+               style: str | None = None, genre: str | None = None, year_from: int | None = None,
+               year_to: int | None = None, progress: bool = True) -> int:
+    """Write a cluster, chosen paintings, a filter's paintings or an influence table as files.
+
+    Reads the run only; the files go to `out`, named for what they hold (see influence.export).
+    """
+    from influence import export as ex
+    from influence.clustering import load_clustering
+    from influence.selections import MIN_P, Filter
+
+    source = Run(Path(run))
+    formats = _names(format) or list(ex.FORMATS)
+    where = Filter.from_query({"artist": artist, "nationality": nationality, "style": style,
+                               "genre": genre, "year_from": year_from, "year_to": year_to})
+    if sum(x is not None for x in (cluster, ids, table)) > 1:
+        raise InfluenceError("give one of --cluster, --ids or --table (filters narrow either)")
+    if table is not None:
+        export = ex.influence_export(source, table)
+    else:
+        catalog = source.catalog()
+        if cluster is not None:
+            name = features or _clustered_default(source)
+            export = ex.cluster_export(source.root.name, catalog, load_clustering(source, name),
+                                       method, cluster, MIN_P if min_p is None else min_p, where)
+        elif ids is not None:
+            path = Path(ids)
+            wanted = path.read_text().split() if path.is_file() else ids.split(",")
+            export = ex.selection_export(source.root.name, catalog, wanted, "selection", where)
+        elif where:
+            export = ex.filter_export(source.root.name, catalog, where)
+        else:
+            raise InfluenceError("nothing to export: give --cluster N, --ids, --table or a filter "
+                                 "(--artist, --style, ..., --year-from/--year-to)")
+    paths = ex.write_export(export, Path(out), formats)
+    print(f"{len(export.frame)} rows -> " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _clustered_default(run: Run) -> str:
+    """The search's feature set when it is clustered, else the first clustered one."""
+    from influence.clustering import clustered_features
+    from influence.similar import default_features  # loads torch: only when no --features
+
+    names = clustered_features(run)
+    if not names:
+        raise InfluenceError(f"run {run.root} has no clusters: run `cluster` first")
+    try:
+        best = default_features(run)
+    except InfluenceError:
+        best = None
+    return best if best in names else names[0]
+
+
+# ------------------------------------------------------------------------------------------- run
+STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence"]
+
+
+def cmd_run(config: str, progress: bool = True) -> int:
+    """Run every stage of a pipeline configuration in order (paths relative to the file)."""
+    path = Path(config)
+    try:
+        cfg = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise InfluenceError(f"cannot read config {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InfluenceError(f"config {path} is not valid TOML: {e}") from None
+    base = path.resolve().parent
+    if "run" not in cfg:
+        raise InfluenceError(f"config {path} has no 'run' setting (the run directory)")
+    run_dir = str((base / cfg["run"]).resolve())
+    unknown = sorted(set(cfg) - {"run", *STAGE_ORDER})
+    if unknown:
+        raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")
+    for stage in STAGE_ORDER:
+        options = dict(cfg.get(stage, {}))
+        for key in ("collection", "metadata", "images", "recorded"):
+            if key in options:
+                options[key] = str((base / options[key]).resolve())
+        if stage == "extract":
+            options["weights"] = {k: v if v == "random" else str(base / v)
+                                  for k, v in options.get("weights", {}).items()}
+        print(f"== {stage}")
+        status = COMMANDS[stage](run=run_dir, progress=progress, **options)
+        if status:
+            return status
+    return 0
+
+
+COMMANDS: dict[str, Callable[..., int]] = {
+    "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
+    "train": cmd_train, "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
+    "finetune": cmd_finetune, "import-features": cmd_import_features,
+}
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print rows as an aligned plain-text table."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
