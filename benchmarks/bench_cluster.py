@@ -63,7 +63,7 @@ def scratch_run(source: Path, name: str, dest: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=str(ROOT / "data" / "runs" / "wikiart-pd"))
+    parser.add_argument("--run", default=str(ROOT / "data" / "runs" / "wikiart-pd-full"))
     parser.add_argument("--features", action="append", default=[], metavar="NAME",
                         help="feature set(s) to cluster (repeat or comma-separate; default all)")
     parser.add_argument("--k-min", type=int, default=2)

@@ -80,7 +80,7 @@ def bench_features(run, name: str, queries: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=str(ROOT / "data" / "runs" / "wikiart-pd"))
+    parser.add_argument("--run", default=str(ROOT / "data" / "runs" / "wikiart-pd-full"))
     parser.add_argument("--features", help="comma-separated feature sets (default: all)")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "search.json"))

@@ -364,8 +364,9 @@ def _clustered_default(run: Run) -> str:
 STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence"]
 
 
-def cmd_run(config: str, progress: bool = True) -> int:
-    """Run every stage of a pipeline configuration in order (paths relative to the file)."""
+def cmd_run(config: str, run: str | None = None, progress: bool = True) -> int:
+    """Run every stage of a pipeline configuration in order (paths relative to the file), into
+    its `run` directory or into `run` when given (a fresh run of the same configuration)."""
     path = Path(config)
     try:
         cfg = tomllib.loads(path.read_text())
@@ -374,9 +375,9 @@ def cmd_run(config: str, progress: bool = True) -> int:
     except tomllib.TOMLDecodeError as e:
         raise InfluenceError(f"config {path} is not valid TOML: {e}") from None
     base = path.resolve().parent
-    if "run" not in cfg:
+    if "run" not in cfg and run is None:
         raise InfluenceError(f"config {path} has no 'run' setting (the run directory)")
-    run_dir = str((base / cfg["run"]).resolve())
+    run_dir = str(Path(run).resolve() if run else (base / cfg["run"]).resolve())
     unknown = sorted(set(cfg) - {"run", *STAGE_ORDER})
     if unknown:
         raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")

@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage of a pipeline configuration")
     p.add_argument("--config", required=True, help="pipelines/NAME.toml")
+    p.add_argument("--run", help="run directory (default: the config's `run`)")
     return parser
 
 

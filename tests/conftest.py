@@ -22,6 +22,26 @@ ARTISTS = ["Claude Monet", "Alfred Sisley", "Rembrandt", "Kitagawa Utamaro", "Fr
            "Niko Pirosmani"]
 PER_ARTIST = 30
 
+#: Fixtures that extract features with a real network or start a service: a test that uses one,
+#: directly or through another fixture, is in the `slow` tier.
+SLOW_FIXTURES = frozenset({"small_run", "explored_run", "tiny_run", "ray_address", "browser",
+                           "base_url", "hundred"})
+#: Fixtures that mark a test as needing a browser or a local Ray.
+BROWSER_FIXTURES = frozenset({"browser", "base_url"})
+RAY_FIXTURES = frozenset({"ray_address"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tier the tests by what they need (`pytest -m "not slow"` runs the quick tier)."""
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & BROWSER_FIXTURES:
+            item.add_marker(pytest.mark.browser)
+        if used & RAY_FIXTURES:
+            item.add_marker(pytest.mark.ray)
+        if used & SLOW_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+
 
 def make_slice(dest: Path, artists: list[str] = ARTISTS, per_artist: int = PER_ARTIST) -> Path:
     """Copy a fixed slice of the shared collection (CSV rows in their original order)."""
