@@ -217,6 +217,13 @@ def cluster_members(clustering: Clustering, method: str, cluster: int,
                            kind="stable").reset_index(drop=True)
 
 
+def members_passing(clustering: Clustering, catalog: pd.DataFrame, method: str, cluster: int,
+                    min_p: float, where: Filter) -> pd.DataFrame:
+    """`cluster_members` that pass a filter, in the same order."""
+    members = cluster_members(clustering, method, cluster, min_p)
+    return members[where.mask(catalog)[members["row"].to_numpy()]]
+
+
 def plot_paths(run: Run, features: str) -> dict[str, Path]:
     """The cluster stage's sweep plots of a feature set that exist, by name."""
     folder = run.clusters_dir / features
@@ -240,6 +247,17 @@ def in_region(x: np.ndarray, y: np.ndarray, region: Mapping[str, Sequence[float]
         return polygon.contains_points(np.column_stack([x, y]))
     (x0, x1), (y0, y1) = sorted(region["x"]), sorted(region["y"])
     return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+
+
+def region_rows(clustering: Clustering, catalog: pd.DataFrame, where: Filter,
+                region: Mapping[str, Sequence[float]] | None) -> np.ndarray:
+    """Catalog rows on the clustering's map inside a region (see `in_region`) among those the
+    filter keeps, in catalog order; none without a region."""
+    if not region:
+        return np.array([], dtype=int)
+    a = clustering.assignments
+    rows = np.flatnonzero(where.mask(catalog))
+    return rows[in_region(a["umap_x"].to_numpy()[rows], a["umap_y"].to_numpy()[rows], region)]
 
 
 def label_shares(catalog: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
