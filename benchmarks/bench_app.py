@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_app.py --run data/runs/wikiart-pd [--shots docs]
         [--parts views,load] [--uploads 50] [--pages 200] [--out FILE]
+    .venv/bin/python benchmarks/bench_app.py --run data/runs/wikiart-pd --soak
+        [--clients 50] [--duration 300] [--out FILE]
 
 views: the app's start (loading the run), each view from navigation until its content is on
 screen (cold: a fresh browser, nothing cached), and an upload of a collection painting from the
@@ -14,6 +16,12 @@ page and its rendered layout, for as many different paintings): every answer mus
 its own (an upload's nearest painting is the uploaded painting; a painting's page shows that
 painting), none lost. Writes p50 / p95 latency and the server's peak memory. The app only reads
 the run.
+
+soak (--soak): the production server on loopback under `--clients` concurrent clients for
+`--duration` seconds, each looping over a random mix of painting pages, map pages, uploads of
+collection paintings, searches, thumbnails and /health (the app has no other API): zero errors
+and every answer the client's own, p50 / p95 / p99 per kind of request, and the server's
+resident memory sampled over time, with its growth after the first fifth (the warm-up).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import base64
 import json
 import logging
 import platform
+import random
 import re
 import socket
 import statistics
@@ -187,6 +196,12 @@ def influence_views(driver: webdriver.Chrome, base: str, data: object,
 
 
 # ---------------------------------------------------------------------------------- load test
+def cpu_name() -> str:
+    """The CPU's model name (Linux), for the record."""
+    found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    return found.group(1).strip() if found else platform.processor()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -297,6 +312,131 @@ def load(args: argparse.Namespace) -> dict:
     return result
 
 
+#: The soak's mix: kind of request and its weight.
+SOAK_MIX = {"painting": 4, "map": 1, "upload": 1, "search": 2, "thumbnail": 4, "health": 1}
+SAMPLE_SECONDS = 5
+
+
+def resident_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return round(int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024, 1)
+
+
+def soak_request(kind: str, base: str, session: requests.Session, catalog: object,
+                 run: object, rng: random.Random) -> bool:
+    """One request of a kind, for a random painting; whether the answer is the client's own."""
+    row = rng.randrange(len(catalog))
+    image_id = catalog["image_id"].iat[row]
+    if kind == "painting":
+        return page(base, image_id)[1]
+    if kind == "upload":
+        return upload(base, run.image_path(catalog["file"].iat[row]), image_id)[1]
+    if kind == "thumbnail":
+        response = session.get(f"{base}/thumbs/{image_id}.jpg", timeout=REQUEST_TIMEOUT)
+        return response.status_code == 200 and response.content[:3] == b"\xff\xd8\xff"
+    if kind == "health":
+        return session.get(f"{base}/health", timeout=REQUEST_TIMEOUT).json()["status"] == "ok"
+    if kind == "map":
+        answer = callback(session, base, [("_pages_content", "children"),
+                                          ("_pages_store", "data")],
+                          [("_pages_location", "pathname", "/"),
+                           ("_pages_location", "search", "?colour=style")])
+        return '"map-graph"' in json.dumps(answer)
+    title, artist = catalog["title"].iat[row], catalog["artist"].iat[row]
+    text = str(title if isinstance(title, str) and title.strip() else artist)
+    answer = callback(session, base, [("search-suggestions", "children")],
+                      [("search", "value", text)])
+    return json.dumps(text, ensure_ascii=False)[1:-1] in json.dumps(answer, ensure_ascii=False)
+
+
+def soak_client(n: int, base: str, catalog: object, run: object, deadline: float,
+                times: dict[str, list[float]], errors: list[str]) -> None:
+    """One client: requests of random kinds, one after the other, until the deadline."""
+    rng = random.Random(n)
+    session = requests.Session()
+    kinds, weights = list(SOAK_MIX), list(SOAK_MIX.values())
+    while time.perf_counter() < deadline:
+        kind = rng.choices(kinds, weights)[0]
+        start = time.perf_counter()
+        try:
+            ok = soak_request(kind, base, session, catalog, run, rng)
+        except (requests.RequestException, KeyError, ValueError, IndexError) as e:
+            ok = False
+            errors.append(f"{kind}: {type(e).__name__}: {str(e)[:120]}")
+        else:
+            if not ok:
+                errors.append(f"{kind}: an answer that was not the client's own")
+        times[kind].append(time.perf_counter() - start)
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, dict, float]:
+    """`python -m dash_app` on a free loopback port; (process, base URL, health, seconds)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "dash_app", "--run", args.run, "--port",
+                               str(port), "--threads", str(args.threads)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.perf_counter()
+    while True:
+        try:
+            return server, base, requests.get(f"{base}/health", timeout=5).json(), \
+                time.perf_counter() - start
+        except requests.ConnectionError:
+            if server.poll() is not None or time.perf_counter() - start > 600:
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.5)
+
+
+def soak(args: argparse.Namespace) -> dict:
+    """The production server under a mixed load for a while (see the module doc)."""
+    from influence.runs import Run
+
+    run = Run(Path(args.run))
+    catalog = run.catalog()
+    server, base, health, ready = start_server(args)
+    times: dict[str, list[float]] = {k: [] for k in SOAK_MIX}
+    errors: list[str] = []
+    memory: list[tuple[float, float]] = []
+    try:
+        requests.get(base + "/", timeout=60).raise_for_status()
+        start = time.perf_counter()
+        deadline = start + args.duration
+        clients = [threading.Thread(target=soak_client, args=(n, base, catalog, run, deadline,
+                                                              times, errors))
+                   for n in range(args.clients)]
+        for client in clients:
+            client.start()
+        while any(c.is_alive() for c in clients):
+            memory.append((round(time.perf_counter() - start, 1), resident_mb(server.pid)))
+            time.sleep(SAMPLE_SECONDS)
+        for client in clients:
+            client.join()
+        wall = time.perf_counter() - start
+        peak = peak_memory_mb(server.pid)
+    finally:
+        server.terminate()
+        server.wait(30)
+    warm = [m for t, m in memory if t >= args.duration / 5]
+    result = {
+        "server": f"waitress, {args.threads} threads (python -m dash_app)",
+        "clients": args.clients, "duration_s": args.duration, "wall_s": round(wall, 1),
+        "startup_s": round(ready, 2), "loaded_memory_mb": health["memory_mb"],
+        "requests": sum(len(t) for t in times.values()), "errors": len(errors),
+        "first_errors": errors[:10],
+        "kinds": {k: {"count": len(t), **soak_quantiles(t)} for k, t in times.items() if t},
+        "memory_mb": {"samples": memory, "peak": peak,
+                      "after_warm_up": warm[0] if warm else None,
+                      "growth_after_warm_up": round(max(warm) - warm[0], 1) if warm else None}}
+    print(f"soak: {json.dumps({k: v for k, v in result.items() if k != 'memory_mb'})}")
+    if errors:
+        raise SystemExit(f"soak: {len(errors)} errors, e.g. {errors[0]}")
+    return result
+
+
+def soak_quantiles(values: list[float]) -> dict[str, float]:
+    return {f"p{q}_s": round(float(np.percentile(values, q)), 3) for q in (50, 95, 99)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True)
@@ -308,16 +448,26 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=200, help="page loads (load)")
     parser.add_argument("--concurrency", type=int, default=16,
                         help="page loads in flight at once beside the uploads (load)")
-    parser.add_argument("--threads", type=int, default=8, help="the server's threads (load)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "app.json"))
+    parser.add_argument("--threads", type=int, default=8,
+                        help="the server's threads (load, soak)")
+    parser.add_argument("--soak", action="store_true",
+                        help="only the soak: --clients clients for --duration seconds")
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients (soak)")
+    parser.add_argument("--duration", type=float, default=300, help="seconds (soak)")
+    parser.add_argument("--out", help="the JSON record (default benchmarks/results/app.json, "
+                                      "app-soak.json for --soak)")
     args = parser.parse_args()
-    parts = {p.strip() for p in args.parts.split(",")}
+    parts = {"soak"} if args.soak else {p.strip() for p in args.parts.split(",")}
     result: dict = {"run": str(Path(args.run).resolve()), "machine": platform.platform()}
     if "views" in parts:
         result.update(views(args))
     if "load" in parts:
         result["load"] = load(args)
-    out = Path(args.out)
+    if "soak" in parts:
+        result["cpu"] = cpu_name()
+        result["soak"] = soak(args)
+    out = Path(args.out or ROOT / "benchmarks" / "results"
+               / ("app-soak.json" if args.soak else "app.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")

@@ -6,6 +6,8 @@ template); each page module has `layout(**url_values)` and `register(app)` for i
 
 from __future__ import annotations
 
+import os
+from collections.abc import Collection
 from pathlib import Path
 
 import dash
@@ -13,6 +15,7 @@ from dash import Dash, Input, Output, dcc, html
 
 from dash_app import search
 from dash_app.data import EXTENSION, RunData, load_run_data
+from dash_app.guard import Guard, callback_error
 from dash_app.pages import artist, clusters, graph, journey, painting, scores, upload
 from dash_app.pages import map as map_page
 from dash_app.routes import add_routes
@@ -30,15 +33,22 @@ PAGES = [
 ]
 
 
-def create_app(run_dir: str | Path, data: RunData | None = None) -> Dash:
-    """The Dash app over a run directory; everything heavy is loaded here, once."""
+def create_app(run_dir: str | Path, data: RunData | None = None,
+               users: dict[str, str] | None = None,
+               allowed_hosts: Collection[str] | None = None) -> Dash:
+    """The Dash app over a run directory; everything heavy is loaded here, once. `users`
+    (name: password hash) turns on HTTP Basic authentication, `allowed_hosts` a Host allow-list
+    (see dash_app.guard)."""
     data = data or load_run_data(run_dir)
     app = Dash(__name__, title=f"influence · {data.name}", suppress_callback_exceptions=True,
-               assets_folder=str(Path(__file__).parent / "assets"), update_title=None,
-               use_pages=True, pages_folder="")
+               assets_folder=os.path.join(os.path.dirname(__file__), "assets"),
+               update_title=None, use_pages=True, pages_folder="", on_error=callback_error)
     app.server.extensions[EXTENSION] = data
-    # Uploads are checked in the browser first; this caps anything that bypasses it.
+    # Uploads are checked in the browser first; this caps anything that bypasses it. Only the
+    # callbacks in LARGE_OUTPUTS may send that much; every other request gets the guard's cap.
     app.server.config["MAX_CONTENT_LENGTH"] = upload.MAX_REQUEST_BYTES
+    Guard([o for module, *_ in PAGES for o in getattr(module, "LARGE_OUTPUTS", ())],
+          users, allowed_hosts).install(app.server)
     add_routes(app.server, data)
     for module, path, name, title in PAGES:
         dash.register_page(module.__name__, path_template=path if "<" in path else None,

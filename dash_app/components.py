@@ -8,12 +8,12 @@ from urllib.parse import urlencode
 import dash_ag_grid as dag
 import pandas as pd
 import plotly.graph_objects as go
-from dash import ctx, dcc, html
+from dash import ctx, dcc, html, no_update
 
 from dash_app.data import RunData, current
 from dash_app.routes import thumb_url
 from influence.catalog import LABEL_FIELDS, artist_slug
-from influence.export import Export, table_bytes
+from influence.export import FORMATS, Export, table_bytes
 
 PALETTE = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3",
            "#8c8c8c", "#ccb974", "#64b5cd")
@@ -172,7 +172,9 @@ def downloads(prefix: str, what: str) -> html.Div:
 def send(export: Export) -> dict:
     """The download of an export in the format of the button that was clicked (PREFIX-csv or
     PREFIX-parquet): the same bytes the `export` stage writes."""
-    fmt = str(ctx.triggered_id).rsplit("-", 1)[1]
+    fmt = str(ctx.triggered_id).rsplit("-", 1)[-1]
+    if fmt not in FORMATS:
+        return no_update
     return dcc.send_bytes(table_bytes(export.frame, fmt), f"{export.name}.{fmt}")
 
 

@@ -1,7 +1,14 @@
 """Everything the app shows, loaded once per server process and read-only: shared by all users.
 
 Pages and callbacks reach it with `current()`, through the Flask app serving the request, so
-two apps over two runs can live in one process (the tests do).
+two apps over two runs can live in one process (the tests do). The app reads the run only
+through library functions (`Run`, `influence.selections`, loaders of each stage); it builds
+no path inside the run itself.
+
+The shared query object: one `influence.similar.Explorer` per process, loaded with the run and
+never changed after. Its extractor (a torch model, one thread) is the one part that is not
+obviously safe to share, so every use of it goes through RunData's `query`, `neighbours` and
+`like`, which take turns behind one lock; pages never call the Explorer directly.
 """
 
 from __future__ import annotations
@@ -21,9 +28,14 @@ from influence.classify import head_paths, trained_heads
 from influence.clustering import clustered_features, load_clustering
 from influence.influence import load_influence
 from influence.runs import InfluenceError, Run, read_json
-from influence.selections import plot_paths, read_comparison
+from influence.selections import (
+    FILTER_FIELDS,
+    CatalogSearch,
+    choices,
+    plot_paths,
+    read_comparison,
+)
 from influence.similar import Explorer
-from influence.thumbnails import thumbs_dir
 
 #: Where the app keeps its RunData among the Flask app's extensions.
 EXTENSION = "influence"
@@ -48,38 +60,53 @@ class RunData:
     memory_mb: dict[str, float] = field(default_factory=dict)
     _row: dict[str, int] = field(default_factory=dict)
     _query_lock: threading.Lock = field(default_factory=threading.Lock)
+    _search: CatalogSearch | None = None
+    _choices: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._row = {i: n for n, i in enumerate(self.catalog["image_id"])}
+        self._search = CatalogSearch(self.catalog)
+        self._choices = {name: frozenset(choices(self.catalog, name)) for name in FILTER_FIELDS}
+
+    def choices(self, field_name: str) -> frozenset[str]:
+        """The values a filter menu may hold for a field."""
+        return self._choices.get(field_name, frozenset())
 
     @property
     def name(self) -> str:
         return self.run.root.name
 
     @property
+    def search_features(self) -> str | None:
+        """The feature set uploads and neighbours are searched with, None without an index."""
+        return self.explorer.features if self.explorer is not None else None
+
+    @property
     def features(self) -> list[str]:
         """The clustered feature sets, the search features first."""
         names = list(self.clusterings)
-        default = self.explorer.features if self.explorer is not None else None
-        return sorted(names, key=lambda n: (n != default, names.index(n)))
+        return sorted(names, key=lambda n: (n != self.search_features, names.index(n)))
 
-    def default_features(self, wanted: str | None = None) -> str | None:
-        if wanted in self.clusterings:
+    def default_features(self, wanted: object = None) -> str | None:
+        """The feature set asked for if it is clustered, else the first (None: none is)."""
+        if isinstance(wanted, str) and wanted in self.clusterings:
             return wanted
         return self.features[0] if self.features else None
 
-    def row_of(self, image_id: str) -> int | None:
-        return self._row.get(image_id)
+    def search(self, text: object, limit: int) -> list[dict[str, str]]:
+        """Artists and titles matching a text: one pass over an index made at load."""
+        return self._search(text, limit)
+
+    def row_of(self, image_id: object) -> int | None:
+        return self._row.get(image_id) if isinstance(image_id, str) else None
 
     def id_at(self, row: Any) -> str | None:
         """The image_id of a catalog row number (as a map point carries it), or None."""
-        try:
-            row = int(row)
-        except (TypeError, ValueError):
+        if isinstance(row, bool) or not isinstance(row, int):
             return None
         return str(self.catalog["image_id"].iat[row]) if 0 <= row < len(self.catalog) else None
 
-    def painting(self, image_id: str) -> dict[str, Any] | None:
+    def painting(self, image_id: object) -> dict[str, Any] | None:
         """The catalog row of a painting as a dict, or None for an unknown id."""
         row = self.row_of(image_id)
         return None if row is None else self.catalog.iloc[row].to_dict()
@@ -90,22 +117,33 @@ class RunData:
         if row is None:
             return None
         root = self.run.image_root().resolve()
-        path = (root / self.catalog["file"].iat[row]).resolve()
+        path = self.run.image_path(self.catalog["file"].iat[row]).resolve()
         return path if path.is_relative_to(root) and path.is_file() else None
 
     def plots(self, features: str) -> dict[str, Path]:
         """The sweep plots of a clustered feature set, by name."""
-        return plot_paths(self.run, features) if features in self.clusterings else {}
-
-    def has_thumbnails(self) -> bool:
-        return (thumbs_dir(self.run) / "thumbs.json").exists()
+        return (plot_paths(self.run, features)
+                if isinstance(features, str) and features in self.clusterings else {})
 
     def query(self, image: Image.Image, k: int = 12) -> dict[str, Any]:
-        """Search with one uploaded image; queries take turns so two uploads never interleave."""
+        """Search with one uploaded image (the Explorer's answer; see the module doc on turns)."""
+        with self._query_lock:
+            return self._explorer().query(image, k=k)
+
+    def neighbours(self, image_id: str, k: int = 12) -> dict[str, Any]:
+        """The nearest paintings and artists of an indexed painting, itself left out."""
+        with self._query_lock:
+            return self._explorer().neighbours_of(image_id, k=k)
+
+    def like(self, image_ids: list[str], k: int = 12) -> list[dict[str, Any]]:
+        """Paintings like a set of indexed ones, the set left out."""
+        with self._query_lock:
+            return self._explorer().like(image_ids, k=k)
+
+    def _explorer(self) -> Explorer:
         if self.explorer is None:
             raise InfluenceError(self.explorer_error or "no search index in this run")
-        with self._query_lock:
-            return self.explorer.query(image, k=k)
+        return self.explorer
 
 
 def _heads(run: Run) -> pd.DataFrame | None:
@@ -126,7 +164,8 @@ def current() -> RunData:
 
 def memory_mb() -> dict[str, float]:
     """The process's resident memory now and its peak so far, MB (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
     return {"rss": round(pages * resource.getpagesize() / 2**20, 1),
             "peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -134,7 +173,7 @@ def memory_mb() -> dict[str, float]:
 def load_run_data(run_dir: str | Path) -> RunData:
     """Load a run for the app: raises InfluenceError when it has no catalog."""
     before = memory_mb()["rss"]
-    run = Run(Path(run_dir))
+    run = Run(run_dir)
     if not run.root.is_dir():
         raise InfluenceError(f"no run directory at {run.root}")
     catalog = run.catalog().reset_index(drop=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dash import Input, State, dcc, html
 
+from dash_app import checks
 from dash_app.data import RunData
 from influence.runs import InfluenceError
 from influence.selections import FILTER_FIELDS, Filter, choices, year_span
@@ -17,7 +18,8 @@ def controls(data: RunData, where: Filter, prefix: str) -> html.Div:
     marks = {y: str(y) for y in range(first - first % 100 + 100, last + 1, 100)}
     return html.Div([
         *[html.Label([name.capitalize(), dcc.Dropdown(
-            choices(data.catalog, name), list(getattr(where, name)), id=f"{prefix}-{name}",
+            choices(data.catalog, name), [v for v in getattr(where, name)
+                                          if v in data.choices(name)], id=f"{prefix}-{name}",
             multi=True, placeholder=f"any {name}")], className="filter")
           for name in FILTER_FIELDS],
         html.Label(["Years (dated, or estimated from the artist's life)", dcc.RangeSlider(
@@ -46,10 +48,12 @@ def states(prefix: str) -> list[State]:
 
 
 def read(data: RunData, *values: object) -> Filter:
-    """The filter the controls show; a year range spanning every year is no filter."""
+    """The filter the controls show, from whatever the browser sent: values that are not among
+    a field's choices are dropped; a year range spanning every year is no filter."""
     *labels, years = values
     first, last = year_span(data.catalog)
-    low, high = (years or [first, last])
-    return Filter.from_query({**dict(zip(FILTER_FIELDS, labels, strict=True)),
+    low, high = checks.years(years, first, last)
+    return Filter.from_query({**{name: checks.chosen(value, data.choices(name))
+                                 for name, value in zip(FILTER_FIELDS, labels, strict=True)},
                               "year_from": low if low > first else None,
                               "year_to": high if high < last else None})

@@ -78,6 +78,6 @@ def add_routes(server: Flask, data: RunData) -> None:
         """For a load balancer or a supervisor: the run is loaded and what it costs in memory."""
         return jsonify({"status": "ok", "run": data.name, "paintings": len(data.catalog),
                         "features": data.features,
-                        "search": data.explorer.features if data.explorer else None,
+                        "search": data.search_features,
                         "influence": data.influence is not None,
                         "memory_mb": {**data.memory_mb, **memory_mb()}})

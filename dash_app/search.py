@@ -6,9 +6,9 @@ from urllib.parse import urlencode
 
 from dash import Dash, Input, Output, dcc, html
 
+from dash_app.checks import MAX_TEXT
 from dash_app.components import artist_href, painting_href
 from dash_app.data import current
-from influence.selections import search_catalog
 
 SUGGESTIONS = 12
 
@@ -16,7 +16,8 @@ SUGGESTIONS = 12
 def box() -> html.Div:
     return html.Div([
         dcc.Input(id="search", type="search", placeholder="Find an artist or a title…",
-                  debounce=0.25, autoComplete="off", className="search-input"),
+                  debounce=0.25, autoComplete="off", className="search-input",
+                  maxLength=MAX_TEXT),
         html.Div(id="search-suggestions", className="search-suggestions"),
     ], className="search")
 
@@ -32,9 +33,11 @@ def href(match: dict[str, str]) -> str:
 def register(app: Dash) -> None:
     @app.callback(Output("search-suggestions", "children"), Input("search", "value"),
                   prevent_initial_call=True)
-    def suggest(text: str | None) -> list:
-        matches = search_catalog(current().catalog, text or "", SUGGESTIONS)
-        if text and not matches:
+    def suggest(text: object) -> list:
+        # The index caps what it reads of the text (influence.selections.MAX_QUERY_CHARS).
+        text = text if isinstance(text, str) else ""
+        matches = current().search(text, SUGGESTIONS)
+        if text.strip() and not matches:
             return [html.Div("Nothing found.", className="search-none")]
         return [dcc.Link(m["label"], href=href(m), className=f"search-hit {m['kind']}")
                 for m in matches]

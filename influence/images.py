@@ -23,18 +23,30 @@ class ImageLimits:
     min_side: int = 32
     max_pixels: int = 64_000_000
     max_bytes: int = 200_000_000
+    #: Refuse a file declaring more pixels than this per byte (beyond PLAUSIBLE_PIXELS): a header
+    #: that lies about its size, or a bomb; None accepts any ratio.
+    max_pixels_per_byte: float | None = None
 
 
 DEFAULT_LIMITS = ImageLimits()
+#: Images this small are decoded whatever their ratio of pixels to bytes (a flat-colour PNG).
+PLAUSIBLE_PIXELS = 1_000_000
 
 
-def open_rgb(source: Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decode a whole image to RGB or raise BadImage; grayscale, CMYK, palette and alpha convert."""
+def open_rgb(source: Path | bytes, limits: ImageLimits = DEFAULT_LIMITS,
+             reduce_to: int | None = None) -> Image.Image:
+    """Decode a whole image to RGB or raise BadImage; grayscale, CMYK, palette and alpha convert.
+
+    With `reduce_to`, an image whose shortest side is more than twice that is decoded at a
+    reduced scale (JPEG's DCT scaling, else `Image.reduce`), its shortest side still at least
+    `reduce_to`: what a model resizing to that side needs, at a fraction of the memory.
+    """
     name = "upload" if isinstance(source, bytes) else str(source)
     if isinstance(source, bytes):
         if len(source) > limits.max_bytes:
             raise BadImage(f"file is {len(source):,} bytes, more than {limits.max_bytes:,}")
         fp: io.BytesIO | Path = io.BytesIO(source)
+        size = len(source)
     else:
         if not source.is_file():
             raise BadImage("file not found")
@@ -47,7 +59,12 @@ def open_rgb(source: Path | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Imag
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 check_size(img, limits)
+                check_plausible(img, size, limits)
+                if reduce_to:
+                    img.draft("RGB", (reduce_to, reduce_to))
                 img.load()
+                if reduce_to and (factor := min(img.size) // reduce_to) >= 2:
+                    img = img.reduce(factor)
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)
     except BadImage:
@@ -70,6 +87,15 @@ def check_size(img: Image.Image, limits: ImageLimits = DEFAULT_LIMITS) -> None:
                        "(possible decompression bomb)")
     if min(w, h) < limits.min_side:
         raise BadImage(f"{w}x{h} is too small (shortest side under {limits.min_side})")
+
+
+def check_plausible(img: Image.Image, nbytes: int, limits: ImageLimits) -> None:
+    """Raise BadImage for a file far too small for the pixels its header declares."""
+    pixels = img.size[0] * img.size[1]
+    ratio = limits.max_pixels_per_byte
+    if ratio is not None and pixels > PLAUSIBLE_PIXELS and pixels > ratio * nbytes:
+        raise BadImage(f"{img.size[0]}x{img.size[1]} pixels in {nbytes:,} bytes is implausible "
+                       "(a header that lies about its size, or a decompression bomb)")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

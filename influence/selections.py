@@ -48,6 +48,8 @@ class Filter:
         def values(name: str) -> tuple[str, ...]:
             raw = query.get(name) or ()
             items = raw.split("|") if isinstance(raw, str) else raw
+            if not isinstance(items, (list, tuple, set, frozenset)):
+                raise InfluenceError(f"{name} must be a list of values, got {raw!r}"[:200])
             return tuple(sorted({str(v) for v in items if str(v).strip()}))
 
         def year(name: str) -> int | None:
@@ -56,7 +58,7 @@ class Filter:
                 return None
             try:
                 return int(float(raw))
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise InfluenceError(f"{name.replace('_', '-')} must be a year, got {raw!r}") \
                     from None
 
@@ -106,35 +108,59 @@ def year_span(catalog: pd.DataFrame) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------------------- search
-def search_catalog(catalog: pd.DataFrame, text: str, limit: int = 12) -> list[dict[str, str]]:
-    """Artists, then paintings, whose name or title contains every word of `text`.
+#: What a search reads of its text: the first MAX_QUERY_CHARS characters, MAX_WORDS words.
+MAX_QUERY_CHARS = 200
+MAX_WORDS = 8
+
+
+class CatalogSearch:
+    """Artists, then paintings, whose name or title contains every word of a text, over an index
+    of the catalog made once: a search is one pass over it, whatever the text.
 
     Each match is {"kind": "artist" | "painting", "value": artist name or image id, "label"};
     artists come first, the best known (most paintings) first; titles that start with the
-    text before others.
+    text's first word before others, then by title.
     """
-    words = [w for w in str(text).lower().split() if w]
-    if not words:
-        return []
-    artists = catalog["artist"].dropna()
-    names = artists.value_counts()
-    lower = names.index.str.lower()
-    hit = np.ones(len(names), dtype=bool)
-    for w in words:
-        hit &= lower.str.contains(w, regex=False)
-    out = [{"kind": "artist", "value": str(a), "label": f"{a} (artist, {n} paintings)"}
-           for a, n in names[hit].head(limit).items()]
-    titles = catalog["title"].fillna("").str.lower()
-    hit = np.ones(len(catalog), dtype=bool)
-    for w in words:
-        hit &= titles.str.contains(w, regex=False).to_numpy(dtype=bool)
-    found = catalog[hit].assign(_first=~titles[hit].str.startswith(words[0]))
-    found = found.sort_values(["_first", "title"], kind="stable").head(max(0, limit - len(out)))
-    out += [{"kind": "painting", "value": str(r.image_id),
-             "label": f"{r.title} — {r.artist if pd.notna(r.artist) else 'unknown'}"
-                      + (f", {r.year}" if pd.notna(r.year) else "")}
-            for r in found.itertuples()]
-    return out
+
+    def __init__(self, catalog: pd.DataFrame) -> None:
+        names = catalog["artist"].dropna().value_counts()
+        self._artists = [(str(a).lower(), {"kind": "artist", "value": str(a),
+                                           "label": f"{a} (artist, {n} paintings)"})
+                         for a, n in names.items()]
+        titles = catalog["title"].fillna("").astype(str).to_numpy()
+        self._titles = [(titles[r].lower(), int(r)) for r in np.argsort(titles, kind="stable")]
+        self._catalog = catalog
+
+    @staticmethod
+    def words(text: object) -> list[str]:
+        """The distinct lower-case words a search looks for (capped, see MAX_WORDS)."""
+        words = str(text or "")[:MAX_QUERY_CHARS].lower().split()
+        return list(dict.fromkeys(words))[:MAX_WORDS]
+
+    def __call__(self, text: object, limit: int = 12) -> list[dict[str, str]]:
+        words = self.words(text)
+        if not words or limit < 1:
+            return []
+        out = [match for name, match in self._artists
+               if all(w in name for w in words)][:limit]
+        first, rest = [], []
+        for title, row in self._titles:
+            if len(first) >= limit:
+                break
+            if all(w in title for w in words):
+                (first if title.startswith(words[0]) else rest).append(row)
+        for row in (first + rest)[:max(0, limit - len(out))]:
+            r = self._catalog.iloc[row]
+            out.append({"kind": "painting", "value": str(r["image_id"]),
+                        "label": f"{r['title']} — "
+                                 f"{r['artist'] if pd.notna(r['artist']) else 'unknown'}"
+                                 + (f", {r['year']}" if pd.notna(r["year"]) else "")})
+        return out
+
+
+def search_catalog(catalog: pd.DataFrame, text: str, limit: int = 12) -> list[dict[str, str]]:
+    """One search of a catalog (see CatalogSearch; keep one CatalogSearch for many searches)."""
+    return CatalogSearch(catalog)(text, limit)
 
 
 # ------------------------------------------------------------------------ clusters, read back
@@ -191,6 +217,13 @@ def cluster_members(clustering: Clustering, method: str, cluster: int,
                            kind="stable").reset_index(drop=True)
 
 
+def members_passing(clustering: Clustering, catalog: pd.DataFrame, method: str, cluster: int,
+                    min_p: float, where: Filter) -> pd.DataFrame:
+    """`cluster_members` that pass a filter, in the same order."""
+    members = cluster_members(clustering, method, cluster, min_p)
+    return members[where.mask(catalog)[members["row"].to_numpy()]]
+
+
 def plot_paths(run: Run, features: str) -> dict[str, Path]:
     """The cluster stage's sweep plots of a feature set that exist, by name."""
     folder = run.clusters_dir / features
@@ -214,6 +247,17 @@ def in_region(x: np.ndarray, y: np.ndarray, region: Mapping[str, Sequence[float]
         return polygon.contains_points(np.column_stack([x, y]))
     (x0, x1), (y0, y1) = sorted(region["x"]), sorted(region["y"])
     return (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
+
+
+def region_rows(clustering: Clustering, catalog: pd.DataFrame, where: Filter,
+                region: Mapping[str, Sequence[float]] | None) -> np.ndarray:
+    """Catalog rows on the clustering's map inside a region (see `in_region`) among those the
+    filter keeps, in catalog order; none without a region."""
+    if not region:
+        return np.array([], dtype=int)
+    a = clustering.assignments
+    rows = np.flatnonzero(where.mask(catalog))
+    return rows[in_region(a["umap_x"].to_numpy()[rows], a["umap_y"].to_numpy()[rows], region)]
 
 
 def label_shares(catalog: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from urllib.parse import urlencode
 
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from dash_app import filters
+from dash_app import checks, filters
 from dash_app.components import PROFILE_NOTE, chart, downloads, gallery, needs, profile_chart, send
 from dash_app.data import METHODS, current
 from dash_app.routes import thumb_url
@@ -14,9 +14,9 @@ from influence.catalog import LABEL_FIELDS
 from influence.export import cluster_export
 from influence.selections import (
     MIN_P,
-    cluster_members,
     cluster_profile,
     cluster_sizes,
+    members_passing,
     top_label,
     typical_members,
 )
@@ -25,16 +25,20 @@ OVERVIEW_THUMBS = 4
 TYPICAL_SHOWN = 18
 
 
-def _number(value: str | None, kind: type, default: object) -> object:
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        return default
+def _min_p(value: object) -> float:
+    """A soft-membership threshold in [0.01, 1] (a number, or one written in a link)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return MIN_P
+    return checks.number(value, 0.01, 1.0, MIN_P)
 
 
-def _shown(sizes: dict[int, int], cluster: int | None) -> int:
+def _shown(sizes: dict[int, int], cluster: object) -> int:
     """The cluster to show: the one asked for, else the largest."""
-    return cluster if cluster in sizes else max(sizes, key=sizes.get)
+    return cluster if checks.one_of(cluster, sizes, None) is not None else max(sizes,
+                                                                               key=sizes.get)
 
 
 def layout(features: str | None = None, method: str | None = None, cluster: str | None = None,
@@ -44,9 +48,9 @@ def layout(features: str | None = None, method: str | None = None, cluster: str 
     features = data.default_features(features)
     if features is None:
         return needs("cluster", data)
-    method = method if method in METHODS else "kmeans"
+    method = checks.one_of(method, METHODS, "kmeans")
     return html.Div([
-        dcc.Store(id="clusters-selected", data=_number(cluster, int, None)),
+        dcc.Store(id="clusters-selected", data=checks.integer(cluster, 0, 10_000, None)),
         html.Div([
             html.Label(["Feature set", dcc.Dropdown(data.features, features,
                                                     id="clusters-features", clearable=False)]),
@@ -60,7 +64,7 @@ def layout(features: str | None = None, method: str | None = None, cluster: str 
         html.Div([
             html.Label(["GMM soft members: responsibility at least",
                         dcc.Input(id="clusters-min-p", type="number", min=0.01, max=1,
-                                  step=0.05, value=_number(min_p, float, MIN_P),
+                                  step=0.05, value=_min_p(min_p),
                                   debounce=True)], className="inline"),
             downloads("cluster", "this cluster's members"),
         ], className="controls"),
@@ -72,20 +76,23 @@ def register(app: Dash) -> None:
     @app.callback(Output("clusters-selected", "data"),
                   Input({"type": "cluster-pick", "index": ALL}, "n_clicks"),
                   prevent_initial_call=True)
-    def pick(clicks: list[int | None]) -> int:
-        if not ctx.triggered_id or not any(clicks):
+    def pick(clicks: object) -> int:
+        picked = checks.mapping(ctx.triggered_id).get("index")
+        if not isinstance(clicks, list) or not any(clicks):
             return no_update
-        return int(ctx.triggered_id["index"])
+        picked = checks.integer(picked, 0, 10_000, None)
+        return no_update if picked is None else picked
 
     @app.callback(Output("clusters-overview", "children"), Output("clusters-summary", "children"),
                   Output("clusters-detail", "children"),
                   Input("clusters-features", "value"), Input("clusters-method", "value"),
                   Input("clusters-selected", "data"), Input("clusters-min-p", "value"),
                   *filters.inputs("clusters"))
-    def show(features: str, method: str, cluster: int | None, min_p: float | None,
+    def show(features: object, method: object, cluster: object, min_p: object,
              *values: object) -> tuple:
         data = current()
         where = filters.read(data, *values)
+        method, min_p = checks.one_of(method, METHODS, "kmeans"), _min_p(min_p)
         clustering = data.clusterings[data.default_features(features)]
         sizes = cluster_sizes(clustering, method)
         cluster = _shown(sizes, cluster)
@@ -106,8 +113,7 @@ def register(app: Dash) -> None:
         charts = [chart(fig) for fig in (profile_chart(cluster_profile(
             clustering, method, cluster, f), f, "this cluster") for f in LABEL_FIELDS)
             if fig is not None]
-        members = cluster_members(clustering, method, cluster, min_p or MIN_P)
-        members = members[where.mask(data.catalog)[members["row"].to_numpy()]]
+        members = members_passing(clustering, data.catalog, method, cluster, min_p, where)
         soft = int((members["member"] == "soft").sum())
         if where:
             shown = html.H3(f"Members that pass the filter, most central first "
@@ -137,13 +143,16 @@ def register(app: Dash) -> None:
                   Input("clusters-features", "value"), Input("clusters-method", "value"),
                   Input("clusters-selected", "data"), Input("clusters-min-p", "value"),
                   *filters.inputs("clusters"), prevent_initial_call=True)
-    def state(features: str, method: str, cluster: int | None, min_p: float | None,
+    def state(features: object, method: object, cluster: object, min_p: object,
               *values: object) -> str:
-        query = {"features": features, "method": method,
-                 **filters.read(current(), *values).to_query()}
+        data = current()
+        query = {"features": data.default_features(features),
+                 "method": checks.one_of(method, METHODS, "kmeans"),
+                 **filters.read(data, *values).to_query()}
+        cluster, min_p = checks.integer(cluster, 0, 10_000, None), _min_p(min_p)
         if cluster is not None:
             query["cluster"] = cluster
-        if min_p is not None and min_p != MIN_P:
+        if min_p != MIN_P:
             query["min_p"] = min_p
         return urlencode(query)
 
@@ -152,10 +161,11 @@ def register(app: Dash) -> None:
                   State("clusters-method", "value"), State("clusters-selected", "data"),
                   State("clusters-min-p", "value"),
                   *filters.states("clusters"), prevent_initial_call=True)
-    def export(_csv: int, _parquet: int, features: str, method: str, cluster: int | None,
-               min_p: float | None, *values: object) -> dict:
+    def export(_csv: int, _parquet: int, features: object, method: object, cluster: object,
+               min_p: object, *values: object) -> dict:
         data = current()
         clustering = data.clusterings[data.default_features(features)]
+        method = checks.one_of(method, METHODS, "kmeans")
         cluster = _shown(cluster_sizes(clustering, method), cluster)
         return send(cluster_export(data.name, data.catalog, clustering, method, cluster,
-                                   min_p or MIN_P, filters.read(data, *values)))
+                                   _min_p(min_p), filters.read(data, *values)))

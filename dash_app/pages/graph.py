@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html, no_update
 from plotly.colors import qualitative
 
+from dash_app import checks
 from dash_app.components import needs
 from dash_app.data import current
 
@@ -25,11 +26,8 @@ COLOURS = qualitative.Dark24
 BY = {"nationality": "nationality", "style": "main style"}
 
 
-def _int(value: str | None, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
+#: Links per artist the slider offers.
+LINKS = (1, 5)
 
 
 def layout(by: str | None = None, links: str | None = None, group: str | None = None,
@@ -37,18 +35,18 @@ def layout(by: str | None = None, links: str | None = None, group: str | None = 
     data = current()
     if data.influence is None:
         return needs("influence", data)
-    by = by if by in BY else "nationality"
+    by = checks.one_of(by, BY, "nationality")
     return html.Div([
         html.H2("Who resembles whom, earlier to later"),
         html.Div([
             html.Label(["Bands and colours by", dcc.Dropdown(
                 [{"label": v, "value": k} for k, v in BY.items()], by, id="graph-by",
                 clearable=False)]),
-            html.Label(["Only", dcc.Dropdown([], group.split("|") if group else [],
-                                             id="graph-group", multi=True,
-                                             placeholder="every group")]),
-            html.Label(["Links per artist", dcc.Slider(1, 5, 1, value=_int(links, 2),
-                                                       id="graph-links")]),
+            html.Label(["Only", dcc.Dropdown(
+                [], group.split("|")[:checks.MAX_CHOSEN] if group else [], id="graph-group",
+                multi=True, placeholder="every group")]),
+            html.Label(["Links per artist", dcc.Slider(
+                *LINKS, 1, value=checks.integer(links, *LINKS, 2), id="graph-links")]),
         ], className="controls"),
         html.P("Each artist sits at the middle of their active years; a line joins an artist to "
                "their strongest earlier or contemporary look-alikes (darker = stronger). Click "
@@ -120,14 +118,17 @@ def register(app: Dash) -> None:
                   Output("view-state", "data", allow_duplicate=True),
                   Input("graph-by", "value"), Input("graph-links", "value"),
                   Input("graph-group", "value"), prevent_initial_call="initial_duplicate")
-    def show(by: str, per_artist: int, chosen: list[str] | None) -> tuple:
-        fig, order = figure(by, per_artist or 2, chosen or [])
+    def show(by: object, per_artist: object, chosen: object) -> tuple:
+        by, per_artist = checks.one_of(by, BY, "nationality"), checks.integer(per_artist, *LINKS, 2)
+        chosen = checks.chosen(chosen)
+        fig, order = figure(by, per_artist, chosen)
         query = {"by": by, "links": per_artist, **({"group": "|".join(chosen)} if chosen
                                                      else {})}
         return fig, order, urlencode(query)
 
     @app.callback(Output("url", "href", allow_duplicate=True),
                   Input("graph-figure", "clickData"), prevent_initial_call=True)
-    def open_artist(click: dict | None) -> str:
-        point = (click or {}).get("points", [{}])[0]
-        return f"/artist/{point['customdata']}" if point.get("customdata") else no_update
+    def open_artist(click: object) -> str:
+        artist = current().influence.artist(checks.text(checks.first_point(click)
+                                                        .get("customdata")))
+        return f"/artist/{artist['artist_id']}" if artist is not None else no_update

@@ -8,11 +8,13 @@ from urllib.parse import urlencode
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html, no_update
 
+from dash_app import checks
 from dash_app.components import cluster_href, needs
 from dash_app.data import current
 
 #: Nationalities shown (the commonest); eras are all shown.
 NATIONALITIES = 15
+DIMENSIONS = ("era", "nationality")
 MEASURES = {"share": "share of the family's paintings",
             "lift": "lift: times the collection's share"}
 
@@ -27,11 +29,11 @@ def layout(dimension: str | None = None, measure: str | None = None, **_: str) -
             html.Label(["Across", dcc.Dropdown(
                 [{"label": "eras", "value": "era"},
                  {"label": "nationalities", "value": "nationality"}],
-                dimension if dimension in ("era", "nationality") else "era",
+                checks.one_of(dimension, DIMENSIONS, "era"),
                 id="journey-dimension", clearable=False)]),
             html.Label(["Colour", dcc.Dropdown(
                 [{"label": v, "value": k} for k, v in MEASURES.items()],
-                measure if measure in MEASURES else "share", id="journey-measure",
+                checks.one_of(measure, MEASURES, "share"), id="journey-measure",
                 clearable=False)]),
         ], className="controls"),
         html.P("One row per visual family (KMeans clusters of the "
@@ -71,15 +73,17 @@ def register(app: Dash) -> None:
                   Output("view-state", "data", allow_duplicate=True),
                   Input("journey-dimension", "value"), Input("journey-measure", "value"),
                   prevent_initial_call="initial_duplicate")
-    def show(dimension: str, measure: str) -> tuple:
+    def show(dimension: object, measure: object) -> tuple:
+        dimension = checks.one_of(dimension, DIMENSIONS, "era")
+        measure = checks.one_of(measure, MEASURES, "share")
         return figure(dimension, measure), urlencode({"dimension": dimension,
                                                       "measure": measure})
 
     @app.callback(Output("url", "href", allow_duplicate=True),
                   Input("journey-figure", "clickData"), prevent_initial_call=True)
-    def open_family(click: dict | None) -> str:
-        point = (click or {}).get("points", [{}])[0]
-        if not str(point.get("y", "")).startswith("family "):
+    def open_family(click: object) -> str:
+        label = checks.text(checks.first_point(click).get("y"))
+        family = checks.integer(label.removeprefix("family "), 0, 10_000, None)
+        if not label.startswith("family ") or family is None:
             return no_update
-        family = int(point["y"].removeprefix("family "))
         return cluster_href(current().influence.features, "kmeans", family)

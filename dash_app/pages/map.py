@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 from plotly.colors import qualitative
 
-from dash_app import filters
+from dash_app import checks, filters
 from dash_app.components import (
     PROFILE_NOTE,
     chart,
@@ -27,7 +27,7 @@ from dash_app.data import METHODS, RunData, current
 from dash_app.routes import thumb_url
 from influence.catalog import LABEL_FIELDS
 from influence.export import filter_export, selection_export
-from influence.selections import Filter, in_region, label_shares
+from influence.selections import Filter, label_shares, region_rows
 
 #: Categories shown in the legend before the rest are pooled as "other".
 MAX_GROUPS = 20
@@ -39,6 +39,13 @@ THUMBS = 300
 THUMB_SHARE = 0.035
 SELECTION_SHOWN = 48
 LIKE = 12
+#: The callback whose request carries a selection's points (dash_app.guard): Plotly sends
+#: every selected point, about 100 bytes each.
+LARGE_OUTPUTS = ("map-region.data",)
+
+
+#: The keys of a hover point's bounding box that the tooltip uses.
+BBOX = frozenset({"x0", "x1", "y0", "y1"})
 
 
 def colour_options() -> list[dict[str, str]]:
@@ -46,17 +53,26 @@ def colour_options() -> list[dict[str, str]]:
             + [{"label": name, "value": name} for name in LABEL_FIELDS])
 
 
+COLOURINGS = frozenset(o["value"] for o in colour_options())
+
+
+def colouring(value: object) -> str:
+    """A known colouring, else the KMeans clusters."""
+    return checks.one_of(value, COLOURINGS, "kmeans")
+
+
 # ---------------------------------------------------------------------------- state in the URL
 def parse_region(box: str | None = None, lasso: str | None = None) -> dict | None:
-    """A selection from the URL: box=x0,x1,y0,y1 or lasso=x1,y1,x2,y2,..."""
+    """A selection from the URL: box=x0,x1,y0,y1 or lasso=x1,y1,x2,y2,... (checked as any
+    region from the browser is)."""
     try:
         if box:
-            x0, x1, y0, y1 = (float(v) for v in box.split(","))
-            return {"x": [x0, x1], "y": [y0, y1]}
-        if lasso:
+            x0, x1, y0, y1 = (float(v) for v in box.split(",", 4))
+            return checks.region({"x": [x0, x1], "y": [y0, y1]})
+        if lasso and lasso.count(",") < 2 * checks.MAX_VERTICES:
             values = [float(v) for v in lasso.split(",")]
-            if len(values) >= 6 and len(values) % 2 == 0:
-                return {"lasso_x": values[0::2], "lasso_y": values[1::2]}
+            if len(values) % 2 == 0:
+                return checks.region({"lasso_x": values[0::2], "lasso_y": values[1::2]})
     except ValueError:
         pass
     return None
@@ -72,14 +88,15 @@ def region_query(region: dict | None) -> dict[str, str]:
 
 
 def region_of(selected: dict | None) -> dict | None:
-    """The region of a Plotly selection event (its box range or lasso outline)."""
-    if not selected:
-        return None
+    """The region of a Plotly selection event (its box range or lasso outline), None when it
+    has none or it does not check out (see checks.region)."""
+    selected = checks.mapping(selected)
     if selected.get("lassoPoints"):
-        points = selected["lassoPoints"]
-        return {"lasso_x": list(points["x"]), "lasso_y": list(points["y"])}
+        points = checks.mapping(selected["lassoPoints"])
+        return checks.region({"lasso_x": points.get("x"), "lasso_y": points.get("y")})
     if selected.get("range"):
-        return {"x": list(selected["range"]["x"]), "y": list(selected["range"]["y"])}
+        box = checks.mapping(selected["range"])
+        return checks.region({"x": box.get("x"), "y": box.get("y")})
     return None
 
 
@@ -89,7 +106,7 @@ def layout(features: str | None = None, colour: str | None = None, box: str | No
     features = data.default_features(features)
     if features is None:
         return needs("cluster", data)
-    colour = colour if colour in {o["value"] for o in colour_options()} else "kmeans"
+    colour = colouring(colour)
     where = filters.from_url(query)
     return html.Div([
         dcc.Store(id="map-region", data=parse_region(box, lasso)),
@@ -119,12 +136,7 @@ def shown_rows(data: RunData, where: Filter) -> np.ndarray:
 
 def selected_rows(data: RunData, features: str, where: Filter, region: dict | None) -> np.ndarray:
     """Catalog rows inside the region among those the filter keeps."""
-    if not region:
-        return np.array([], dtype=int)
-    a = data.clusterings[features].assignments
-    rows = shown_rows(data, where)
-    inside = in_region(a["umap_x"].to_numpy()[rows], a["umap_y"].to_numpy()[rows], region)
-    return rows[inside]
+    return region_rows(data.clusterings[features], data.catalog, where, region)
 
 
 def thumbnails(data: RunData, features: str, rows: np.ndarray,
@@ -217,9 +229,9 @@ def selection_panel(data: RunData, features: str, where: Filter, region: dict | 
         html.P(PROFILE_NOTE, className="hint"),
         html.Div(charts, className="chart-grid"),
     ]
-    if data.explorer is not None:
-        like = data.explorer.like(list(ids), k=LIKE)
-        parts += [html.H3(f"Paintings like these (the selection's mean {data.explorer.features} "
+    if data.search_features is not None:
+        like = data.like(list(ids), k=LIKE)
+        parts += [html.H3(f"Paintings like these (the selection's mean {data.search_features} "
                           "vector)"),
                   gallery(data, [p["image_id"] for p in like],
                           [f"similarity {p['score']:.2f}" for p in like], id="selection-like")]
@@ -231,11 +243,12 @@ def register(app: Dash) -> None:
     @app.callback(Output("map-graph", "figure"), Output("map-count", "children"),
                   Input("map-features", "value"), Input("map-colour", "value"),
                   *filters.inputs("map"), State("map-region", "data"))
-    def show(features: str, colour: str, *values: object) -> tuple:
+    def show(features: object, colour: object, *values: object) -> tuple:
         *values, region = values
         data = current()
         where = filters.read(data, *values)
-        features = data.default_features(features)
+        features, colour = data.default_features(features), colouring(colour)
+        region = checks.region(region)
         shown = int(where.mask(data.catalog).sum())
         count = (f"{shown:,} of {len(data.catalog):,} paintings" if where
                  else f"all {shown:,} paintings")
@@ -245,22 +258,23 @@ def register(app: Dash) -> None:
                   Input("map-graph", "relayoutData"), State("map-features", "value"),
                   *filters.states("map"),
                   prevent_initial_call=True)
-    def zoom(relayout: dict | None, features: str, *values: object) -> Patch:
+    def zoom(relayout: object, features: object, *values: object) -> Patch:
         """Thumbnails instead of dots once the view holds few enough paintings."""
-        relayout = relayout or {}
+        relayout = checks.mapping(relayout)
         keys = ("xaxis.range[0]", "xaxis.range[1]", "yaxis.range[0]", "yaxis.range[1]")
-        if not (all(k in relayout for k in keys) or relayout.get("xaxis.autorange")):
+        view = checks.numbers([relayout.get(k) for k in keys], 4)
+        if not (view or relayout.get("xaxis.autorange") is True):
             return no_update
         data = current()
         rows = shown_rows(data, filters.read(data, *values))
-        view = None if relayout.get("xaxis.autorange") else tuple(relayout[k] for k in keys)
+        view = None if relayout.get("xaxis.autorange") is True else tuple(view)
         patch = Patch()
         patch["layout"]["images"] = thumbnails(data, data.default_features(features), rows, view)
         return patch
 
     @app.callback(Output("map-region", "data"), Input("map-graph", "selectedData"),
                   prevent_initial_call=True)
-    def select(selected: dict | None) -> dict | None:
+    def select(selected: object) -> dict | None:
         # Plotly may report a selection restored from the figure (a shared link) without its
         # outline: keep the region then; a cleared selection (double-click) clears it.
         if selected is None:
@@ -270,31 +284,35 @@ def register(app: Dash) -> None:
 
     @app.callback(Output("selection-panel", "children"), Input("map-region", "data"),
                   Input("map-features", "value"), *filters.inputs("map"))
-    def panel(region: dict | None, features: str, *values: object) -> list:
+    def panel(region: object, features: object, *values: object) -> list:
         data = current()
         return selection_panel(data, data.default_features(features),
-                               filters.read(data, *values), region)
+                               filters.read(data, *values), checks.region(region))
 
     @app.callback(Output("view-state", "data", allow_duplicate=True),
                   Input("map-features", "value"), Input("map-colour", "value"),
                   *filters.inputs("map"), Input("map-region", "data"), prevent_initial_call=True)
-    def state(features: str, colour: str, *values: object) -> str:
+    def state(features: object, colour: object, *values: object) -> str:
         *values, region = values
-        where = filters.read(current(), *values)
-        return urlencode({"features": features, "colour": colour, **where.to_query(),
-                          **region_query(region)})
+        data = current()
+        where = filters.read(data, *values)
+        return urlencode({"features": data.default_features(features),
+                          "colour": colouring(colour), **where.to_query(),
+                          **region_query(checks.region(region))})
 
     @app.callback(Output("selection-download", "data"), Input("selection-csv", "n_clicks"),
                   Input("selection-parquet", "n_clicks"), State("map-region", "data"),
                   State("map-features", "value"),
                   *filters.states("map"),
                   prevent_initial_call=True)
-    def export_selection(_csv: int, _parquet: int, region: dict | None, features: str,
+    def export_selection(_csv: int, _parquet: int, region: object, features: object,
                          *values: object) -> dict:
         data = current()
         features = data.default_features(features)
         where = filters.read(data, *values)
-        rows = selected_rows(data, features, where, region)
+        rows = selected_rows(data, features, where, checks.region(region))
+        if len(rows) == 0:
+            return no_update
         export = selection_export(data.name, data.catalog,
                                   data.catalog["image_id"].to_numpy()[rows],
                                   f"{features}-map-selection")
@@ -310,16 +328,17 @@ def register(app: Dash) -> None:
 
     @app.callback(Output("map-tooltip", "show"), Output("map-tooltip", "bbox"),
                   Output("map-tooltip", "children"), Input("map-graph", "hoverData"))
-    def hover(hover_data: dict | None) -> tuple:
-        if not hover_data:
-            return False, no_update, no_update
-        point = hover_data["points"][0]
+    def hover(hover_data: object) -> tuple:
+        point = checks.first_point(hover_data)
         data = current()
-        row = data.painting(data.id_at(point.get("customdata")) or "")
+        row = data.painting(data.id_at(point.get("customdata")))
         if row is None:
             return False, no_update, no_update
         year = text(row["year"], "")
-        return True, point.get("bbox", no_update), html.Div([
+        bbox = checks.mapping(point.get("bbox"))
+        bbox = {k: v for k, v in bbox.items() if k in BBOX
+                and checks.number(v, -1e6, 1e6, None) is not None} or no_update
+        return True, bbox, html.Div([
             html.Img(src=thumb_url(row["image_id"]), className="tooltip-thumb"),
             html.Div(text(row["title"], "untitled"), className="card-title"),
             html.Div(f"{text(row['artist'])}{', ' + year if year else ''}",
@@ -329,8 +348,6 @@ def register(app: Dash) -> None:
 
     @app.callback(Output("url", "href", allow_duplicate=True), Input("map-graph", "clickData"),
                   prevent_initial_call=True)
-    def open_painting(click_data: dict | None) -> str:
-        if not click_data:
-            return no_update
-        image_id = current().id_at(click_data["points"][0].get("customdata"))
+    def open_painting(click_data: object) -> str:
+        image_id = current().id_at(checks.first_point(click_data).get("customdata"))
         return painting_href(image_id) if image_id is not None else no_update

@@ -51,15 +51,15 @@ def influences(data: RunData, features: str, memberships: list[tuple[int, float]
 
 
 def neighbours(data: RunData, image_id: str) -> list:
-    if data.explorer is None:
+    if data.search_features is None:
         return [needs("index", data)]
     try:
-        answer = data.explorer.neighbours_of(image_id, k=NEIGHBOURS)
+        answer = data.neighbours(image_id, k=NEIGHBOURS)
     except InfluenceError as e:
         return [message(str(e), "error")]
     paintings, artists = answer.get("paintings", []), answer.get("artists", [])
     return [
-        html.H3(f"Nearest paintings ({data.explorer.features})"),
+        html.H3(f"Nearest paintings ({data.search_features})"),
         gallery(data, [p["image_id"] for p in paintings],
                 [f"similarity {p['score']:.2f}" for p in paintings], id="painting-neighbours"),
         html.H3("Nearest artists"),

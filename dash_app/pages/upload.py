@@ -1,18 +1,24 @@
 """Upload: one image in, the paintings and artists it resembles, head predictions and clusters out.
 
 An upload is untrusted: its size is checked in the browser (a file over the limit is never sent)
-and again here before decoding; pixels are checked by `open_rgb`; the file name is only shown,
-never used; nothing is written to disk, and the answer goes back to the one browser that asked.
+and again here before decoding; `open_rgb` refuses a header declaring more pixels than the limit
+or than is plausible for the file's size, and decodes at the scale the models need (a 6000 px
+JPEG at 1/8); at most DECODERS uploads are decoded at once, so memory stays bounded however
+many arrive. The file name is only shown, never used; nothing is written to disk, and the answer
+goes back to the one browser that asked.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import threading
 import time
 
 from dash import Dash, Input, Output, State, dcc, html, no_update
+from PIL import Image
 
+from dash_app.checks import mapping, text
 from dash_app.components import (
     chart,
     cluster_href,
@@ -31,19 +37,30 @@ from influence.runs import InfluenceError
 from influence.thumbnails import thumbnail_bytes
 
 MAX_UPLOAD_BYTES = 20_000_000
-LIMITS = ImageLimits(min_side=32, max_pixels=50_000_000, max_bytes=MAX_UPLOAD_BYTES)
+#: A JPEG of a painting holds 2-10 pixels per byte, a flat-colour PNG a few hundred; a header
+#: claiming 7000x7000 pixels in a few hundred bytes is lying (or a bomb) and is not decoded.
+LIMITS = ImageLimits(min_side=32, max_pixels=50_000_000, max_bytes=MAX_UPLOAD_BYTES,
+                     max_pixels_per_byte=500)
+#: Uploads decode at a scale keeping this shortest side: twice the largest model input (256).
+DECODE_SIDE = 512
+#: Uploads decoded at once; others wait up to DECODE_WAIT seconds, then are told to retry.
+DECODERS = 2
+DECODE_WAIT = 60
+_decoding = threading.BoundedSemaphore(DECODERS)
 #: The base64 text of the largest accepted file, plus its data-URL header.
 MAX_BASE64_CHARS = 4 * (MAX_UPLOAD_BYTES // 3 + 1) + 200
 #: What the server accepts in one request; anything larger is refused before any callback.
 MAX_REQUEST_BYTES = MAX_BASE64_CHARS + 1_000_000
 NEAREST = 12
+#: The callbacks whose requests may carry an upload (dash_app.guard).
+LARGE_OUTPUTS = ("..upload-result.children...upload-answer.data..",)
 
 
 def layout(**_: str) -> html.Div:
     data = current()
     return html.Div([
         html.H2("Which paintings and artists does an image resemble?"),
-        needs("index", data) if data.explorer is None else None,
+        needs("index", data) if data.search_features is None else None,
         dcc.Upload(html.Div(["Drop an image here, or ", html.A("choose a file"),
                              html.Div(f"JPEG, PNG, WebP… up to {MAX_UPLOAD_BYTES // 1_000_000} MB "
                                       f"and {LIMITS.max_pixels // 1_000_000} megapixels; it is "
@@ -55,9 +72,9 @@ def layout(**_: str) -> html.Div:
     ])
 
 
-def decode(contents: str | None) -> bytes:
+def decode(contents: object) -> bytes:
     """The file bytes of a dcc.Upload data URL, refusing oversize or malformed input."""
-    if not contents:
+    if not isinstance(contents, str) or not contents:
         raise BadImage("empty upload")
     if len(contents) > MAX_BASE64_CHARS:
         raise BadImage(f"the file is larger than {MAX_UPLOAD_BYTES // 1_000_000} MB")
@@ -71,9 +88,36 @@ def decode(contents: str | None) -> bytes:
     return raw
 
 
+def open_upload(contents: object) -> Image.Image:
+    """The uploaded picture, decoded within LIMITS at DECODE_SIDE, DECODERS at a time."""
+    if not _decoding.acquire(timeout=DECODE_WAIT):
+        raise InfluenceError("the server is busy with other uploads: try again in a minute")
+    try:
+        return open_rgb(decode(contents), LIMITS, reduce_to=DECODE_SIDE)
+    finally:
+        _decoding.release()
+
+
+def clean_answer(data: RunData, result: object) -> dict | None:
+    """An answer sent back by the browser for download, reduced to known paintings (at most
+    NEAREST) with numeric scores; None when nothing of it is usable."""
+    result = mapping(result)
+    paintings = result.get("paintings")
+    if not isinstance(paintings, list):
+        return None
+    kept = [{"image_id": p["image_id"], "score": float(p["score"])}
+            for p in paintings[:NEAREST] if isinstance(p, dict)
+            and data.row_of(p.get("image_id")) is not None
+            and isinstance(p.get("score"), (int, float)) and not isinstance(p["score"], bool)]
+    if not kept:
+        return None
+    return {"paintings": kept, "query": text(result.get("query"), 80) or "upload",
+            "features": data.search_features or ""}
+
+
 def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds: float) -> list:
     """The page for one answered query."""
-    features = data.explorer.features
+    features = data.search_features
     paintings, artists = answer.get("paintings", []), answer.get("artists", [])
     parts = [
         html.Div([
@@ -124,16 +168,18 @@ def register(app: Dash) -> None:
 
     @app.callback(Output("upload-result", "children"), Output("upload-answer", "data"),
                   Input("upload-payload", "data"), prevent_initial_call=True)
-    def answer(payload: dict | None) -> tuple:
+    def answer(payload: object) -> tuple:
+        payload = mapping(payload)
         if not payload:
             return no_update, no_update
         data = current()
-        name = str(payload.get("filename") or "upload")[:80]
+        name = text(payload.get("filename"), 80) or "upload"
         if "error" in payload:
-            return message(str(payload["error"]), "error", id="upload-error"), None
+            return message(text(payload["error"]) or "The upload failed.", "error",
+                           id="upload-error"), None
         start = time.perf_counter()
         try:
-            image = open_rgb(decode(payload.get("contents")), LIMITS)
+            image = open_upload(payload.get("contents"))
             result = data.query(image, k=NEAREST)
         except InfluenceError as e:
             return message(f"{name}: {e}", "error", id="upload-error"), None
@@ -146,9 +192,9 @@ def register(app: Dash) -> None:
     @app.callback(Output("upload-download", "data"), Input("upload-csv", "n_clicks"),
                   Input("upload-parquet", "n_clicks"), State("upload-answer", "data"),
                   prevent_initial_call=True)
-    def export(_csv: int, _parquet: int, result: dict | None) -> dict:
-        if not result:
-            return no_update
+    def export(_csv: int, _parquet: int, result: object) -> dict:
         data = current()
-        return send(answer_export(data.name, data.catalog, result))
+        result = clean_answer(data, result)
+        return no_update if result is None else send(answer_export(data.name, data.catalog,
+                                                                   result))
 
