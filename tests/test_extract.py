@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from influence.commands import cmd_extract
+from influence.extract import FeatureStore, extract_features
 from influence.extractors import available, get_extractor, resolve_state_dict
-from influence.features import FeatureStore, extract_features
 from influence.runs import InfluenceError, Run
 
 from .conftest import MOBILENET, make_slice
