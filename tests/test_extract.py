@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from influence.commands import cmd_extract
-from influence.extract import FeatureStore, extract_features
+from influence.extract import FeatureStore, Item, extract_features
 from influence.extractors import available, get_extractor, resolve_state_dict
 from influence.runs import InfluenceError, Run
 
-from .conftest import MOBILENET, make_slice
+from .conftest import ARTISTS, MOBILENET, make_slice
 
 
 def test_every_extractor_is_registered_with_a_picklable_preprocessing():
@@ -250,3 +250,30 @@ def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_pa
         assert other.weights_record().meta["preprocessing_of"] == record.name
     assert get_extractor("mobilenet_v2", str(unknown)).weights_record().checksum == \
         hashlib.sha256(unknown.read_bytes()).hexdigest()
+
+
+def test_one_read_feeds_every_extractor_its_own_preprocessing_and_keeps_reasons(tmp_path):
+    from influence.extract.reader import read
+    from influence.images import open_rgb
+
+    collection = make_slice(tmp_path / "coll", ARTISTS[:1], 4)
+    files = pd.read_csv(collection / "paintings.csv")["file"].tolist()
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    items = [Item(f"i{n}", str(collection / f)) for n, f in enumerate(files)]
+    items.append(Item("bad", str(tmp_path / "bad.jpg")))
+    extractors = {"mobilenet_v2": get_extractor("mobilenet_v2", str(MOBILENET)),
+                  "style": get_extractor("style")}
+    # mobilenet_v2 wants every image; style (resumed further) only two of them.
+    wanted = {"mobilenet_v2": frozenset(it.image_id for it in items),
+              "style": frozenset({"i0", "i2", "bad"})}
+    batches = list(read(items, {n: e.preprocess for n, e in extractors.items()}, wanted,
+                        batch_size=8, workers=0))
+    assert len(batches) == 1
+    batch = batches[0]
+    assert list(batch.errors) == ["bad"] and "not an image" in batch.errors["bad"]
+    assert batch.ids == {"mobilenet_v2": ["i0", "i1", "i2", "i3"], "style": ["i0", "i2"]}
+    assert tuple(batch.data["mobilenet_v2"].shape) == (4, 3, 224, 224)
+    image = open_rgb(collection / files[2])
+    np.testing.assert_array_equal(batch.data["style"][1], extractors["style"].preprocess(image))
+    np.testing.assert_array_equal(batch.data["mobilenet_v2"][2],
+                                  extractors["mobilenet_v2"].preprocess(image))

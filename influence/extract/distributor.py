@@ -43,6 +43,9 @@ class Outcome:
 class LocalDistributor:
     """Every partition through one runner in this process, in order."""
 
+    #: Partitions at least: one is enough in one process.
+    min_partitions = 1
+
     def __init__(self, workers: int | None = None) -> None:
         self.workers = default_workers() if workers is None else workers
 

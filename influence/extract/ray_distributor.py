@@ -67,6 +67,8 @@ class RunnerActor:
 class RayDistributor:
     """Every partition through a runner on one of `concurrency` Ray actors."""
 
+    min_partitions = MIN_PARTITIONS
+
     def __init__(self, options: RayOptions | None = None) -> None:
         self.options = options or RayOptions()
 

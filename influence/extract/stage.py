@@ -26,7 +26,8 @@ def finalize(plan: Plan, name: str, outcome: Outcome, engine: str) -> dict[str, 
     it; returns what the step records. Unreadable images are an error (after they are listed)."""
     store = FeatureStore(plan.run, name)
     wanted = set(plan.pending[name])
-    errors = {i: e for i, e in outcome.errors.items() if i in wanted}
+    # In catalog order, whatever order the partitions finished in.
+    errors = {i: outcome.errors[i] for i in plan.files if i in wanted and i in outcome.errors}
     store.write_rejected(errors, plan.files)
     if errors:
         listed = "; ".join(f"{i}: {e}" for i, e in list(errors.items())[:3])
@@ -46,6 +47,7 @@ def finalize(plan: Plan, name: str, outcome: Outcome, engine: str) -> dict[str, 
 
 
 def _distributor(engine: str, workers: int | None, ray: Mapping[str, Any] | None) -> Any:
+    """The engine's distributor; the Ray one is imported only when asked for (it needs Ray)."""
     if engine == "ray":
         from influence.extract.ray_distributor import RayDistributor, RayOptions
 
@@ -82,15 +84,13 @@ def extract_many(run: Run, names: Sequence[str], weights: Mapping[str, str | Non
     if not steps:
         return reports
     start = time.perf_counter()
-    min_partitions = 1
-    if engine == "ray":
-        from influence.extract.ray_distributor import MIN_PARTITIONS as min_partitions
+    distributor = _distributor(engine, workers, ray)
     try:
         plan = plan_extraction(run, steps, {n: weights.get(n) for n in steps},
                                workers=default_workers() if workers is None else workers,
-                               part_size=part_size, min_partitions=min_partitions,
+                               part_size=part_size, min_partitions=distributor.min_partitions,
                                progress=progress)
-        outcome = _distributor(engine, workers, ray)(plan, progress)
+        outcome = distributor(plan, progress)
     except InfluenceError as e:
         return {**reports, **dict.fromkeys(steps, e)}
     for name, step in steps.items():
