@@ -42,7 +42,7 @@ NAME = "mobilenet_v2"
 
 def one(run_dir: str, engine: str) -> None:
     """Child process: extract NAME with one engine and print its record as JSON."""
-    from influence.features import extract_features
+    from influence.extract import extract_features
     from influence.runs import Run
 
     kwargs: dict[str, Any] = {} if engine == "baseline" else {"engine": engine}
@@ -56,8 +56,8 @@ def one(run_dir: str, engine: str) -> None:
 
 def decode(run_dir: str, mode: str) -> None:
     """Child process: thumbnails, pca and kpca, decoding separately or once; prints seconds."""
+    from influence.extract import extract_features
     from influence.extractors import get_extractor
-    from influence.features import extract_features
     from influence.runs import Run
     from influence.thumbnails import make_thumbnails
 

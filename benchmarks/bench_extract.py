@@ -33,7 +33,7 @@ DEFAULT_LIMITS = {"vgg16": 600}
 
 def one(run_dir: str, name: str) -> None:
     """Child process: extract one feature set and print its timings as JSON."""
-    from influence.features import extract_features
+    from influence.extract import extract_features
     from influence.runs import Run
 
     start = time.perf_counter()

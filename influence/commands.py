@@ -43,8 +43,8 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
     """Catalog the collection, then bring every extractor's features up to date."""
     from influence.catalog import Collection, build_catalog
+    from influence.extract import extract_many
     from influence.extractors import RANDOM, available, extractor_class, get_extractor, is_known
-    from influence.features import extract_features
 
     if collection:
         coll = Collection.from_dir(Path(collection), columns)
@@ -79,12 +79,12 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                                  if extractor_class(n).cache_decoded)}
     make_thumbnails(out, progress=progress, keep=list(keep.values()))
     rows, failed = [], []
-    for name in names:
-        try:
-            info = extract_features(out, name, weights.get(name), engine=engine,
-                                    workers=workers, progress=progress, ray=ray)
-        except InfluenceError as e:
-            print(f"error: {e}", file=sys.stderr)
+    # One plan for every extractor: each image is read once for all of them.
+    reports = extract_many(out, names, weights, engine=engine, workers=workers,
+                           progress=progress, ray=ray)
+    for name, info in reports.items():
+        if isinstance(info, InfluenceError):
+            print(f"error: {info}", file=sys.stderr)
             failed.append(name)
             continue
         rate = info["timings"]["images_per_s"] if not info["up_to_date"] else None

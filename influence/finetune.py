@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from influence.classify import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
 from influence.combine import save_features
+from influence.extract.reader import default_workers
 from influence.extractors import RANDOM, load_checked, resolve_state_dict
 from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
-from influence.features import default_workers
 from influence.images import open_rgb
 from influence.runs import InfluenceError, Run, Step, fingerprint, read_json, versions, write_json
 

@@ -33,11 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run extraction in this process (default) or on Ray Data")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
     p.add_argument("--ray-actors", type=int,
-                   help="model actors on Ray (default: one per 4 of the cluster's CPUs)")
-    p.add_argument("--ray-batch-size", type=int, help="images per model call on Ray "
-                   "(default: the extractor's batch size)")
+                   help="runner actors on Ray (default: one per 4 of the cluster's CPUs)")
+    p.add_argument("--ray-batch-size", type=int, help="images per read batch on Ray, cut to "
+                   "each extractor's own batch size (default: the largest of those)")
     p.add_argument("--ray-cpus-per-actor", type=float,
-                   help="CPUs per model actor (default: an equal share, less the reader's)")
+                   help="CPUs per runner actor (default: an equal share)")
 
     p = sub.add_parser("combine", help="feature sets made of several, e.g. mobilenet_v2+style")
     p.add_argument("--run", required=True)

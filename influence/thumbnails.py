@@ -83,7 +83,7 @@ def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True,
 
 def _make_all(run: Run, size: int, progress: bool,
               keep: Sequence[Callable[[Image.Image], Any]]) -> dict[str, Any]:
-    from influence.features import DecodedCache
+    from influence.extract.reader import DecodedCache
 
     folder = thumbs_dir(run)
     folder.mkdir(parents=True, exist_ok=True)

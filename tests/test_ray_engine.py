@@ -1,8 +1,10 @@
-"""The Ray engine on a local Ray (2 CPUs): the local engine's features, resume after a kill."""
+"""The Ray engine on a local Ray (2 CPUs): the local engine's features, rejected images and
+records, resume after a kill."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,11 +12,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from influence.catalog import Collection, build_catalog
 from influence.commands import cmd_extract
-from influence.features import FeatureStore
-from influence.runs import Run
+from influence.extract import FeatureStore, extract_many
+from influence.runs import InfluenceError, Run
 
 from .conftest import ARTISTS, MOBILENET, make_slice
 
@@ -98,3 +102,56 @@ def test_a_killed_ray_extraction_resumes_to_the_local_features(local_run, hundre
     assert run.step_record("extract", "mobilenet_v2")["new_rows"] == 100 - first
     assert np.abs(run.features("mobilenet_v2") - local_run.features("mobilenet_v2")).max() <= 1e-5
     assert run.features_info("mobilenet_v2")["weights"] == f"file {MOBILENET.resolve()}"
+
+
+#: What a step record holds that may differ between engines: when and how fast it ran, and which.
+ENGINE_FIELDS = ("timings", "seconds", "finished_at", "engine")
+
+
+def test_both_engines_write_the_same_features_rejected_images_and_records(tmp_path,
+                                                                          ray_address):
+    collection = make_slice(tmp_path / "coll", ARTISTS[:3], 8)
+    base = Run(tmp_path / "base")
+    build_catalog(Collection.from_dir(collection), base, progress=False)
+    files = base.catalog()["file"]
+    # Broken after cataloguing: one file overwritten with text, one JPEG cut in half.
+    (collection / files[3]).write_bytes(b"not an image any more")
+    cut = collection / files[10]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    names, weights = ["pca", "mobilenet_v2"], {"mobilenet_v2": str(MOBILENET)}
+    runs = {engine: Run(tmp_path / engine) for engine in ("local", "ray")}
+    first = {}
+    for engine, run in runs.items():
+        shutil.copytree(base.root, run.root)
+        first[engine] = extract_many(run, names, weights, engine=engine, progress=False,
+                                     ray={"address": ray_address, "concurrency": 2})
+    for name in names:
+        errors = [str(first[e][name]).replace(str(runs[e].root), "RUN") for e in runs]
+        assert all(isinstance(first[e][name], InfluenceError) for e in runs)
+        assert errors[0] == errors[1] and "2 images changed since cataloguing" in errors[0]
+        rejected = [pd.read_csv(FeatureStore(run, name).rejected_path) for run in runs.values()]
+        pd.testing.assert_frame_equal(*rejected)
+        assert rejected[0]["file"].tolist() == [files[3], files[10]]
+        assert rejected[0]["reason"].str.contains("not an image").iloc[0]
+        assert rejected[0]["reason"].str.contains("truncated").iloc[1]
+        # Every readable image's rows were written, on both engines.
+        assert [FeatureStore(run, name).writer.done_ids() for run in runs.values()] == \
+            [set(base.catalog()["image_id"]) - {base.catalog()["image_id"][3],
+                                                base.catalog()["image_id"][10]}] * 2
+    # Re-cataloguing rejects the two; the extraction then finishes from the written parts.
+    for engine, run in runs.items():
+        build_catalog(Collection.from_dir(collection), run, progress=False)
+        reports = extract_many(run, names, weights, engine=engine, progress=False,
+                               ray={"address": ray_address, "concurrency": 2})
+        assert all(not isinstance(r, InfluenceError) for r in reports.values()), reports
+    local, on_ray = runs["local"], runs["ray"]
+    pd.testing.assert_frame_equal(pd.read_csv(local.rejected_path),
+                                  pd.read_csv(on_ray.rejected_path))
+    for name in names:
+        assert local.features(name).shape == (22, local.features_info(name)["dim"])
+        np.testing.assert_allclose(local.features(name), on_ray.features(name), atol=1e-5)
+        assert not FeatureStore(local, name).rejected_path.exists()
+        records = [run.step_record("extract", name) for run in runs.values()]
+        assert records[0]["engine"] == "local" and records[1]["engine"] == "ray"
+        assert {k: v for k, v in records[0].items() if k not in ENGINE_FIELDS} == \
+            {k: v for k, v in records[1].items() if k not in ENGINE_FIELDS}

