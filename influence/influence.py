@@ -26,17 +26,28 @@ The recipe (`score_pairs`), on one indexed feature set:
 
 5. **Time rule.** A directed pair (artist A, influenced_by B) is written only when B had begun
    working by the middle of A's working life (`B.active_start <= A.active_mid`): B active before
-   or alongside A. `relation` is "earlier" when B's working life ended before A's began
-   (`B.active_end < A.active_start`), else "alongside"; when either artist has no active years the
-   pair is kept in both directions as "undated" with no time part. Any two dated artists have at
-   least one allowed direction, so every artist pair is scored.
+   or alongside A; and never when B was born after A died. `relation` is "earlier" when B's
+   working life ended before A's began (`B.active_end < A.active_start`), else "alongside"; when
+   either artist has no active years the pair is kept in both directions as "undated" with no
+   time part. Any two dated artists have at least one allowed direction, so every artist pair is
+   scored.
 
-6. **Evidence.** Each pair keeps the `EVIDENCE` most similar painting pairs that link the two
-   artists in the index: one painting is among the other's `POOL` nearest neighbours.
+6. **Ranking.** Each artist's candidates are ranked by score, except that an undated candidate of
+   a dated artist ranks after every dated one (it is shown apart, as resemblance only).
+   `percentile` places a score among all the run's scored pairs; candidates whose score is at or
+   below `FLOOR` (no more alike than an average artist, once the time part is counted) are kept
+   for the evaluation but not `offered` as influences.
+
+7. **Evidence.** Each pair keeps the `EVIDENCE` most similar painting pairs that link the two
+   artists in the index (one painting is among the other's `POOL` nearest neighbours) and respect
+   time: where both works are dated, the influencer's is not the later one.
 
 Active years come from the artist's dated works when at least `MIN_DATED` are dated (first to
 last dated work), else from their life like the catalog's era rule (age 20 to death; birth + 20
-to birth + 60 with only a birth year; death - 40 to death with only a death year).
+to birth + 60 with only a birth year; death - 40 to death with only a death year). A date before
+the painter was `MIN_WORK_AGE` or more than `POSTHUMOUS_YEARS` after their death (posthumous
+prints and editions aside) is a catalogue error: it is ignored for active years and evidence, and
+`dates_ignored` counts it.
 
 `build_influence` runs it on a run and writes `RUN/influence/`; `load_influence` reads it back.
 With a table of recorded influences, `evaluate` scores the method against two baselines computed
@@ -81,10 +92,16 @@ TOP_PAINTINGS = 10
 #: `LATE_PENALTY` (in the visual part's standard-deviation units) at `LATE_YEARS` later.
 LATE_PENALTY = 4.0
 LATE_YEARS = 10.0
-#: Painting pairs kept as each artist pair's evidence.
+#: Painting pairs kept as each artist pair's evidence, chosen from its `EVIDENCE_POOL` closest.
 EVIDENCE = 3
+EVIDENCE_POOL = 12
 #: Artists with at least this many dated works take their active years from them.
 MIN_DATED = 3
+#: Dates a painter cannot have made a work at: before this age, or this long after their death.
+MIN_WORK_AGE = 10
+POSTHUMOUS_YEARS = 10
+#: Candidates scoring at or below this are not offered as influences (module doc, step 6).
+FLOOR = 0.0
 #: Working life from the artist's life: from this age, and its length with only a birth year.
 START_AGE = 20
 SPAN = 40
@@ -92,16 +109,28 @@ SPAN = 40
 HIT_AT = 5
 #: Each artist's strongest earlier candidates drawn by default in the influence graph.
 GRAPH_PER_ARTIST = 3
-PAIR_COLUMNS = ["artist", "influenced_by", "score", "visual", "reverse", "time", "relation",
-                "gap", "rank", "recorded", "evidence"]
+PAIR_COLUMNS = ["artist", "influenced_by", "score", "percentile", "offered", "visual", "reverse",
+                "time", "relation", "gap", "rank", "recorded", "evidence"]
 
 
 # ------------------------------------------------------------------------------------- artists
+def plausible_years(catalog: pd.DataFrame) -> pd.Series:
+    """Each painting's year, missing where its painter could not have made it then (module doc)."""
+    year = pd.to_numeric(catalog["year"], errors="coerce").astype(float)
+    birth = pd.to_numeric(catalog["birth_year"], errors="coerce").astype(float)
+    death = pd.to_numeric(catalog["death_year"], errors="coerce").astype(float)
+    wrong = (year < birth + MIN_WORK_AGE) | (year > death + POSTHUMOUS_YEARS)
+    return year.mask(wrong)
+
+
 def active_years(catalog: pd.DataFrame) -> pd.DataFrame:
-    """Per artist: active_start, active_end, active_mid and active_source (rule: module doc)."""
+    """Per artist: active_start, active_end, active_mid, active_source and dates_ignored (rule:
+    module doc)."""
     rows = []
+    years = plausible_years(catalog)
     for artist, group in catalog.groupby("artist", sort=True):
-        dated = group["year"].dropna().astype(float)
+        dated = years[group.index].dropna()
+        ignored = int(group["year"].notna().sum() - len(dated))
         birth = _first(group["birth_year"])
         death = _first(group["death_year"])
         if len(dated) >= MIN_DATED:
@@ -117,7 +146,8 @@ def active_years(catalog: pd.DataFrame) -> pd.DataFrame:
         end = max(start, end) if not np.isnan(start) else end
         rows.append({"artist": artist, "birth_year": birth, "death_year": death,
                      "active_start": start, "active_end": end,
-                     "active_mid": (start + end) / 2, "active_source": source})
+                     "active_mid": (start + end) / 2, "active_source": source,
+                     "dates_ignored": ignored})
     return pd.DataFrame(rows)
 
 
@@ -156,9 +186,11 @@ def time_rule(artists: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(allowed, relation): allowed[i, j] when artist j may have influenced artist i."""
     start, end, mid = (artists[c].to_numpy(dtype=float)
                        for c in ("active_start", "active_end", "active_mid"))
+    birth, death = (artists[c].to_numpy(dtype=float) if c in artists else np.full(len(artists),
+                    np.nan) for c in ("birth_year", "death_year"))
     undated = np.isnan(mid)
     either = undated[:, None] | undated[None, :]
-    allowed = (start[None, :] <= mid[:, None]) | either
+    allowed = ((start[None, :] <= mid[:, None]) | either) & ~(birth[None, :] > death[:, None])
     np.fill_diagonal(allowed, False)
     relation = np.where(either, "undated",
                         np.where(end[None, :] < start[:, None], "earlier", "alongside"))
@@ -230,9 +262,10 @@ def seniority(artists: pd.DataFrame, penalty: float = LATE_PENALTY,
     return -penalty * np.nan_to_num(later, nan=0.0)
 
 
-def evidence(links: pd.DataFrame, codes: np.ndarray, ids: np.ndarray,
-             keep: int = EVIDENCE) -> dict[tuple[int, int], list[dict[str, Any]]]:
-    """The `keep` strongest index links per unordered artist pair, keyed (a, b) with a < b."""
+def evidence(links: pd.DataFrame, codes: np.ndarray, keep: int = EVIDENCE_POOL
+             ) -> dict[tuple[int, int], list[tuple[int, int, float]]]:
+    """The `keep` strongest index links per unordered artist pair as (row of a, row of b,
+    similarity), keyed (a, b) with a < b."""
     a, b = codes[links["row"].to_numpy()], codes[links["neighbour"].to_numpy()]
     lo_is_row = a < b
     frame = pd.DataFrame({
@@ -246,11 +279,25 @@ def evidence(links: pd.DataFrame, codes: np.ndarray, ids: np.ndarray,
     frame = frame.sort_values(["lo", "hi", "similarity"], ascending=[True, True, False],
                               kind="stable")
     frame = frame.groupby(["lo", "hi"], sort=False).head(keep)
-    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    out: dict[tuple[int, int], list[tuple[int, int, float]]] = {}
     for r in frame.itertuples(index=False):
         out.setdefault((int(r.lo), int(r.hi)), []).append(
-            {"lo": ids[r.lo_row], "hi": ids[r.hi_row], "similarity": round(float(r.similarity), 4)})
+            (int(r.lo_row), int(r.hi_row), round(float(r.similarity), 4)))
     return out
+
+
+def in_time(work: float, influencer_work: float) -> bool:
+    """A painting pair may show influence unless both are dated and the influencer's is later."""
+    return not (influencer_work > work)
+
+
+def rank_candidates(pairs: pd.DataFrame, artists: pd.DataFrame) -> pd.Series:
+    """Each pair's rank among its artist's candidates (module doc, step 6)."""
+    dated = artists.set_index("artist")["active_mid"].notna()
+    apart = (pairs["relation"] == "undated") & pairs["artist"].map(dated).to_numpy()
+    order = pairs.assign(_apart=apart).sort_values(["artist", "_apart", "score"],
+                                                   ascending=[True, True, False], kind="stable")
+    return (order.groupby("artist").cumcount() + 1).reindex(pairs.index)
 
 
 def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.DataFrame,
@@ -260,27 +307,29 @@ def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.Da
     code_of = {a: i for i, a in enumerate(names)}
     codes = catalog["artist"].map(code_of).fillna(-1).to_numpy(dtype=np.int64)
     ids = catalog["image_id"].to_numpy(dtype=object)
+    years = plausible_years(catalog).to_numpy()
     sims, links = painting_artist_similarity(index, x, codes, len(names), pool,
                                              progress=progress)
     visual = artist_resemblance(sims, codes, len(names))
     timing = seniority(artists)
     score = (visual + visual.T) / 2 + timing
     allowed, relation = time_rule(artists)
-    linked = evidence(links, codes, ids)
+    linked = evidence(links, codes)
     mid = artists["active_mid"].to_numpy(dtype=float)
     rows = []
     for i, j in zip(*np.nonzero(allowed), strict=True):
-        pairs = linked.get((min(i, j), max(i, j)), [])
         # Orient each painting pair as (painting of the artist, painting of the influencer).
-        ev = [{"image_id": p["lo"] if i < j else p["hi"],
-               "influenced_by_image_id": p["hi"] if i < j else p["lo"],
-               "similarity": p["similarity"]} for p in pairs]
+        oriented = [(lo, hi, s) if i < j else (hi, lo, s)
+                    for lo, hi, s in linked.get((min(i, j), max(i, j)), [])]
+        ev = [{"image_id": ids[mine], "influenced_by_image_id": ids[theirs], "similarity": s}
+              for mine, theirs, s in oriented if in_time(years[mine], years[theirs])][:EVIDENCE]
         rows.append((names[i], names[j], score[i, j], visual[i, j], visual[j, i],
                      timing[i, j], relation[i, j], mid[i] - mid[j], ev))
     pairs = pd.DataFrame(rows, columns=["artist", "influenced_by", "score", "visual", "reverse",
                                         "time", "relation", "gap", "evidence"])
-    pairs["rank"] = (pairs.groupby("artist")["score"].rank(ascending=False, method="first")
-                     .astype(int))
+    pairs["rank"] = rank_candidates(pairs, artists)
+    pairs["percentile"] = (pairs["score"].rank(pct=True) * 100).round(1)
+    pairs["offered"] = pairs["score"] > FLOOR
     pairs["recorded"] = False
     for col in ("score", "visual", "reverse", "time", "gap"):
         pairs[col] = pairs[col].astype(float).round(4)
@@ -355,8 +404,10 @@ def _same(values: np.ndarray) -> np.ndarray:
 
 
 def evaluate(scores: np.ndarray, allowed: np.ndarray, names: Sequence[str],
-             recorded: pd.DataFrame, at: int = HIT_AT) -> dict[str, Any]:
-    """AUC over all artist pairs (a pair scores its larger allowed direction), hit@k and MRR."""
+             recorded: pd.DataFrame, at: int = HIT_AT,
+             apart: np.ndarray | None = None) -> dict[str, Any]:
+    """AUC over all artist pairs (a pair scores its larger allowed direction), hit@k and MRR,
+    candidates ranked as the stage ranks them (`apart[i, j]`: j ranks after i's others)."""
     code_of = {a: i for i, a in enumerate(names)}
     known = recorded[recorded["artist"].isin(code_of) & recorded["influenced_by"].isin(code_of)]
     directed = np.where(allowed, scores, -np.inf)
@@ -372,7 +423,8 @@ def evaluate(scores: np.ndarray, allowed: np.ndarray, names: Sequence[str],
     for artist, group in known.groupby("artist", sort=True):
         i = code_of[artist]
         candidates = np.flatnonzero(allowed[i])
-        order = candidates[np.argsort(-scores[i, candidates], kind="stable")]
+        later = np.zeros(len(candidates)) if apart is None else apart[i, candidates]
+        order = candidates[np.lexsort((-scores[i, candidates], later))]
         rank_of = {int(j): n + 1 for n, j in enumerate(order)}
         ranks = sorted(rank_of[code_of[b]] for b in group["influenced_by"]
                        if code_of[b] in rank_of)
@@ -392,7 +444,9 @@ def evaluation_report(pairs: pd.DataFrame, base: dict[str, np.ndarray], artists:
     """evaluation.json: the method and both baselines on the same pairs and candidates."""
     names = artists["artist"].tolist()
     code_of = {a: i for i, a in enumerate(names)}
-    allowed, _ = time_rule(artists)
+    allowed, relation = time_rule(artists)
+    dated = artists["active_mid"].notna().to_numpy()
+    apart = (relation == "undated") & dated[:, None]
     method = np.full(allowed.shape, -np.inf)
     method[pairs["artist"].map(code_of), pairs["influenced_by"].map(code_of)] = pairs["score"]
     unknown = recorded[~(recorded["artist"].isin(code_of)
@@ -400,9 +454,9 @@ def evaluation_report(pairs: pd.DataFrame, base: dict[str, np.ndarray], artists:
     known = recorded.drop(unknown.index)
     blocked = [f"{r.artist} <- {r.influenced_by}" for r in known.itertuples(index=False)
                if not allowed[code_of[r.artist], code_of[r.influenced_by]]]
-    results = {"method": evaluate(method, allowed, names, known)}
+    results = {"method": evaluate(method, allowed, names, known, apart=apart)}
     for name, matrix in base.items():
-        results[name] = evaluate(matrix, allowed, names, known)
+        results[name] = evaluate(matrix, allowed, names, known, apart=apart)
     table = [{"scores": k, "auc": v["auc"], f"hit@{HIT_AT}": v[f"hit@{HIT_AT}"], "mrr": v["mrr"]}
              for k, v in results.items()]
     return {"recorded": source, "edges": len(recorded), "edges_used": len(known),
@@ -412,7 +466,8 @@ def evaluation_report(pairs: pd.DataFrame, base: dict[str, np.ndarray], artists:
             "against_time_rule": blocked, "pairs": int(len(names) * (len(names) - 1) / 2),
             "rule": "AUC over all unordered artist pairs, a pair scoring the larger of its "
                     "time-allowed directions; hit@5 and MRR over artists with a recorded "
-                    "influencer, ranking their time-allowed candidates",
+                    "influencer, ranking their time-allowed candidates as the stage does "
+                    "(undated candidates of a dated artist last)",
             "table": table, "results": results}
 
 
@@ -422,7 +477,7 @@ def influence_dir(run: Run) -> Path:
 
 
 #: Version of this stage's recipe: bump it when a code change changes its tables.
-VERSION = "1"
+VERSION = "2"
 FILES = ("artists.parquet", "pairs.parquet", "flows.parquet", "influence.json")
 
 
@@ -441,8 +496,9 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
     out = influence_dir(run)
     config = {"pool": POOL, "best_of": BEST_OF, "top_paintings": TOP_PAINTINGS,
               "late_penalty": LATE_PENALTY, "late_years": LATE_YEARS,
-              "evidence": EVIDENCE, "min_dated": MIN_DATED,
-              "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
+              "evidence": EVIDENCE, "evidence_pool": EVIDENCE_POOL, "min_dated": MIN_DATED,
+              "min_work_age": MIN_WORK_AGE, "posthumous_years": POSTHUMOUS_YEARS,
+              "floor": FLOOR, "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
     outputs = tuple(out / f for f in FILES) + ((out / "evaluation.json",) if recorded else ())
     # RUN/influence/ holds one feature set's tables: one step, with the feature set a parameter,
     # so asking for another set (or going back to an earlier one) rebuilds them.
@@ -500,8 +556,11 @@ def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray,
     summary = {"features": features, "weights": run.features_info(features).get("weights"),
                "artists": len(artists), "pairs": len(pairs), "families": int(families.max()) + 1,
                "family_method": "kmeans", "config": config,
+               "audit": time_audit(pairs, catalog, artists),
                "rules": {"active_years": _doc_rule("Active years"),
                          "time": _doc_rule("5. **Time rule"),
+                         "ranking": _doc_rule("6. **Ranking"),
+                         "evidence": _doc_rule("7. **Evidence"),
                          "score": " ".join(_doc_rule(f"{n}. ") for n in (1, 2, 3, 4))},
                "evaluation": None if evaluation is None else evaluation["table"],
                "timings": {k: round(v, 3) for k, v in
@@ -509,6 +568,32 @@ def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray,
                "versions": versions()}
     write_json(out / "influence.json", summary)
     return {k: summary[k] for k in ("artists", "pairs", "families", "evaluation", "timings")}
+
+
+def time_audit(pairs: pd.DataFrame, catalog: pd.DataFrame, artists: pd.DataFrame,
+               top: int = HIT_AT) -> dict[str, int]:
+    """What the artist pages would show against time, among each artist's `top` candidates:
+    evidence pairs whose influencer's work is dated after the other (of how many dated), pairs
+    naming an influencer born after the artist died, undated candidates ranked above dated ones."""
+    shown = pairs[pairs["rank"] <= top]
+    year = dict(zip(catalog["image_id"], plausible_years(catalog), strict=True))
+    dated = backwards = 0
+    for ev in shown["evidence"]:
+        for e in ev:
+            mine, theirs = year.get(e["image_id"]), year.get(e["influenced_by_image_id"])
+            if mine is not None and theirs is not None and not np.isnan(mine + theirs):
+                dated += 1
+                backwards += bool(theirs > mine)
+    life = artists.set_index("artist")
+    born_after = int((shown["influenced_by"].map(life["birth_year"]).to_numpy()
+                      > shown["artist"].map(life["death_year"]).to_numpy()).sum())
+    is_dated = shown["artist"].map(life["active_mid"].notna()).to_numpy(dtype=bool)
+    undated = shown["relation"].to_numpy() == "undated"
+    first_undated = shown[is_dated & undated].groupby("artist")["rank"].min()
+    last_dated = shown[is_dated & ~undated].groupby("artist")["rank"].max()
+    above = int((first_undated < last_dated.reindex(first_undated.index)).sum())
+    return {"top": top, "dated_evidence_pairs": dated, "evidence_backwards_in_time": backwards,
+            "influencer_born_after_death": born_after, "undated_ranked_above_dated": above}
 
 
 def _doc_rule(heading: str) -> str:
@@ -537,16 +622,25 @@ class Influence:
         return None if found.empty else found.iloc[0].to_dict()
 
     def earlier(self, name: str, n: int = 10) -> pd.DataFrame:
-        """Possible influences of an artist: candidates active before or alongside, best first."""
-        return self.pairs[self.pairs["artist"] == name].nlargest(n, "score")
+        """Possible influences of an artist: dated candidates active before or alongside, above
+        the floor, best first."""
+        mine = self.pairs[(self.pairs["artist"] == name) & self.pairs["offered"]]
+        return mine[mine["relation"] != "undated"].sort_values("rank").head(n)
 
     def later(self, name: str, n: int = 10) -> pd.DataFrame:
-        """Artists this one may have influenced, best first."""
-        return self.pairs[self.pairs["influenced_by"] == name].nlargest(n, "score")
+        """Dated artists this one may have influenced, above the floor, best first."""
+        theirs = self.pairs[(self.pairs["influenced_by"] == name) & self.pairs["offered"]]
+        return theirs[theirs["relation"] != "undated"].nlargest(n, "score")
+
+    def undated(self, name: str, n: int = 10) -> pd.DataFrame:
+        """Look-alikes without active years on either side: resemblance only, best first."""
+        mine = self.pairs[(self.pairs["artist"] == name) & self.pairs["offered"]]
+        return mine[mine["relation"] == "undated"].nlargest(n, "score")
 
     def edges(self, per_artist: int = GRAPH_PER_ARTIST) -> pd.DataFrame:
-        """The strongest links for a graph: each artist's best `per_artist` candidates."""
-        return self.pairs[self.pairs["rank"] <= per_artist].reset_index(drop=True)
+        """The strongest links for a graph: each artist's best `per_artist` offered candidates."""
+        shown = self.pairs[(self.pairs["rank"] <= per_artist) & self.pairs["offered"]]
+        return shown.reset_index(drop=True)
 
 
 def load_influence(run: Run) -> Influence:

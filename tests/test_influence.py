@@ -90,6 +90,57 @@ def test_time_rule_orders_pairs_and_keeps_undated_both_ways() -> None:
     assert not allowed.diagonal().any()
 
 
+def test_dates_a_painter_could_not_have_made_are_ignored_and_counted() -> None:
+    catalog = pd.DataFrame({
+        "artist": ["Slipped"] * 5,
+        # 1650: before birth (a catalogue error); 1800: 20 years after death.
+        "year": [1650, 1740, 1750, 1760, 1800],
+        "birth_year": [1700] * 5, "death_year": [1780] * 5,
+    })
+    years = active_years(catalog).set_index("artist").loc["Slipped"]
+    assert (years["active_start"], years["active_end"]) == (1740, 1760)
+    assert years["dates_ignored"] == 2
+    kept = influence_stage.plausible_years(catalog)
+    assert kept.isna().tolist() == [True, False, False, False, True]
+
+
+def test_no_influencer_born_after_the_artist_died() -> None:
+    # 1 is dated early by (wrong) works but was born after 0 died: never 0's influence.
+    artists = pd.DataFrame({"active_start": [1700, 1690], "active_end": [1720, 1760],
+                            "birth_year": [1684, 1763], "death_year": [1721, 1804]})
+    artists["active_mid"] = (artists["active_start"] + artists["active_end"]) / 2
+    allowed, _ = time_rule(artists)
+    assert not allowed[0, 1]
+
+
+def test_the_pages_evidence_respects_time_and_undated_candidates_come_last(built: Run) -> None:
+    inf = load_influence(built)
+    catalog = built.catalog()
+    year = dict(zip(catalog["image_id"], influence_stage.plausible_years(catalog), strict=True))
+    checked = 0
+    for pair in inf.pairs.itertuples():
+        for e in pair.evidence:
+            mine, theirs = year[e["image_id"]], year[e["influenced_by_image_id"]]
+            if not np.isnan(mine + theirs):
+                checked += 1
+                assert theirs <= mine, (pair.artist, pair.influenced_by, e)
+    assert checked > 0
+    dated = inf.artists.set_index("artist")["active_mid"].notna()
+    for artist, group in inf.pairs.groupby("artist"):
+        order = group.sort_values("rank")
+        apart = (order["relation"] == "undated") & dated[artist]
+        assert list(apart) == sorted(apart)  # every undated candidate after every dated one
+        assert list(order["rank"]) == list(range(1, len(order) + 1))
+    assert (inf.pairs["offered"] == (inf.pairs["score"] > influence_stage.FLOOR)).all()
+    assert inf.pairs["percentile"].between(0, 100).all()
+    for name in inf.artists["artist"]:
+        assert (inf.earlier(name)["score"] > influence_stage.FLOOR).all()
+        assert (inf.earlier(name)["relation"] != "undated").all()
+    audit = inf.summary["audit"]
+    assert audit["evidence_backwards_in_time"] == 0
+    assert audit["influencer_born_after_death"] == audit["undated_ranked_above_dated"] == 0
+
+
 def test_time_part_pushes_down_candidates_who_started_later() -> None:
     artists = pd.DataFrame({"active_start": [1600, 1605, 1630, 1590, np.nan]})
     timing = influence_stage.seniority(artists)
@@ -131,7 +182,8 @@ def test_files_and_schemas(built: Run) -> None:
                        atol=2e-4)
     assert (pairs["time"] <= 0).all() and (pairs["time"] >= -influence_stage.LATE_PENALTY).all()
     for _, group in pairs.groupby("artist"):
-        assert list(group.sort_values("rank")["score"]) == sorted(group["score"], reverse=True)
+        dated = group[group["relation"] != "undated"].sort_values("rank")
+        assert list(dated["score"]) == sorted(dated["score"], reverse=True)
 
     flows = inf.flows
     assert set(flows["dimension"]) == {"era", "nationality"}

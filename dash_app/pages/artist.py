@@ -27,11 +27,20 @@ def _mix(items: object, shown: int = 4) -> str:
     return ", ".join(f"{i['label']} {i['share']:.0%}" for i in list(items)[:shown]) or "—"
 
 
+def _when(pair: dict, kind: str) -> str:
+    """How the candidate stands in time to the artist of the page."""
+    if pair["relation"] == "undated":
+        return "undated: resemblance only"
+    years = "" if pd.isna(pair.get("gap")) else f", {abs(pair['gap']):.0f} years apart"
+    if kind == "later":
+        return ("later" if pair["relation"] == "earlier" else "alongside, later") + years
+    return pair["relation"] + years
+
+
 def candidate(data: RunData, pair: dict, other: str, kind: str) -> html.Div:
-    """One candidate artist with its score and its evidence: earlier painting, later painting."""
+    """One candidate artist with its standing and its evidence: earlier painting, later one."""
     inf = data.influence
     other_row = inf.artists[inf.artists["artist"] == other].iloc[0]
-    gap = "" if pd.isna(pair.get("gap")) else f", {abs(pair['gap']):.0f} years apart"
     pairs = [html.Div([
         painting_card(data, e["influenced_by_image_id"], small=True),
         html.Div(f"→ {e['similarity']:.2f}", className="pair-arrow"),
@@ -40,7 +49,11 @@ def candidate(data: RunData, pair: dict, other: str, kind: str) -> html.Div:
     return html.Div([
         html.Div([
             dcc.Link(other, href=f"/artist/{other_row['artist_id']}", className="candidate-name"),
-            f" · score {pair['score']:.2f} · {pair['relation']}{gap}",
+            " · ",
+            html.Span(f"closer than {pair['percentile']:.0f}% of all pairs",
+                      title=f"score {pair['score']:.2f} (resemblance in standard deviations "
+                            f"above an average artist, with the time part)"),
+            f" · {_when(pair, kind)}",
             html.Span("recorded influence", className="chip on") if pair.get("recorded")
             else None,
         ]),
@@ -68,6 +81,7 @@ def layout(artist_id: str | None = None, **_: str) -> html.Div:
                 for f in list(row["families"])[:6]]
     earlier = data.influence.earlier(name, CANDIDATES).to_dict("records")
     later = data.influence.later(name, CANDIDATES).to_dict("records")
+    undated = data.influence.undated(name, CANDIDATES).to_dict("records")
     recorded = data.influence.evaluation is not None
     return html.Div([
         html.H2(name, id="artist-name"),
@@ -85,9 +99,12 @@ def layout(artist_id: str | None = None, **_: str) -> html.Div:
             {"artist": name}))]),
         gallery(data, ids[:PAINTINGS_SHOWN], id="artist-paintings"),
         html.P("Who this artist's work most resembles, ordered by time: a candidate is active "
-               "before or alongside the later artist. Each comes with the painting pairs that "
-               "link them most closely (earlier painting → later painting, with their "
-               "similarity). Evidence to weigh, not proof of influence."
+               "before or alongside the later artist, and was born before the later one died. "
+               "Each comes with the painting pairs that link them most closely and respect time "
+               "(earlier painting → later painting, with their similarity; where both are dated "
+               "the earlier one is not the later work). A candidate's standing is the share of "
+               "all artist pairs it is closer than; pairs no closer than an average artist are "
+               "not offered. Evidence to weigh, not proof of influence."
                + (" Pairs named in the recorded influences table are marked." if recorded
                   else ""), className="hint"),
         html.Div([
@@ -97,6 +114,11 @@ def layout(artist_id: str | None = None, **_: str) -> html.Div:
             html.Div([html.H3("Later: possibly influenced"),
                       *_candidates(data, later, "artist", "later")], id="artist-later"),
         ], className="two-columns"),
+        html.Div([html.H3("Undated: resemblance only"),
+                  html.P("Look-alikes where one of the two has no known years: no order in "
+                         "time can be read from them.", className="hint"),
+                  *_candidates(data, undated, "influenced_by", "undated")],
+                 id="artist-undated") if undated else None,
     ])
 
 
