@@ -99,6 +99,15 @@ def influence_export(run: Run, table: str) -> Export:
     return Export(getattr(inf, table), f"{run.root.name}_influence-{table}_{inf.features}")
 
 
+def review_export(run: Run, table: str) -> Export:
+    """One of the `review` stage's tables: duplicates, labels or outliers."""
+    from influence.review import load_review
+
+    review = load_review(run)
+    return Export(review.table(table),
+                  f"{run.root.name}_review-{table}_{review.summary['features']}")
+
+
 def _named(name: str, where: Filter) -> str:
     return f"{name}_filter_{where.describe()}" if where else name
 
