@@ -180,6 +180,7 @@ def score(run: Run, truth: pd.DataFrame) -> dict:
                       len(changed_pairs & flagged) / max(len(changed_pairs), 1), 4)}
     labels = {}
     swaps = truth[truth["kind"] == "swap"]
+    changed_ids = {id_of[f] for f in changed["file"]}
     for target, group in review.labels.groupby("target", sort=False):
         wanted = {id_of[f] for f in swaps.loc[swaps["field"] == target, "file"]}
         top = max(1, int(round(LABELS_TOP * len(group))))
@@ -187,6 +188,9 @@ def score(run: Run, truth: pd.DataFrame) -> dict:
         labels[target] = {"swapped": len(wanted), "rows": len(group), "top": top,
                           "recall_at_top": round(len(head & wanted) / max(len(wanted), 1), 4),
                           "precision_at_top": round(len(head & wanted) / top, 4)}
+        if target == "artist":
+            # The near-copies under another artist are wrong artist labels too.
+            labels[target]["changed_artist_copies_in_top"] = len(head & changed_ids)
     odd = {id_of[f] for f in truth.loc[truth["kind"] == "non-painting", "file"]}
     top = max(1, int(round(OUTLIERS_TOP * len(review.outliers))))
     head = set(review.outliers["image_id"].head(top))

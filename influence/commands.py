@@ -343,9 +343,9 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
                                "genre": genre, "year_from": year_from, "year_to": year_to})
     if sum(x is not None for x in (cluster, ids, table, review)) > 1:
         raise InfluenceError("give one of --cluster, --ids, --table or --review "
-                             "(filters narrow --cluster and --ids)")
+                             "(filters narrow any but --table)")
     if review is not None:
-        export = ex.review_export(source, review)
+        export = ex.review_export(source, review, where)
     elif table is not None:
         export = ex.influence_export(source, table)
     else:

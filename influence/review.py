@@ -10,9 +10,11 @@ lists each for a person to check, most likely first, from one indexed feature se
 
 2. **Duplicates.** A pair is a candidate when one is among the other's neighbours with cosine
    similarity at least `CANDIDATE`. It is a duplicate when the pictures' perceptual hashes
-   (imagehash's pHash, 64 bits, the smaller distance of the image and its mirror) differ in at
-   most `HASH_MAX` bits: a re-encoded, resized, slightly cropped, mirrored or recoloured copy
-   keeps its hash, another painting of the same subject does not. Each pair says which of
+   (imagehash's pHash, 64 bits, of the run's thumbnail; the smaller distance of the image and
+   its mirror) differ in at most `HASH_MAX` bits (`HASH_MAX_CLOSE` when the features are at
+   least `CLOSE` alike): a re-encoded, resized, slightly cropped, mirrored or recoloured copy
+   keeps its hash, another painting of the same subject does not. Pictures too plain to hash
+   (blank scans, flat colour fields) are no one's duplicate. Each pair says which of
    `CONFLICT_FIELDS` its records disagree on; conflicts first, then by similarity.
 
 3. **Labels.** For each target with a trained head, out-of-fold probabilities over the whole
@@ -49,6 +51,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from influence.runs import (
@@ -66,11 +69,17 @@ __all__ = ["Review", "build_review", "load_review", "review_dir", "review_head"]
 #: Nearest paintings searched per painting (itself left out).
 POOL = 20
 #: Cosine similarity from which two neighbours are duplicate candidates.
-CANDIDATE = 0.80
-#: Largest pHash distance (bits of 64) of a duplicate.
-HASH_MAX = 14
+CANDIDATE = 0.83
+#: Largest pHash distance (bits of 64) of a duplicate; up to `HASH_MAX_CLOSE` for a pair at
+#: least `CLOSE` alike in features (a harder crop or recolouring moves more bits).
+HASH_MAX = 10
+HASH_MAX_CLOSE = 16
+CLOSE = 0.87
 #: Side of the image a hash is computed from (decoded at about this size: fast).
 HASH_DECODE = 128
+#: Grey-level standard deviation (0-255) under which a picture is too plain to hash: blank
+#: scans and flat colour fields all hash alike, so they are no one's duplicate by hash.
+PLAIN_STD = 6.0
 #: Record fields two duplicates are compared on.
 CONFLICT_FIELDS = ("artist", "title", "year", "style")
 #: Out-of-fold probabilities: folds, seed, and the head's PCA dimensions and regularisation.
@@ -125,14 +134,17 @@ def neighbour_pool(index: Any, x: np.ndarray, pool: int = POOL, progress: bool =
 
 
 # ------------------------------------------------------------------------------------ duplicates
-def image_hashes(path: Path) -> tuple[Any, Any]:
-    """pHash of an image and of its mirror, decoded small (JPEG draft mode) for speed."""
+def image_hashes(path: Path) -> tuple[Any, Any] | None:
+    """pHash of an image and of its mirror, decoded small (JPEG draft mode) for speed; None for
+    a picture too plain to hash (see `PLAIN_STD`)."""
     import imagehash
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, ImageStat
 
     with Image.open(path) as img:
         img.draft("RGB", (HASH_DECODE, HASH_DECODE))
         image = img.convert("RGB")
+    if ImageStat.Stat(image.convert("L")).stddev[0] < PLAIN_STD:
+        return None
     return imagehash.phash(image), imagehash.phash(ImageOps.mirror(image))
 
 
@@ -157,14 +169,18 @@ def find_duplicates(catalog: pd.DataFrame, sims: np.ndarray, rows: np.ndarray,
     for row in tqdm(np.unique(pairs[["a", "b"]].to_numpy()), desc="review: hashes",
                     unit="img", disable=not progress):
         try:
-            hashes[int(row)] = image_hashes(image_path(int(row)))
+            found = image_hashes(image_path(int(row)))
         except OSError:
             continue
+        if found is not None:
+            hashes[int(row)] = found
     distance = [min(hashes[a][0] - hashes[b][0], hashes[a][0] - hashes[b][1])
                 if a in hashes and b in hashes else 64
                 for a, b in zip(pairs["a"], pairs["b"], strict=True)]
     pairs["phash_distance"] = np.asarray(distance, dtype=np.int16)
-    pairs = pairs[pairs["phash_distance"] <= HASH_MAX].reset_index(drop=True)
+    same = (pairs["phash_distance"] <= HASH_MAX) | (
+        (pairs["phash_distance"] <= HASH_MAX_CLOSE) & (pairs["similarity"] >= CLOSE))
+    pairs = pairs[same].reset_index(drop=True)
     ids = catalog["image_id"].to_numpy(dtype=object)
     fields = [f for f in CONFLICT_FIELDS if f in catalog]
     values = {f: catalog[f].to_numpy(dtype=object) for f in fields}
@@ -189,7 +205,10 @@ def out_of_fold(x: np.ndarray, labels: np.ndarray, cv: Any = None) -> np.ndarray
     """Probabilities of each class (sorted codes) for every row, from a head fitted on the other
     folds only (default: `FOLDS` stratified, seeded folds)."""
     cv = cv if cv is not None else StratifiedKFold(FOLDS, shuffle=True, random_state=SEED)
-    with warnings.catch_warnings():
+    # One BLAS thread: on the loaded 2-core machine BLAS's own threads made a 180-painting
+    # slice take 45 s instead of 1.6 (and worker processes for the folds cost more to start
+    # than they save there).
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return cross_val_predict(review_head(), x, labels, cv=cv, method="predict_proba")
 
@@ -312,8 +331,8 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
     def duplicates() -> dict[str, Any]:
         sims, rows = pool()
         start = time.perf_counter()
-        frame = find_duplicates(catalog, sims, rows,
-                                lambda r: run.image_path(catalog["file"].iat[r]), progress)
+        frame = find_duplicates(catalog, sims, rows, lambda r: _small_image(run, catalog, r),
+                                progress)
         _write(frame, paths["duplicates"])
         return {"pairs": len(frame), "conflicts": int(frame["conflict"].sum()),
                 "hash_s": round(time.perf_counter() - start, 3)}
@@ -339,7 +358,9 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
 
     steps = [
         (Step("review", "duplicates", {"pool": POOL, "candidate": CANDIDATE, "hash": "phash64",
-                                       "hash_max": HASH_MAX, "hash_decode": HASH_DECODE,
+                                       "hash_max": HASH_MAX, "hash_max_close": HASH_MAX_CLOSE,
+                                       "close": CLOSE, "hash_decode": HASH_DECODE,
+                                       "plain_std": PLAIN_STD, "hash_of": "thumbnail",
                                        "fields": list(CONFLICT_FIELDS), "features": features},
               VERSION, {**column_fingerprints(catalog, CONFLICT_FIELDS), **base},
               (paths["duplicates"],)), duplicates),
@@ -366,6 +387,14 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
                    "versions": versions()}
         write_json(paths["summary"], summary)
     return {**read_json(paths["summary"]), "up_to_date": not fresh}
+
+
+def _small_image(run: Run, catalog: pd.DataFrame, row: int) -> Path:
+    """The painting's thumbnail (fast to decode) where the run has it, else its image."""
+    from influence.thumbnails import thumbnail_path
+
+    thumb = thumbnail_path(run, str(catalog["image_id"].iat[row]))
+    return thumb if thumb.exists() else run.image_path(catalog["file"].iat[row])
 
 
 def _write(frame: pd.DataFrame, path: Path) -> None:

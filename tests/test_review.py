@@ -4,6 +4,8 @@ artist), a byte-identical copy, a swapped style, and two records whose image is 
 from __future__ import annotations
 
 import shutil
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,16 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 from sklearn.model_selection import KFold
+from werkzeug.serving import make_server
 
 from influence.commands import cmd_export, cmd_extract, cmd_index, cmd_review, cmd_train
+from influence.export import table_bytes
 from influence.review import FOLDS, load_review, out_of_fold
 from influence.runs import Run
 from tests.conftest import MOBILENET
+from tests.test_app import browser, downloaded, downloads, painting_ids, wait_for, wait_text
+
+__all__ = ["browser", "downloads"]  # fixtures shared with the app's browser tests
 
 #: (source row, mirrored, crop share, artist changed) of each injected near-copy.
 COPIES = [(3, False, 0.03, False), (40, True, 0.05, True), (100, True, 0.0, False)]
@@ -165,3 +172,45 @@ def test_a_second_review_is_up_to_date_and_export_writes_the_same_tables(
         (csv,) = tmp_path.glob(f"*review-{table}*.csv")
         assert list(pd.read_csv(csv)["image_id" if table != "duplicates" else "image_id_a"]) \
             == list(stored["image_id" if table != "duplicates" else "image_id_a"])
+
+
+# -------------------------------------------------------------------------------- the page
+@pytest.fixture(scope="module")
+def review_url(reviewed: Run) -> Iterator[str]:
+    """The explorer over the reviewed run, served from a thread."""
+    from dash_app.app import create_app
+
+    server = make_server("127.0.0.1", 0, create_app(reviewed.root).server, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(10)
+
+
+def test_the_review_page_shows_each_list_and_exports_the_stages_table(
+        browser, review_url: str, reviewed: Run, injected: tuple, downloads: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    _, rows = injected
+    ids = ids_of(reviewed)
+    review = load_review(reviewed)
+    browser.get(review_url + "/review")
+    first = wait_for(browser, ".review-pair")[0]
+    marked = [e.text for e in first.find_elements(By.CSS_SELECTOR, "tr.conflict th")]
+    assert marked == ["artist", "artist"]
+    assert {ids["images/copy-1.jpg"], ids[rows.at[40, "file"]]} == set(
+        painting_ids(first.find_elements(By.CSS_SELECTOR, ".card a")))
+    wait_for(browser, "#review-csv")[0].click()
+    saved = downloaded(downloads, "*_review-duplicates_*.csv")
+    assert saved.read_bytes() == table_bytes(review.duplicates, "csv")
+    wait_for(browser, "#review-tab-labels")[0].click()
+    wait_text(browser, ".review-labels", r"recorded: .*\nsuggested: ")
+    wait_for(browser, "#review-tab-outliers")[0].click()
+    shown = painting_ids(wait_for(browser, "#review-outliers a", 2))
+    assert shown[:2] == list(review.outliers["image_id"].head(2))
+    assert "tab=outliers" in browser.current_url
+    # The painting page of a copy says what it may duplicate.
+    browser.get(review_url + f"/painting/{ids['images/copy-0.jpg']}")
+    note = wait_text(browser, "#painting-duplicates", "^Possible duplicate of")
+    assert rows.at[3, "title"] in note
