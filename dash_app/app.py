@@ -16,7 +16,7 @@ from dash import Dash, Input, Output, dcc, html
 from dash_app import search
 from dash_app.data import EXTENSION, RunData, load_run_data
 from dash_app.guard import Guard, callback_error
-from dash_app.pages import artist, clusters, graph, journey, painting, scores, upload
+from dash_app.pages import artist, clusters, graph, journey, painting, review, scores, upload
 from dash_app.pages import map as map_page
 from dash_app.routes import add_routes
 
@@ -28,6 +28,7 @@ PAGES = [
     (scores, "/scores", "Scores", "Scores"),
     (graph, "/influence", "Influence", "Influence graph"),
     (journey, "/journey", "Journey", "Journey of visual families"),
+    (review, "/review", "Review", "Review"),
     (painting, "/painting/<image_id>", None, "Painting"),
     (artist, "/artist/<artist_id>", None, "Artist"),
 ]

@@ -27,6 +27,7 @@ from influence.catalog import LABEL_FIELDS
 from influence.classify import head_paths, trained_heads
 from influence.clustering import clustered_features, load_clustering
 from influence.influence import load_influence
+from influence.review import load_review
 from influence.runs import InfluenceError, Run, read_json
 from influence.selections import (
     FILTER_FIELDS,
@@ -56,6 +57,8 @@ class RunData:
     heads: pd.DataFrame | None
     #: The `influence` stage's tables (influence.influence.Influence), None before that stage.
     influence: Any | None = None
+    #: The `review` stage's tables (influence.review.Review), None before that stage.
+    review: Any | None = None
     #: The process's resident memory before and after loading the run (MB): what the run costs.
     memory_mb: dict[str, float] = field(default_factory=dict)
     _row: dict[str, int] = field(default_factory=dict)
@@ -189,5 +192,10 @@ def load_run_data(run_dir: str | Path) -> RunData:
         influence = load_influence(run)
     except InfluenceError:
         influence = None
+    try:
+        review = load_review(run)
+    except InfluenceError:
+        review = None
     return RunData(run, catalog, clusterings, explorer, explorer_error, read_comparison(run),
-                   _heads(run), influence, {"before_load": before, "loaded": memory_mb()["rss"]})
+                   _heads(run), influence, review,
+                   {"before_load": before, "loaded": memory_mb()["rss"]})

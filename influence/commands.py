@@ -235,6 +235,25 @@ def cmd_influence(run: str, features: str | None = None, recorded: str | None = 
     return 0
 
 
+# ----------------------------------------------------------------------------------------- review
+def cmd_review(run: str, features: str | None = None, progress: bool = True) -> int:
+    """Near-duplicates, labels the pictures argue against, and outliers, for a person to check."""
+    from influence.review import build_review, review_dir
+
+    out = Run(Path(run))
+    if features:
+        features, = _feature_sets(out, features)
+    s = build_review(out, features, progress=progress)
+    state = "up to date" if s["up_to_date"] else f"{s['timings']['stage_s']:.1f} s"
+    print(f"review ({s['features']}): {s['duplicates']['pairs']} duplicate pairs "
+          f"({s['duplicates']['conflicts']} with conflicting records), "
+          f"{s['outliers']['rows']} paintings ranked as outliers ({state}) -> {review_dir(out)}")
+    _table(["target", "scored", "likely issues", "out-of-fold accuracy"],
+           [(t["target"], t["scored"], t["issues"], _fmt(t.get("out_of_fold_accuracy")))
+            for t in s["labels"]["targets"]])
+    return 0
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -305,11 +324,12 @@ def _print_answer(answer: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------- export
 def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: str | None = None,
                method: str = "gmm", min_p: float | None = None, ids: str | None = None,
-               table: str | None = None, format: str | Sequence[str] = "csv,parquet",
+               table: str | None = None, review: str | None = None,
+               format: str | Sequence[str] = "csv,parquet",
                artist: str | None = None, nationality: str | None = None,
                style: str | None = None, genre: str | None = None, year_from: int | None = None,
                year_to: int | None = None, progress: bool = True) -> int:
-    """Write a cluster, chosen paintings, a filter's paintings or an influence table as files.
+    """Write a cluster, chosen paintings, a filter's paintings, an influence or review table.
 
     Reads the run only; the files go to `out`, named for what they hold (see influence.export).
     """
@@ -321,9 +341,12 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
     formats = _names(format) or list(ex.FORMATS)
     where = Filter.from_query({"artist": artist, "nationality": nationality, "style": style,
                                "genre": genre, "year_from": year_from, "year_to": year_to})
-    if sum(x is not None for x in (cluster, ids, table)) > 1:
-        raise InfluenceError("give one of --cluster, --ids or --table (filters narrow either)")
-    if table is not None:
+    if sum(x is not None for x in (cluster, ids, table, review)) > 1:
+        raise InfluenceError("give one of --cluster, --ids, --table or --review "
+                             "(filters narrow any but --table)")
+    if review is not None:
+        export = ex.review_export(source, review, where)
+    elif table is not None:
         export = ex.influence_export(source, table)
     else:
         catalog = source.catalog()
@@ -361,7 +384,7 @@ def _clustered_default(run: Run) -> str:
 
 
 # ------------------------------------------------------------------------------------------- run
-STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence"]
+STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence", "review"]
 
 
 def cmd_run(config: str, run: str | None = None, progress: bool = True) -> int:
@@ -398,8 +421,8 @@ def cmd_run(config: str, run: str | None = None, progress: bool = True) -> int:
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
-    "train": cmd_train, "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
-    "finetune": cmd_finetune, "import-features": cmd_import_features,
+    "train": cmd_train, "influence": cmd_influence, "review": cmd_review, "similar": cmd_similar,
+    "export": cmd_export, "finetune": cmd_finetune, "import-features": cmd_import_features,
 }
 
 

@@ -99,6 +99,23 @@ def influence_export(run: Run, table: str) -> Export:
     return Export(getattr(inf, table), f"{run.root.name}_influence-{table}_{inf.features}")
 
 
+def review_export(run: Run, table: str, where: Filter = EVERYTHING,
+                  review: Any = None) -> Export:
+    """One of the `review` stage's tables (duplicates, labels or outliers), as stored; with a
+    filter, the rows with a painting it keeps (either painting of a duplicate pair)."""
+    from influence.review import load_review
+
+    review = review or load_review(run)
+    frame = review.table(table)
+    if where:
+        catalog = run.catalog()
+        keep = set(catalog["image_id"].to_numpy()[where.mask(catalog)])
+        columns = [c for c in ("image_id", "image_id_a", "image_id_b") if c in frame]
+        frame = frame[frame[columns].isin(keep).any(axis=1)].reset_index(drop=True)
+    return Export(frame, _named(f"{run.root.name}_review-{table}_{review.summary['features']}",
+                                where))
+
+
 def _named(name: str, where: Filter) -> str:
     return f"{name}_filter_{where.describe()}" if where else name
 

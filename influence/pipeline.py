@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recorded", metavar="CSV",
                    help="recorded influences (columns artist, influenced_by) to evaluate against")
 
+    p = sub.add_parser("review", help="near-duplicates, labels the pictures argue against, "
+                       "and outliers, for a person to check")
+    p.add_argument("--run", required=True)
+    p.add_argument("--features", help="feature set (default: the search default)")
+
     p = sub.add_parser("finetune", help="fine-tune a backbone with its head for one target")
     p.add_argument("--run", required=True)
     p.add_argument("--target", default="style", help="catalog column to learn (default style)")
@@ -108,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.2)")
     p.add_argument("--ids", help="image ids, comma-separated, or a file of them")
     p.add_argument("--table", choices=["artists", "pairs"], help="an `influence` stage table")
+    p.add_argument("--review", choices=["duplicates", "labels", "outliers"],
+                   help="a `review` stage table")
     p.add_argument("--format", default="csv,parquet", help="csv, parquet or both (default)")
     for name in ("artist", "nationality", "style", "genre"):
         p.add_argument(f"--{name}", help=f"keep only this {name} (several: separate with |)")

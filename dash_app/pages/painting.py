@@ -17,6 +17,7 @@ from dash_app.components import (
     text,
 )
 from dash_app.data import RunData, current
+from dash_app.pages.review import duplicate_note
 from dash_app.routes import image_url
 from influence.runs import InfluenceError
 
@@ -97,6 +98,7 @@ def layout(image_id: str | None = None, features: str | None = None, **_: str) -
         ]
     return html.Div([
         html.H2(text(row["title"], "untitled"), id="painting-title"),
+        duplicate_note(data, image_id),
         html.Div([
             html.Div([
                 html.Img(src=image_url(image_id), className="painting-image",

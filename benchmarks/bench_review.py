@@ -1,0 +1,233 @@
+"""How well the `review` stage finds problems injected into a copy of the shared collection.
+
+    .venv/bin/python benchmarks/bench_review.py [--out data/bench-review] [--json PATH]
+
+Into a copy of the shared collection it injects, all seeded:
+
+- `NEAR_COPIES` near-copies of paintings under new ids (cropped by up to `CROP` of each side,
+  mirrored half the time, rescaled, colour-shifted like `make_collection.py`, re-encoded at
+  another JPEG quality), a third of them with their artist changed;
+- `SWAPS` paintings with their style, and as many with their artist, changed to another one;
+- `NON_PAINTINGS` records whose image is not a painting: flat colour fields, text pages, noise
+  (each with the metadata of a random painting, as when a scan was replaced).
+
+Then it extracts `mobilenet_v2` only (to stay within time), indexes it, trains logistic style
+and artist heads, and times the `review` stage in a fresh process (wall time and peak memory).
+It reports each list's precision and recall at its top N: duplicates against the injected
+pairs (pairs among the original paintings are counted apart: the shared collection has its own),
+labels as the share of swapped labels in the top 2% of their target's rows, outliers as the
+share of non-paintings in the top 1%. Resumes: files already written are kept, finished stages
+are skipped by the run protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from measure import in_child, save  # noqa: E402
+
+from influence.commands import cmd_extract, cmd_index, cmd_train  # noqa: E402
+from influence.runs import Run  # noqa: E402
+
+SOURCE = ROOT.parent / "shared" / "data" / "wikiart-pd"
+MOBILENET = ROOT.parent / "shared" / "models" / "mobilenet_v2_imagenet_features.pth"
+SEED = 0
+NEAR_COPIES = 300
+CHANGED_ARTIST = 1 / 3
+CROP = 0.06
+SWAPS = 100
+NON_PAINTINGS = 30
+LABELS_TOP = 0.02
+OUTLIERS_TOP = 0.01
+
+
+def near_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A re-scan of a painting: a few percent cropped, maybe mirrored, resized, recoloured."""
+    w, h = image.size
+    left, right = (int(w * rng.uniform(0, CROP)) for _ in range(2))
+    top, bottom = (int(h * rng.uniform(0, CROP)) for _ in range(2))
+    out = image.crop((left, top, w - right, h - bottom))
+    if rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    scale = rng.uniform(0.7, 1.3)
+    out = out.resize((max(32, int(out.width * scale)), max(32, int(out.height * scale))),
+                     Image.BICUBIC)
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        out = enhancer(out).enhance(rng.uniform(0.88, 1.12))
+    return out
+
+
+def non_painting(kind: str, rng: np.random.Generator) -> Image.Image:
+    """A record's image that is no painting: a flat colour field, a page of text, or noise."""
+    w, h = int(rng.integers(400, 700)), int(rng.integers(400, 700))
+    if kind == "flat":
+        return Image.new("RGB", (w, h), tuple(int(c) for c in rng.integers(0, 256, 3)))
+    if kind == "noise":
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    page = Image.new("RGB", (w, h), (250, 248, 240))
+    draw = ImageDraw.Draw(page)
+    words = ["catalogue", "raisonne", "plate", "oil", "canvas", "collection", "museum", "no.",
+             "provenance", "exhibited", "literature", "signed", "dated", "lower", "right"]
+    for y in range(20, h - 20, 18):
+        line = " ".join(rng.choice(words, int(rng.integers(4, 9))))
+        draw.text((20, y), line, fill=(20, 20, 20))
+    return page
+
+
+def inject(out: Path) -> pd.DataFrame:
+    """Write OUT/collection (images + paintings.csv) and OUT/truth.parquet; returns the truth."""
+    collection = out / "collection"
+    truth_path = out / "truth.parquet"
+    if truth_path.exists() and (collection / "paintings.csv").exists():
+        return pd.read_parquet(truth_path)
+    rng = np.random.default_rng(SEED)
+    rows = pd.read_csv(SOURCE / "paintings.csv", dtype=str, keep_default_na=False)
+    rows = rows[[(SOURCE / f).is_file() for f in rows["file"]]].reset_index(drop=True)
+    (collection / "images").mkdir(parents=True, exist_ok=True)
+    for file in rows["file"]:
+        if not (collection / file).exists():
+            shutil.copy(SOURCE / file, collection / file)
+    artists = sorted(set(rows["artist"]) - {""})
+    styles = sorted(set(rows["style"]) - {""})
+    order = rng.permutation(len(rows))
+    copied, swapped = order[:NEAR_COPIES], order[NEAR_COPIES:NEAR_COPIES + 2 * SWAPS]
+    truth = []
+    # Label swaps, in the metadata only: half style, half artist.
+    for n, i in enumerate(swapped):
+        field, choices = ("style", styles) if n < SWAPS else ("artist", artists)
+        if not rows.at[i, field]:
+            continue
+        new = rng.choice([c for c in choices if c != rows.at[i, field]])
+        truth.append({"kind": "swap", "file": rows.at[i, "file"], "field": field,
+                      "recorded": new, "was": rows.at[i, field]})
+        rows.at[i, field] = new
+    added = []
+    for n, i in enumerate(copied):
+        file = f"images/copy-{n:04d}.jpg"
+        row = rows.iloc[i].to_dict()
+        changed = n < NEAR_COPIES * CHANGED_ARTIST
+        if changed:
+            row["artist"] = rng.choice([a for a in artists if a != row["artist"]])
+        with Image.open(SOURCE / rows.at[i, "file"]) as img:
+            image = near_copy(img.convert("RGB"), rng)
+        image.save(collection / file, "JPEG", quality=int(rng.integers(70, 96)))
+        added.append({**row, "file": file})
+        truth.append({"kind": "copy", "file": file, "of": rows.at[i, "file"],
+                      "field": "artist" if changed else None})
+    kinds = ["flat", "text", "noise"]
+    for n in range(NON_PAINTINGS):
+        kind = kinds[n % len(kinds)]
+        file = f"images/non-painting-{n:03d}.png"
+        non_painting(kind, rng).save(collection / file)
+        added.append({**rows.iloc[int(rng.integers(len(rows)))].to_dict(), "file": file})
+        truth.append({"kind": "non-painting", "file": file, "field": kind})
+    pd.concat([rows, pd.DataFrame(added)], ignore_index=True).to_csv(
+        collection / "paintings.csv", index=False)
+    frame = pd.DataFrame(truth)
+    frame.to_parquet(truth_path, index=False)
+    return frame
+
+
+def prepare(out: Path, collection: Path) -> Run:
+    """Extract mobilenet_v2, index it and train logistic style and artist heads (resumable)."""
+    run = Run(out / "run")
+    assert cmd_extract(run=str(run.root), collection=str(collection), extractors="mobilenet_v2",
+                       weights={"mobilenet_v2": str(MOBILENET)}) == 0
+    assert cmd_index(run=str(run.root), features="mobilenet_v2") == 0
+    assert cmd_train(run=str(run.root), target="style,artist", features="mobilenet_v2",
+                     head="logistic") == 0
+    return run
+
+
+def score(run: Run, truth: pd.DataFrame) -> dict:
+    """Precision and recall of each list at its top N against what was injected."""
+    from influence.review import load_review
+
+    review = load_review(run)
+    id_of = dict(zip(run.catalog()["file"], run.catalog()["image_id"], strict=True))
+    copies = truth[truth["kind"] == "copy"]
+    injected = {frozenset((id_of[a], id_of[b])) for a, b in zip(copies["file"], copies["of"],
+                                                                strict=True)}
+    new_ids = {id_of[f] for f in truth.loc[truth["kind"] != "swap", "file"]}
+    found = {frozenset(p) for p in zip(review.duplicates["image_id_a"],
+                                       review.duplicates["image_id_b"], strict=True)}
+    judged = {p for p in found if p & new_ids}
+    hits = len(injected & found)
+    conflicts = review.duplicates[review.duplicates["conflict"]]
+    changed = copies[copies["field"] == "artist"]
+    changed_pairs = {frozenset((id_of[a], id_of[b]))
+                     for a, b in zip(changed["file"], changed["of"], strict=True)}
+    flagged = {frozenset(p) for p in zip(conflicts["image_id_a"], conflicts["image_id_b"],
+                                         strict=True)}
+    duplicates = {"injected": len(injected), "found": len(found),
+                  "found_with_an_injected_image": len(judged),
+                  "found_among_originals": len(found - judged),
+                  "recall": round(hits / len(injected), 4),
+                  "precision": round(hits / max(len(judged), 1), 4),
+                  "changed_artist_flagged_as_conflict": round(
+                      len(changed_pairs & flagged) / max(len(changed_pairs), 1), 4)}
+    labels = {}
+    swaps = truth[truth["kind"] == "swap"]
+    changed_ids = {id_of[f] for f in changed["file"]}
+    for target, group in review.labels.groupby("target", sort=False):
+        wanted = {id_of[f] for f in swaps.loc[swaps["field"] == target, "file"]}
+        top = max(1, int(round(LABELS_TOP * len(group))))
+        head = set(group["image_id"].head(top))
+        labels[target] = {"swapped": len(wanted), "rows": len(group), "top": top,
+                          "recall_at_top": round(len(head & wanted) / max(len(wanted), 1), 4),
+                          "precision_at_top": round(len(head & wanted) / top, 4)}
+        if target == "artist":
+            # The near-copies under another artist are wrong artist labels too.
+            labels[target]["changed_artist_copies_in_top"] = len(head & changed_ids)
+    odd = {id_of[f] for f in truth.loc[truth["kind"] == "non-painting", "file"]}
+    top = max(1, int(round(OUTLIERS_TOP * len(review.outliers))))
+    head = set(review.outliers["image_id"].head(top))
+    kinds = truth[truth["kind"] == "non-painting"]
+    outliers = {"injected": len(odd), "top": top,
+                "recall_at_top": round(len(head & odd) / len(odd), 4),
+                "precision_at_top": round(len(head & odd) / top, 4),
+                "recall_by_kind": {k: round(len(head & {id_of[f] for f in g["file"]}) / len(g), 4)
+                                   for k, g in kinds.groupby("field")}}
+    return {"duplicates": duplicates, "labels": labels, "outliers": outliers}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "data" / "bench-review"))
+    parser.add_argument("--json", default=str(ROOT / "data" / "bench-review.json"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    start = time.perf_counter()
+    truth = inject(out)
+    run = prepare(out, out / "collection")
+    prepared = time.perf_counter() - start
+    shutil.rmtree(run.root / "review", ignore_errors=True)
+    child = in_child(["-m", "influence.pipeline", "--no-progress", "review", "--run",
+                      str(run.root)], record=False)
+    from influence.runs import read_json
+
+    info = read_json(run.root / "review" / "review.json")
+    results = {"benchmark": "bench_review", "features": "mobilenet_v2",
+               "paintings": int(len(run.catalog())), "prepare_s": round(prepared, 1),
+               "review": {"peak_rss_mb": child.get("peak_rss_mb"), "error": child.get("error"),
+                          "timings": info.get("timings")},
+               **score(run, truth),
+               "scale_100k": "skipped (time)"}
+    save(results, Path(args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
