@@ -36,10 +36,11 @@ class EfficientNetLite0(Extractor):
     summary = "EfficientNet-Lite0 (ImageNet) head features, global-average-pooled: 1280-d"
     batch_size = 32
     cost = 65.0
+    uses_fast_path = True
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
-        self._net: torch.nn.Module | None = None
+        self._net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -65,7 +66,7 @@ class EfficientNetLite0(Extractor):
             f"file {packaged}")
         net = EfficientNet.from_name("efficientnet-lite0")
         load_checked(net, state, self.name, optional_prefixes=("_fc.",))
-        self._net = optimize(_Features(net), torch.zeros(2, 3, 224, 224))
+        self._net = optimize(_Features(net), torch.zeros(self.batch_size, 3, 224, 224))
         return self
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -34,6 +34,8 @@ def imagenet_preprocess(size: int = 224) -> T.Compose:
 class TorchvisionCNN(Extractor):
     """A torchvision classifier whose `features` block is pooled into one vector per image."""
 
+    uses_fast_path = True
+
     builder: ClassVar[Callable[..., torch.nn.Module]]
     weights_enum: ClassVar[Any]
     feature_dim: ClassVar[int]
@@ -44,7 +46,7 @@ class TorchvisionCNN(Extractor):
         downloaded = self.located_weights() is None
         self._preprocess: Callable[[Image.Image], torch.Tensor] = (
             self.weights_enum.DEFAULT.transforms() if downloaded else imagenet_preprocess())
-        self._net: torch.nn.Module | None = None
+        self._net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def preprocess(self) -> Callable[[Image.Image], torch.Tensor]:
@@ -63,7 +65,7 @@ class TorchvisionCNN(Extractor):
             f"torchvision {default}")
         model = type(self).builder(weights=None)
         load_checked(model, state, self.name)
-        self._net = optimize(model.features, torch.zeros(2, 3, 224, 224))
+        self._net = optimize(model.features, torch.zeros(self.batch_size, 3, 224, 224))
         return self
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
