@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+import platform
 import sys
 import warnings
 from abc import ABC, abstractmethod
@@ -62,6 +63,9 @@ class Extractor(ABC):
     weights_suffix: ClassVar[str] = ".pth"
     #: The weights this extractor knows, the default first (empty: it learns or has no weights).
     weights_records: ClassVar[tuple[Weights, ...]] = ()
+    #: True for conv nets run through `optimize`: the machine's `fast_path` is then part of
+    #: how the features were made (in the step's key and the features' description).
+    uses_fast_path: ClassVar[bool] = False
 
     def __init__(self, weights: str | None = None) -> None:
         self.weights = weights
@@ -90,10 +94,11 @@ class Extractor(ABC):
 
     def code_version(self) -> str:
         """What of the code shapes the features: the class's version, its weights record (or its
-        preprocessing, where it has none)."""
+        preprocessing, where it has none) and, for conv nets, the machine's fast path."""
         record = self.weights_record()
         shape = repr(sorted(record.describe().items())) if record else repr(self.preprocess)
-        return f"{type(self).__module__}.{type(self).__name__} v{self.version}; {shape}"
+        made = f"{type(self).__module__}.{type(self).__name__} v{self.version}; {shape}"
+        return f"{made}; {fast_path()}" if self.uses_fast_path else made
 
     @property
     def preprocess(self) -> Callable[[Image.Image], np.ndarray | torch.Tensor]:
@@ -141,9 +146,10 @@ class Extractor(ABC):
     def info(self) -> dict[str, Any]:
         """How the features were made, recorded beside them."""
         record = self.weights_record()
-        return {"extractor": self.name, "dim": self.dim, "weights": self.weights_used,
+        info = {"extractor": self.name, "dim": self.dim, "weights": self.weights_used,
                 "preprocessing": repr(self.preprocess),
                 **({"weights_record": record.describe()} if record else {})}
+        return {**info, "fast_path": fast_path()} if self.uses_fast_path else info
 
 
 def register(cls: type[Extractor]) -> type[Extractor]:
@@ -273,12 +279,113 @@ def load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | Non
                              f"unexpected {result.unexpected_keys[:3]}")
 
 
-def optimize(module: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
-    """Trace and freeze a conv net for inference (conv+BN folding, oneDNN fusions): ~2-3x on CPU."""
+#: How conv nets run (`fast_path`): oneDNN Graph fusion for full batches, frozen TorchScript,
+#: or bf16 autocast (never chosen automatically: it fails the agreement test, see below).
+ONEDNN_GRAPH, TORCHSCRIPT, BF16 = "fp32, oneDNN Graph fused", "fp32, TorchScript frozen", \
+    "bf16 autocast"
+#: Environment variable naming a path (`onednn`, `torchscript`, `bf16`) instead of the automatic.
+FAST_PATH_ENV = "INFLUENCE_FAST_PATH"
+_PATHS = {"onednn": ONEDNN_GRAPH, "torchscript": TORCHSCRIPT, "bf16": BF16}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them (`avx512_bf16`, `amx_tile`), or none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(flags.partition(":")[2].split())
+
+
+def fast_path() -> str:
+    """How this machine runs the conv nets: the fastest way that keeps their fp32 features.
+
+    oneDNN Graph fusion where PyTorch has oneDNN on x86, frozen TorchScript elsewhere, unless
+    $INFLUENCE_FAST_PATH names one. bf16 autocast (AMX, AVX-512 BF16) is never chosen: on real
+    paintings it moved MobileNetV2's features to cosine 0.92 and changed most top-10 neighbour
+    sets (docs/speed.md, benchmarks/bench_forward.py). Recorded with the features made.
+    """
+    chosen = os.environ.get(FAST_PATH_ENV)
+    if chosen:
+        if chosen not in _PATHS:
+            raise InfluenceError(f"unknown {FAST_PATH_ENV} '{chosen}' "
+                                 f"(available: {', '.join(_PATHS)})")
+        if _PATHS[chosen] == BF16 and "avx512_bf16" not in cpu_flags():
+            raise InfluenceError(f"{FAST_PATH_ENV}=bf16 needs a CPU with AVX-512 BF16")
+        return _PATHS[chosen]
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return ONEDNN_GRAPH if x86 and torch.backends.mkldnn.is_available() else TORCHSCRIPT
+
+
+class BF16Autocast:
+    """A frozen graph traced under bf16 autocast, returning float32."""
+
+    def __init__(self, graph: torch.jit.ScriptModule) -> None:
+        self.graph = graph
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.graph(x.contiguous(memory_format=torch.channels_last)).float()
+
+
+class FusedForFullBatches:
+    """A graph fused by oneDNN Graph for one batch size, and the frozen TorchScript graph for
+    every other: oneDNN Graph compiles per input shape and falls back to a slow path for any
+    other, and the engine's last batch and one-image queries come in other sizes.
+
+    The fused graph is traced and compiled (two profiling calls) at the first full batch, so
+    what only embeds a few images (a query, the explorer) never pays for it.
+    """
+
+    def __init__(self, module: torch.nn.Module, plain: torch.jit.ScriptModule,
+                 batch: int) -> None:
+        self.module, self.plain, self.batch = module, plain, batch
+        self.fused: torch.jit.ScriptModule | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(x) != self.batch:
+            return self.plain(x)
+        if self.fused is None:
+            self.fused = _fuse(self.module, x)
+        return self.fused(x)
+
+
+def _fuse(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = torch.jit.freeze(torch.jit.trace(
+                module.to(memory_format=torch.channels_last), example))
+            fused(example)
+            fused(example)
+    finally:
+        torch.jit.enable_onednn_fusion(False)
+    return fused
+
+
+def optimize(module: torch.nn.Module, example: torch.Tensor,
+             path: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A conv net ready for inference on this machine's fast path (`fast_path()` unless given).
+
+    TorchScript freezing folds batch norms into convolutions and uses oneDNN kernels (~2-3x
+    eager); oneDNN Graph also fuses each convolution with its activation and keeps
+    activations in oneDNN's blocked layout (another ~2.5-3x on MobileNetV2, same fp32
+    features). `example` is a full batch: the size the fused graph is made for.
+    """
     module.eval()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        return torch.jit.optimize_for_inference(torch.jit.trace(module, example))
+        path = path or fast_path()
+        if path == BF16:
+            module = module.to(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return BF16Autocast(torch.jit.freeze(torch.jit.trace(module, example[:1])))
+        plain = torch.jit.optimize_for_inference(torch.jit.trace(module, example[:1]))
+        if path == TORCHSCRIPT:
+            return plain
+        return FusedForFullBatches(module, plain, len(example))
 
 
 def to_numpy(features: torch.Tensor) -> np.ndarray:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
@@ -47,10 +49,11 @@ class EfficientNetLite0(Extractor):
     batch_size = 32
     cost = 65.0
     weights_records = (EFFICIENTNET_LITE0,)
+    uses_fast_path = True
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
-        self._net: torch.nn.Module | None = None
+        self._net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def load(self) -> EfficientNetLite0:
         if self._net is not None:
@@ -65,7 +68,7 @@ class EfficientNetLite0(Extractor):
             f"file {packaged}")
         net = EfficientNet.from_name("efficientnet-lite0")
         load_checked(net, state, self.name, optional_prefixes=("_fc.",))
-        self._net = optimize(_Features(net), torch.zeros(2, 3, 224, 224))
+        self._net = optimize(_Features(net), torch.zeros(self.batch_size, 3, 224, 224))
         return self
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

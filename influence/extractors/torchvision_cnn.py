@@ -44,11 +44,13 @@ DEEPSORT_MOBILENET_V2 = Weights(
 class TorchvisionCNN(Extractor):
     """A torchvision classifier whose `features` block is pooled into one vector per image."""
 
+    uses_fast_path = True
+
     builder: ClassVar[Callable[..., torch.nn.Module]]
 
     def __init__(self, weights: str | None = None) -> None:
         super().__init__(weights)
-        self._net: torch.nn.Module | None = None
+        self._net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def load(self) -> TorchvisionCNN:
         if self._net is not None:
@@ -61,7 +63,7 @@ class TorchvisionCNN(Extractor):
             f"torchvision {default.name}")
         model = type(self).builder(weights=None)
         load_checked(model, state, self.name)
-        self._net = optimize(model.features, torch.zeros(2, 3, 224, 224))
+        self._net = optimize(model.features, torch.zeros(self.batch_size, 3, 224, 224))
         return self
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -1,0 +1,61 @@
+"""CPU fast paths: chosen per machine, recorded in the extraction step, fp32 features kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from influence.features import extraction_step
+
+from influence.extractors import (
+    FAST_PATH_ENV,
+    ONEDNN_GRAPH,
+    fast_path,
+    get_extractor,
+)
+from influence.extractors.style import packaged_model, session_options
+from influence.images import open_rgb
+from influence.runs import InfluenceError, Run
+
+from .conftest import MOBILENET
+
+
+def test_the_fast_path_is_in_the_step_key_so_rows_made_differently_are_not_mixed(
+        small_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    info = small_run.features_info("mobilenet_v2")
+    assert info["fast_path"] == fast_path()
+    keys = {}
+    for path in ("torchscript", "onednn"):
+        monkeypatch.setenv(FAST_PATH_ENV, path)
+        keys[path] = extraction_step(small_run, "mobilenet_v2", str(MOBILENET)).key
+    assert keys["torchscript"] != keys["onednn"]
+    assert fast_path() not in extraction_step(small_run, "pca").code
+    monkeypatch.setenv(FAST_PATH_ENV, "fp8")
+    with pytest.raises(InfluenceError, match="unknown INFLUENCE_FAST_PATH 'fp8'"):
+        fast_path()
+
+
+def test_the_fused_path_gives_the_fp32_features_of_torchscript(
+        small_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    if small_run.features_info("mobilenet_v2")["fast_path"] != ONEDNN_GRAPH:
+        pytest.skip("this machine does not run the oneDNN Graph path")
+    monkeypatch.setenv(FAST_PATH_ENV, "torchscript")
+    plain = get_extractor("mobilenet_v2", str(MOBILENET)).load()
+    catalog = small_run.catalog().head(4)
+    batch = torch.stack([plain.preprocess(open_rgb(small_run.image_path(f)))
+                         for f in catalog["file"]])
+    fused_rows = small_run.features("mobilenet_v2")[:4]
+    np.testing.assert_allclose(plain.transform(batch), fused_rows, rtol=1e-4, atol=1e-4)
+
+
+def test_the_style_encoder_embeds_a_batch_in_one_call_with_the_per_image_numbers(
+        small_run: Run) -> None:
+    encoder = get_extractor("style").load()
+    files = small_run.catalog()["file"].head(5)
+    batch = np.stack([encoder.preprocess(open_rgb(small_run.image_path(f))) for f in files])
+    exported = ort.InferenceSession(str(packaged_model()), session_options(),
+                                    providers=["CPUExecutionProvider"])
+    name = exported.get_inputs()[0].name
+    one_by_one = np.stack([exported.run(None, {name: x[None]})[0].reshape(-1) for x in batch])
+    np.testing.assert_allclose(encoder.transform(batch), one_by_one, rtol=1e-5, atol=1e-5)
