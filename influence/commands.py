@@ -360,12 +360,36 @@ def _clustered_default(run: Run) -> str:
     return best if best in names else names[0]
 
 
+# ----------------------------------------------------------------------------------------- check
+def cmd_check(run: str, wait: bool = True, progress: bool = True) -> int:
+    """Verify every output run.json records (size, checksum); name each damaged file, the
+    step that made it and the command that rebuilds it. Non-zero if anything is damaged."""
+    out = Run(Path(run))
+    if not out.manifest_path.exists():
+        raise InfluenceError(f"{out.root} is not a run (no run.json)")
+    # Under the lock: a writer between replacing a file and recording it is not damage.
+    with out.writing("check", wait=wait):
+        problems = out.damaged()
+        steps = [r for s in out.manifest().get("steps", {}).values() for r in s.values()]
+    for line in problems:
+        print(f"damaged: {line}")
+    files = sum(len(r.get("outputs", {})) for r in steps)
+    print(f"check: {files} files of {len(steps)} steps, "
+          + (f"{len(problems)} damaged: `run` (or the commands named) rebuilds them"
+             if problems else "all intact"))
+    return 1 if problems else 0
+
+
 # ------------------------------------------------------------------------------------------- run
 STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence"]
+#: Stages that write to the run: each holds the run's writer lock while it works.
+WRITERS = ("extract", "combine", "import-features", "cluster", "index", "train", "influence",
+           "finetune")
 
 
-def cmd_run(config: str, progress: bool = True) -> int:
-    """Run every stage of a pipeline configuration in order (paths relative to the file)."""
+def cmd_run(config: str, wait: bool = True, progress: bool = True) -> int:
+    """Run every stage of a pipeline configuration in order (paths relative to the file),
+    holding the run's writer lock throughout."""
     path = Path(config)
     try:
         cfg = tomllib.loads(path.read_text())
@@ -380,6 +404,11 @@ def cmd_run(config: str, progress: bool = True) -> int:
     unknown = sorted(set(cfg) - {"run", *STAGE_ORDER})
     if unknown:
         raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")
+    with Run(Path(run_dir)).writing("run", wait=wait):
+        return _run_stages(cfg, base, run_dir, progress)
+
+
+def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool) -> int:
     for stage in STAGE_ORDER:
         options = dict(cfg.get(stage, {}))
         for key in ("collection", "metadata", "images", "recorded"):
@@ -398,7 +427,7 @@ def cmd_run(config: str, progress: bool = True) -> int:
 COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
     "train": cmd_train, "influence": cmd_influence, "similar": cmd_similar, "export": cmd_export,
-    "finetune": cmd_finetune, "import-features": cmd_import_features,
+    "finetune": cmd_finetune, "import-features": cmd_import_features, "check": cmd_check,
 }
 
 

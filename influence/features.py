@@ -44,6 +44,7 @@ from influence.runs import (
     InfluenceError,
     Run,
     Step,
+    atomic,
     column_fingerprints,
     fingerprint,
     read_json,
@@ -384,7 +385,8 @@ def extraction_step(run: Run, name: str, weights: str | None = None) -> Step:
         params["weights_file"] = {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return Step("extract", name, params, extractor.code_version(),
                 column_fingerprints(run.catalog(), ()),
-                (store.matrix_path, store.info_path))
+                (store.matrix_path, store.info_path)
+                + ((store.state_path,) if extractor.needs_fit else ()))
 
 
 @dataclass
@@ -473,8 +475,8 @@ def _fit_and_save(extractor: Extractor, items: Sequence[Item], store: FeatureSto
     bar = tqdm(batches, total=-(-len(chosen) // extractor.batch_size), unit="batch",
                desc=f"{extractor.name} (fitting on {len(chosen)} images)", disable=not progress)
     extractor.fit(b.data for b in bar if b.ids)
-    store.run.features_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump(extractor.state(), store.state_path)
+    with atomic(store.state_path) as tmp:
+        joblib.dump(extractor.state(), tmp)
     timings.fit += time.perf_counter() - start
 
 
