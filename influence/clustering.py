@@ -549,7 +549,8 @@ def comparison(run: Run) -> pd.DataFrame:
                *[f"{m}_{f}" for f in FIELDS for m in ("nmi", "ari")]]
     table = pd.DataFrame(rows, columns=columns)
     if rows:
-        table.to_csv(run.clusters_dir / "comparison.csv", index=False)
+        with atomic(run.clusters_dir / "comparison.csv") as tmp:
+            table.to_csv(tmp, index=False)
     return table
 
 

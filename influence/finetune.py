@@ -300,6 +300,9 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
                                     (frozen["val"], y[val_rows]))
         else:
             phase, losses = "full", []
+            # Seeded per epoch (augmentation, dropout): a run resumed after a kill between
+            # epochs learns exactly what an uninterrupted one does.
+            torch.manual_seed(SEED + epoch)
             _train_mode(model)
             optimizer = _optimizer(model)
             if state.get("optimizer"):

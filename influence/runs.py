@@ -24,18 +24,23 @@ class InfluenceError(Exception):
     """An error a user can fix: printed as one line, without a traceback."""
 
 
-#: Test hook for the crash-safety tests: the process SIGKILLs itself right after its N-th
-#: atomic write (a file renamed into place or a run.json update), a deterministic kill point.
-KILL_AFTER_WRITES = "INFLUENCE_KILL_AFTER_WRITES"
-_writes = 0
+#: Test hook for the crash-safety tests, a deterministic kill point: `PATH` or `PATH#N` makes
+#: the process SIGKILL itself right after it has (for the N-th time) renamed into place a file
+#: whose path ends with PATH (run.json included).
+KILL_AFTER_WRITE = "INFLUENCE_KILL_AFTER_WRITE"
+_writes: dict[str, int] = {}
 
 
-def _wrote() -> None:
+def _wrote(path: Path) -> None:
     """Count one finished atomic write; die here if the crash-safety test asked for it."""
-    global _writes
-    _writes += 1
-    if os.environ.get(KILL_AFTER_WRITES) == str(_writes):
-        os.kill(os.getpid(), signal.SIGKILL)
+    target = os.environ.get(KILL_AFTER_WRITE)
+    if not target:
+        return
+    suffix, _, nth = target.partition("#")
+    if str(path).endswith(suffix):
+        _writes[suffix] = _writes.get(suffix, 0) + 1
+        if _writes[suffix] == int(nth or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager
@@ -54,7 +59,7 @@ def atomic(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _wrote()
+    _wrote(path)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -94,7 +99,7 @@ def column_fingerprints(catalog: pd.DataFrame, columns: Iterable[str]) -> dict[s
 
 #: Files up to this size are hashed whole; larger ones by sampled blocks (see `file_digest`).
 FULL_HASH_MAX = 64 << 20
-SAMPLE_BLOCKS = 64
+SAMPLE_BLOCKS = 16
 SAMPLE_BLOCK = 1 << 20
 _digests: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
 
