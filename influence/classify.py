@@ -433,7 +433,7 @@ class Head:
 def load_head(run: Run, target: str, features: str) -> Head:
     path = head_paths(run, target, features)["model"]
     run.require(path, f"train --target {target} --features {features}")
-    saved = joblib.load(path)
+    saved = joblib.load(run.verified(path))
     return Head(target, features, saved["pipeline"], np.asarray(saved["classes"], dtype=object))
 
 

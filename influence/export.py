@@ -124,7 +124,9 @@ def table_bytes(frame: pd.DataFrame, fmt: str) -> bytes:
                 flat[column] = flat[column].map(_json_text)
             if not pd.api.types.is_numeric_dtype(flat[column]):
                 flat[column] = flat[column].map(inert)
-        flat.to_csv(buffer, index=False)
+        # RFC 4180 line ends: the csv writer then quotes every cell holding a carriage return,
+        # which would otherwise split its row in a reader.
+        flat.to_csv(buffer, index=False, lineterminator="\r\n")
     return buffer.getvalue()
 
 

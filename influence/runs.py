@@ -238,8 +238,8 @@ def _version() -> str:
     return __version__
 
 
-#: Run roots whose writer lock this process holds: [file descriptor, depth].
-_held: dict[Path, list[int]] = {}
+#: Run roots whose writer lock this process holds, and the lock file's descriptor.
+_held: dict[Path, int] = {}
 
 
 @dataclass(frozen=True)
@@ -336,20 +336,30 @@ class Run:
         done, so the next `run` rebuilds it. Readers change nothing.
         """
         rel = self._rel(path)
+        # A reader may look between a writer's rename and its record: it looks once more.
+        for attempt in range(1 if self.root in _held else 2):
+            time.sleep(0.2 * attempt)
+            made = self._made(rel)
+            if made is None and not Path(path).exists():
+                return Path(path)  # neither recorded nor there: the caller says what is missing
+            problem = damage(path, made[2] if made else None)
+            if not problem:
+                return Path(path)
+        if made is None:
+            raise InfluenceError(f"{rel} in run {self.root} is damaged ({problem})")
+        stage, name, _, record = made
+        if self.root in _held:
+            self.forget(Step(stage, name, {}, "", {}))
+        raise InfluenceError(f"{rel} in run {self.root} is damaged ({problem}): "
+                             f"{rebuilt_by(stage, name, record)} rebuilds it")
+
+    def _made(self, rel: str) -> tuple[str, str, dict[str, Any], dict[str, Any]] | None:
+        """(stage, name, the file's record, the step's record) of the step that wrote `rel`."""
         for stage, steps in self.manifest().get("steps", {}).items():
             for name, record in steps.items():
                 if rel in record.get("outputs", {}):
-                    problem = damage(path, record["outputs"][rel])
-                    if problem:
-                        if self.root in _held:
-                            self.forget(Step(stage, name, {}, "", {}))
-                        raise InfluenceError(f"{rel} in run {self.root} is damaged ({problem}): "
-                                             f"{rebuilt_by(stage, name, record)} rebuilds it")
-                    return Path(path)
-        problem = damage(path, None) if Path(path).exists() else None
-        if problem:
-            raise InfluenceError(f"{rel} in run {self.root} is damaged ({problem})")
-        return Path(path)
+                    return stage, name, record["outputs"][rel], record
+        return None
 
     def done(self, stage: str | None = None) -> list[tuple[str, str]]:
         """(stage, name) of every finished step, or of one stage's."""
@@ -404,11 +414,7 @@ class Run:
         raises InfluenceError with that. Readers never take it.
         """
         if self.root in _held:
-            _held[self.root][1] += 1
-            try:
-                yield
-            finally:
-                _held[self.root][1] -= 1
+            yield
             return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -419,14 +425,14 @@ class Run:
                 if not wait:
                     raise InfluenceError(f"run {self.root} is being written by {self.holder()}; "
                                          "try again when it has finished") from None
-                print(f"waiting: run {self.root} is being written by {self.holder()}",
-                      file=sys.stderr, flush=True)
+                print(f"waiting: run {self.root} is being written by {self.holder()} "
+                      "(--no-wait exits instead)", file=sys.stderr, flush=True)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": platform.node(),
                                       "stage": stage,
                                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode(), 0)
-            _held[self.root] = [fd, 1]
+            _held[self.root] = fd
             try:
                 yield
             finally:

@@ -182,10 +182,20 @@ def test_check_names_a_truncated_matrix_parquet_and_faiss_index_and_run_repairs_
                for line in damaged)
     assert any(f"index/{FEATURES}.faiss: contents changed" in line
                and f"`index --features {FEATURES}`" in line for line in damaged)
-    # The next stage to read the matrix refuses it in one line instead of a traceback.
+    # A reader refuses a damaged matrix in one line instead of a traceback, changing nothing.
     with pytest.raises(InfluenceError, match=rf"features/{re.escape(FEATURES)}\.npy .* is "
                                              r"damaged \(truncated: .*rebuilds it"):
         run.features(FEATURES)
+    assert run.step_record("extract", FEATURES) is not None
+    # A stage that reads a damaged matrix (issue 19: a ValueError from np.load) says which file
+    # is damaged and what rebuilds it, and marks the step that made it not done.
+    pca = run.features_dir / "pca.npy"
+    pca.write_bytes(pca.read_bytes()[:-1000])
+    assert main(["--no-progress", "index", "--run", str(run.root), "--features", "pca"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "features/pca.npy" in err and "truncated" in err
+    assert "`extract --extractors pca` rebuilds it" in err
+    assert run.step_record("extract", "pca") is None
 
     assert cmd_run(str(config), progress=False) == 0
     err = capsys.readouterr().err
@@ -195,9 +205,10 @@ def test_check_names_a_truncated_matrix_parquet_and_faiss_index_and_run_repairs_
     after = run.manifest()["steps"]
     rebuilt = {(s, n) for s, steps in after.items() for n, r in steps.items()
                if r["finished_at"] != before[s][n]["finished_at"]}
-    # Only the damaged files' steps: the combined matrix comes back the same, so the steps
-    # that read it (clusters, heads) stay as they were.
-    assert rebuilt == {("extract", FEATURES), ("index", FEATURES), ("influence", "tables")}
+    # Only the damaged files' steps: the matrices come back the same, so the steps that read
+    # them (clusters, heads) stay as they were.
+    assert rebuilt == {("extract", "pca"), ("extract", FEATURES), ("index", FEATURES),
+                       ("influence", "tables")}
 
 
 #: Where each interrupted attempt is killed, in pipeline order: each attempt resumes the last.
