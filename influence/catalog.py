@@ -26,6 +26,7 @@ from influence.runs import (
     InfluenceError,
     Run,
     Step,
+    atomic,
     column_fingerprints,
     file_fingerprint,
     write_json,
@@ -95,13 +96,10 @@ def read_metadata(
     if b"\0" in raw[:4096]:
         raise InfluenceError(f"cannot read metadata {path}: it is a binary file, not a CSV")
     text, notes = _decode(raw)
-    bad_lines: list[list[str]] = []
-    try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, engine="python",
-                         on_bad_lines=lambda line: bad_lines.append(line) or None)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as e:
-        raise InfluenceError(f"cannot read metadata {path}: {str(e).strip()}") from None
-    df.columns = [str(c).strip() for c in df.columns]
+    header, lines, records, rejected = read_records(text)
+    if header is None:
+        raise InfluenceError(f"cannot read metadata {path}: No columns to parse (no header line)")
+    df = pd.DataFrame(records, columns=_unique([c.strip() for c in header]), dtype=object)
     wanted = collection.columns
     if wanted["file"] not in df.columns:
         raise InfluenceError(
@@ -113,9 +111,8 @@ def read_metadata(
             df[column] = ""
     out = pd.DataFrame({name: df[column].str.strip() for name, column in wanted.items()})
     out = out.replace("", pd.NA)
-    # CSV line numbers (header is line 1) so a person can find the row; bad lines shift nothing
-    # we can know, so they are reported by content.
-    out.insert(0, "row", np.arange(2, len(out) + 2))
+    # The CSV line each record starts on (the header is line 1), so a person can find the row.
+    out.insert(0, "row", np.asarray(lines, dtype=np.int64))
     for name in YEAR_FIELDS:
         parsed = out[name].map(_parse_year, na_action="ignore")
         bad = out[name].notna() & parsed.isna()
@@ -127,9 +124,73 @@ def read_metadata(
     if swapped.any():
         notes.append(f"{int(swapped.sum())} rows with death before birth: lifespan left empty")
         out.loc[swapped, ["birth_year", "death_year"]] = pd.NA
-    rejected = [{"row": "", "file": "", "reason": "malformed CSV line",
-                 "detail": ",".join(line)[:300]} for line in bad_lines]
     return out, rejected, notes
+
+
+def read_records(text: str) -> tuple[list[str] | None, list[int], list[list[str]],
+                                        list[dict[str, object]]]:
+    """Parse CSV text record by record: (header, start lines, records, rejected lines).
+
+    A record the csv module cannot read (a cell over its field limit, a bare carriage return
+    in an unquoted cell, a stray quote) or with more cells than the header is rejected with
+    the parser's reason and its line, never dropped; short records are padded with empty
+    cells. Lines split only at "\\n", so a lone "\\r" is an error, not a line break.
+    """
+    if "\n" not in text:
+        text = text.replace("\r", "\n")  # a file with old Mac line ends
+    reader = csv.reader(io.StringIO(text, newline="\n"), strict=True)
+    header: list[str] | None = None
+    lines: list[int] = []
+    records: list[list[str]] = []
+    rejected: list[dict[str, object]] = []
+    physical = text.split("\n")
+    while True:
+        start = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            end = max(reader.line_num, start)
+            shown = "\n".join(physical[start - 1:end])
+            rejected.append({"row": start, "file": shown.split(",", 1)[0][:300],
+                             "reason": "unreadable CSV record",
+                             "detail": f"{_csv_problem(e)}: {shown[:300]}"})
+            continue
+        if not any(c.strip() for c in cells):
+            continue
+        if header is None:
+            header = cells
+        elif len(cells) > len(header):
+            rejected.append({"row": start, "file": cells[0] if cells else "",
+                             "reason": "malformed CSV line",
+                             "detail": f"{len(cells)} cells, the header has {len(header)}: "
+                                       + ",".join(cells)[:300]})
+        else:
+            lines.append(start)
+            records.append(cells + [""] * (len(header) - len(cells)))
+    return header, lines, records, rejected
+
+
+def _csv_problem(error: csv.Error) -> str:
+    """The csv module's complaint in a user's words."""
+    text = str(error)
+    if "field limit" in text:
+        return f"a cell longer than {csv.field_size_limit():,} characters"
+    if "new-line character" in text:
+        return "a bare carriage return (\\r) in an unquoted cell"
+    return text
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Column names made unique as pandas does ('a', 'a.1', ...)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        out.append(f"{name}.{n}" if n else name)
+    return out
 
 
 def _decode(raw: bytes) -> tuple[str, list[str]]:
@@ -234,10 +295,10 @@ def _checks(paths: list[Path], cache_path: Path, limits: ImageLimits,
     checks = [results.get(i) or cache[k] for i, k in enumerate(keys)]
     records = [{"path": k[0], "size": k[1], "mtime_ns": k[2], **c.__dict__}
                for k, c in zip(keys, checks, strict=True) if k[1] >= 0]
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame.from_records(records, columns=["path", "size", "mtime_ns",
-                                                *FileCheck.__dataclass_fields__]).to_parquet(
-        cache_path, index=False)
+    with atomic(cache_path) as tmp:
+        pd.DataFrame.from_records(records, columns=["path", "size", "mtime_ns",
+                                                    *FileCheck.__dataclass_fields__]).to_parquet(
+            tmp, index=False)
     return checks
 
 
@@ -306,19 +367,27 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
                               "file": "string"}).reset_index(drop=True)
     rejected_df = pd.DataFrame.from_records(rejected, columns=REJECTED_COLUMNS)
 
-    run.root.mkdir(parents=True, exist_ok=True)
-    tmp = run.catalog_path.with_name("catalog.parquet.tmp")
-    catalog.to_parquet(tmp, index=False)
-    os.replace(tmp, run.catalog_path)
-    rejected_df.to_csv(run.rejected_path, index=False)
-    manifest = run.manifest()
-    manifest["collection"] = collection.describe()
-    write_json(run.manifest_path, manifest)
-    # Always rebuilt (checking unchanged files is cached); recorded so run.json lists it.
-    run.record(Step("catalog", "catalog", collection.describe(), VERSION,
-                    {"metadata": file_fingerprint(collection.metadata),
-                     **column_fingerprints(catalog, LABEL_FIELDS)}),
-               images=len(catalog), rejected=len(rejected_df))
+    # Always made again (checking unchanged files is cached), but written and recorded only when
+    # it differs from the run's intact copy: a second `extract` leaves the run as it was.
+    step = Step("catalog", "catalog", collection.describe(), VERSION,
+                {"metadata": file_fingerprint(collection.metadata),
+                 **column_fingerprints(catalog, LABEL_FIELDS)},
+                (run.catalog_path, run.rejected_path))
+    table = io.BytesIO()
+    catalog.to_parquet(table, index=False)
+    listing = rejected_df.to_csv(index=False)
+    with run.writing("extract"):
+        if (run.is_done(step) and run.catalog_path.read_bytes() == table.getvalue()
+                and run.rejected_path.read_text() == listing):
+            return CatalogResult(catalog, rejected_df, notes)
+        with atomic(run.catalog_path) as tmp:
+            tmp.write_bytes(table.getvalue())
+        with atomic(run.rejected_path) as tmp:
+            tmp.write_text(listing)
+        manifest = run.manifest()
+        manifest["collection"] = collection.describe()
+        write_json(run.manifest_path, manifest)
+        run.record(step, images=len(catalog), rejected=len(rejected_df))
     return CatalogResult(catalog, rejected_df, notes)
 
 

@@ -48,6 +48,7 @@ from influence.runs import (
     InfluenceError,
     Run,
     Step,
+    atomic,
     column_fingerprints,
     fingerprint,
     read_json,
@@ -233,9 +234,8 @@ def run_split(run: Run, target: str, catalog: pd.DataFrame) -> tuple[pd.DataFram
     path = split_path(run, target)
     saved = pd.read_parquet(path) if path.exists() else None
     if saved is None or not saved[["image_id", "part"]].equals(split[["image_id", "part"]]):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        split[["image_id", "part"]].to_parquet(path.with_suffix(".tmp"), index=False)
-        path.with_suffix(".tmp").replace(path)
+        with run.writing("train"), atomic(path) as tmp:
+            split[["image_id", "part"]].to_parquet(tmp, index=False)
     return split, dropped
 
 
@@ -267,7 +267,8 @@ def _draw_confusion(matrix: pd.DataFrame, title: str, path: Path) -> None:
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.03)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 
@@ -330,15 +331,18 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
     n_train = pd.Series(labels[train]).value_counts()
     per_class["n_train"] = per_class["label"].map(n_train).fillna(0).astype(int)
 
-    run.models_dir.mkdir(parents=True, exist_ok=True)
-    joblib.dump({"pipeline": model, "classes": classes, "target": target, "features": features},
-                paths["model"])
-    per_class.to_csv(paths["per_class"], index=False)
-    matrix.to_csv(paths["confusion"])
+    with atomic(paths["model"]) as tmp:
+        joblib.dump({"pipeline": model, "classes": classes, "target": target,
+                     "features": features}, tmp)
+    with atomic(paths["per_class"]) as tmp:
+        per_class.to_csv(tmp, index=False)
+    with atomic(paths["confusion"]) as tmp:
+        matrix.to_csv(tmp)
     _draw_confusion(matrix, f"{target} from {features} features (held-out part)",
                     paths["picture"])
-    _wrong(catalog, rows[test], labels[test], proba, classes, target).to_csv(paths["wrong"],
-                                                                            index=False)
+    with atomic(paths["wrong"]) as tmp:
+        _wrong(catalog, rows[test], labels[test], proba, classes, target).to_csv(tmp,
+                                                                                index=False)
     info = {"target": target, "features": features,
             "weights": run.features_info(features).get("weights"), **metrics,
             "n_train": int(train.sum()), "train_part": n_train_part, "classes": classes,
@@ -429,7 +433,7 @@ class Head:
 def load_head(run: Run, target: str, features: str) -> Head:
     path = head_paths(run, target, features)["model"]
     run.require(path, f"train --target {target} --features {features}")
-    saved = joblib.load(path)
+    saved = joblib.load(run.verified(path))
     return Head(target, features, saved["pipeline"], np.asarray(saved["classes"], dtype=object))
 
 

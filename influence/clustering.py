@@ -32,6 +32,7 @@ from influence.runs import (
     InfluenceError,
     Run,
     Step,
+    atomic,
     column_fingerprints,
     read_json,
     timed,
@@ -454,19 +455,23 @@ def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarr
         sizes = {m: np.bincount(lab, minlength=result.k).tolist()
                  for m, lab in (("kmeans", result.kmeans_labels), ("gmm", result.gmm_labels))}
     with timed(timings, "write"):
-        out.mkdir(parents=True, exist_ok=True)
-        result.sweep.to_csv(out / "sweep.csv", index=False)
-        pd.DataFrame({
+        assignments = pd.DataFrame({
             "image_id": ids, "kmeans": result.kmeans_labels,
             "kmeans_distance": result.kmeans_distance, "gmm": result.gmm_labels,
             "gmm_p": result.responsibilities.max(axis=1),
             "umap_x": result.umap[:, 0], "umap_y": result.umap[:, 1],
-        }).to_parquet(out / "assignments.parquet", index=False)
-        np.save(out / "responsibilities.npy", result.responsibilities)
-        prof.to_parquet(out / "profiles.parquet", index=False)
-        typ.to_parquet(out / "typical.parquet", index=False)
-        joblib.dump({"reducer": result.reducer, "kmeans": result.kmeans, "gmm": result.gmm},
-                    out / "model.joblib")
+        })
+        writers = {"sweep.csv": lambda p: result.sweep.to_csv(p, index=False),
+                   "assignments.parquet": lambda p: assignments.to_parquet(p, index=False),
+                   "responsibilities.npy": lambda p: np.save(p, result.responsibilities),
+                   "profiles.parquet": lambda p: prof.to_parquet(p, index=False),
+                   "typical.parquet": lambda p: typ.to_parquet(p, index=False),
+                   "model.joblib": lambda p: joblib.dump({"reducer": result.reducer,
+                                                          "kmeans": result.kmeans,
+                                                          "gmm": result.gmm}, p)}
+        for file, write in writers.items():
+            with atomic(out / file) as tmp:
+                write(tmp)
         plot_sweep(result.sweep, result.k, name, out)
     summary = {
         "features": name,
@@ -522,7 +527,8 @@ def _plot_against_k(sweep: pd.DataFrame, k: int, left: tuple[str, str, str],
     twin.set_ylabel(ylabel, color=colour)
     ax.legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -543,7 +549,8 @@ def comparison(run: Run) -> pd.DataFrame:
                *[f"{m}_{f}" for f in FIELDS for m in ("nmi", "ari")]]
     table = pd.DataFrame(rows, columns=columns)
     if rows:
-        table.to_csv(run.clusters_dir / "comparison.csv", index=False)
+        with atomic(run.clusters_dir / "comparison.csv") as tmp:
+            table.to_csv(tmp, index=False)
     return table
 
 
@@ -603,10 +610,10 @@ def load_clustering(run: Run, features: str) -> Clustering:
                              f"(clustered: {done}): run `cluster` first")
     return Clustering(
         features=features,
-        summary=read_json(path / "summary.json"),
-        assignments=pd.read_parquet(path / "assignments.parquet"),
-        profiles=pd.read_parquet(path / "profiles.parquet"),
-        typical=pd.read_parquet(path / "typical.parquet"),
-        sweep=pd.read_csv(path / "sweep.csv"),
+        summary=read_json(run.verified(path / "summary.json")),
+        assignments=pd.read_parquet(run.verified(path / "assignments.parquet")),
+        profiles=pd.read_parquet(run.verified(path / "profiles.parquet")),
+        typical=pd.read_parquet(run.verified(path / "typical.parquet")),
+        sweep=pd.read_csv(run.verified(path / "sweep.csv")),
         path=path,
     )

@@ -27,7 +27,7 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import normalize
 
 from influence.extractors import Extractor
-from influence.runs import InfluenceError, Run, Step, versions, write_json
+from influence.runs import InfluenceError, Run, Step, atomic, versions, write_json
 
 SEP = "+"
 WEIGHT_SEP = "@"
@@ -134,7 +134,8 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
     step = Step("extract", name, {"parts": [[p.name, p.weight] for p in parts],
                                   "whiten": whitening(spec), "whiten_sample": WHITEN_SAMPLE},
                 VERSION, {p.name: run.step_key("extract", p.name) for p in parts},
-                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json"))
+                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json")
+                + ((run.features_dir / f"{name}.fit.joblib",) if whitening(spec) else ()))
     report = run.step(step, lambda: _build(run, spec, name, parts, infos))
     return {**run.features_info(name), "up_to_date": report["up_to_date"]}
 
@@ -155,7 +156,8 @@ def _build(run: Run, spec: str, name: str, parts: list[Part],
     weights = [p.weight for p in parts]
     state_path = run.features_dir / f"{name}.fit.joblib"
     if whiteners:
-        joblib.dump(whiteners, state_path)
+        with atomic(state_path) as tmp:
+            joblib.dump(whiteners, tmp)
     else:
         state_path.unlink(missing_ok=True)
 

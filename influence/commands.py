@@ -383,13 +383,37 @@ def _clustered_default(run: Run) -> str:
     return best if best in names else names[0]
 
 
+# ----------------------------------------------------------------------------------------- check
+def cmd_check(run: str, wait: bool = True, progress: bool = True) -> int:
+    """Verify every output run.json records (size, checksum); name each damaged file, the
+    step that made it and the command that rebuilds it. Non-zero if anything is damaged."""
+    out = Run(Path(run))
+    if not out.manifest_path.exists():
+        raise InfluenceError(f"{out.root} is not a run (no run.json)")
+    # Under the lock: a writer between replacing a file and recording it is not damage.
+    with out.writing("check", wait=wait):
+        problems = out.damaged()
+        steps = [r for s in out.manifest().get("steps", {}).values() for r in s.values()]
+    for line in problems:
+        print(f"damaged: {line}")
+    files = sum(len(r.get("outputs", {})) for r in steps)
+    print(f"check: {files} files of {len(steps)} steps, "
+          + (f"{len(problems)} damaged: `run` (or the commands named) rebuilds them"
+             if problems else "all intact"))
+    return 1 if problems else 0
+
+
 # ------------------------------------------------------------------------------------------- run
 STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence", "review"]
+#: Stages that write to the run: each holds the run's writer lock while it works.
+WRITERS = ("extract", "combine", "import-features", "cluster", "index", "train", "influence",
+           "review", "finetune")
 
 
-def cmd_run(config: str, run: str | None = None, progress: bool = True) -> int:
+def cmd_run(config: str, run: str | None = None, wait: bool = True, progress: bool = True) -> int:
     """Run every stage of a pipeline configuration in order (paths relative to the file), into
-    its `run` directory or into `run` when given (a fresh run of the same configuration)."""
+    its `run` directory or into `run` when given (a fresh run of the same configuration),
+    holding the run's writer lock throughout."""
     path = Path(config)
     try:
         cfg = tomllib.loads(path.read_text())
@@ -404,6 +428,11 @@ def cmd_run(config: str, run: str | None = None, progress: bool = True) -> int:
     unknown = sorted(set(cfg) - {"run", *STAGE_ORDER})
     if unknown:
         raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")
+    with Run(Path(run_dir)).writing("run", wait=wait):
+        return _run_stages(cfg, base, run_dir, progress)
+
+
+def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool) -> int:
     for stage in STAGE_ORDER:
         options = dict(cfg.get(stage, {}))
         for key in ("collection", "metadata", "images", "recorded"):
@@ -423,6 +452,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
     "train": cmd_train, "influence": cmd_influence, "review": cmd_review, "similar": cmd_similar,
     "export": cmd_export, "finetune": cmd_finetune, "import-features": cmd_import_features,
+    "check": cmd_check,
 }
 
 

@@ -4,12 +4,16 @@ Each export is the catalog columns a curator needs to find the paintings again, 
 the explorer shows for that set (a cluster's distances or memberships, similarities); its file
 name says what it holds. The `export` stage and the explorer's download buttons both call
 `export_table` and `table_bytes`, so both give identical files.
+
+CSV cells a spreadsheet would run as a formula are made inert (see `inert`); Parquet files and
+the run keep the data as it is.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +32,9 @@ FORMATS = ("csv", "parquet")
 INFLUENCE_TABLES = ("artists", "pairs")
 #: The filter that keeps every painting.
 EVERYTHING = Filter()
+#: What a spreadsheet reads as the start of a formula (OWASP, CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclass
@@ -132,8 +139,28 @@ def table_bytes(frame: pd.DataFrame, fmt: str) -> bytes:
         for column in flat.columns:
             if flat[column].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
                 flat[column] = flat[column].map(_json_text)
-        flat.to_csv(buffer, index=False)
+            if not pd.api.types.is_numeric_dtype(flat[column]):
+                flat[column] = flat[column].map(inert)
+        # RFC 4180 line ends: the csv writer then quotes every cell holding a carriage return,
+        # which would otherwise split its row in a reader.
+        flat.to_csv(buffer, index=False, lineterminator="\r\n")
     return buffer.getvalue()
+
+
+def inert(value: Any) -> Any:
+    """A text cell a spreadsheet shows as text: one that starts like a formula (`=`, `+`, `-`,
+    `@`, tab, carriage return) gets a leading `'`, as OWASP's CSV-injection guidance says.
+
+    A plain number written as text (`-12`, `+3.5`) is left alone: it is data, not a formula. A
+    cell that already starts with `'` before such a character gets one more, so removing one
+    leading `'` from cells that start with `'` and a formula character gives the text back.
+    """
+    if not isinstance(value, str) or not value:
+        return value
+    body = value.lstrip("'")
+    if body.startswith(FORMULA_START) and not _NUMBER.fullmatch(body):
+        return "'" + value
+    return value
 
 
 def _json_text(value: Any) -> str:

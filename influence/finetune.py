@@ -24,7 +24,6 @@ own head is judged on the held-out part with the same metrics as the other heads
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,7 +48,16 @@ from influence.extract.reader import default_workers
 from influence.extractors import RANDOM, load_checked, resolve_state_dict
 from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
 from influence.images import open_rgb
-from influence.runs import InfluenceError, Run, Step, fingerprint, read_json, versions, write_json
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    atomic,
+    fingerprint,
+    read_json,
+    versions,
+    write_json,
+)
 
 #: Version of this stage's recipe and of what it stores: bump it when a code change changes them.
 VERSION = "2"
@@ -208,9 +216,8 @@ def _predict(model: torch.nn.Module, loader: DataLoader, dev: torch.device) -> n
 
 
 def _save(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(state, tmp)
 
 
 def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str | None = None,
@@ -293,6 +300,9 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
                                     (frozen["val"], y[val_rows]))
         else:
             phase, losses = "full", []
+            # Seeded per epoch (augmentation, dropout): a run resumed after a kill between
+            # epochs learns exactly what an uninterrupted one does.
+            torch.manual_seed(SEED + epoch)
             _train_mode(model)
             optimizer = _optimizer(model)
             if state.get("optimizer"):
@@ -368,7 +378,7 @@ def extract(run: Run, name: str, target: str, model: torch.nn.Module, backbone: 
     catalog = run.catalog()
     config = {"extractor": backbone, "weights_spec": str(weights)}
     step = Step("extract", name, config, f"finetune-{VERSION}", {"weights": key},
-                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json"))
+                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json", weights))
 
     def build() -> dict[str, Any]:
         x = _pooled(model, loader, dev, f"extract {name}" if progress else None)

@@ -20,7 +20,15 @@ import pandas as pd
 
 from influence.combine import save_features
 from influence.extractors import available
-from influence.runs import InfluenceError, Run, Step, file_fingerprint, fingerprint, versions
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    atomic,
+    file_fingerprint,
+    fingerprint,
+    versions,
+)
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 KEYS = ("image_id", "file")
@@ -122,8 +130,8 @@ def _import(run: Run, name: str, path: Path, ids: Path | None, config: dict[str,
     problem_file = problems_path(run, name)
     problem_file.unlink(missing_ok=True)
     if problems:
-        run.features_dir.mkdir(parents=True, exist_ok=True)
-        listed.to_csv(problem_file, index=False)
+        with atomic(problem_file) as tmp:
+            listed.to_csv(tmp, index=False)
     bad = listed[listed["kind"] == "bad"]
     if len(bad):
         first = "; ".join(f"{r.key}: {r.reason}" for r in bad.head(2).itertuples())

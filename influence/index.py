@@ -30,6 +30,7 @@ from influence.runs import (
     InfluenceError,
     Run,
     Step,
+    atomic,
     column_fingerprints,
     read_json,
     versions,
@@ -251,10 +252,8 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
     start = time.perf_counter()
     evaluation = leave_one_out(index, x, catalog["artist"].to_numpy(dtype=object), rows)
     evaluated = time.perf_counter() - start
-    run.index_dir.mkdir(parents=True, exist_ok=True)
-    tmp = faiss_path.with_name(faiss_path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, faiss_path)
+    with atomic(faiss_path) as tmp:
+        faiss.write_index(index, str(tmp))
     features_info = run.features_info(name)
     info = {"features": name, "weights": features_info.get("weights"), "rows": int(index.ntotal),
             "dim": int(index.d), "metric": "cosine (inner product of L2-normalised vectors)",
@@ -286,7 +285,7 @@ def load_index(run: Run, name: str) -> faiss.Index:
     """The saved index of a feature set (InfluenceError if `index` has not been run for it)."""
     faiss_path, _ = index_paths(run, name)
     run.require(faiss_path, f"index --features {name}")
-    return faiss.read_index(str(faiss_path))
+    return faiss.read_index(str(run.verified(faiss_path)))
 
 
 def indexed_features(run: Run) -> list[str]:

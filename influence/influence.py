@@ -74,6 +74,7 @@ from influence.runs import (
     InfluenceError,
     Run,
     Step,
+    atomic,
     column_fingerprints,
     file_fingerprint,
     read_json,
@@ -544,10 +545,10 @@ def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray,
         evaluation = evaluation_report(pairs, baselines(x, catalog, artists), artists, table,
                                        str(recorded))
     timings["flows_and_evaluation_s"] = time.perf_counter() - t
-    out.mkdir(parents=True, exist_ok=True)
-    artists.to_parquet(out / "artists.parquet", index=False)
-    pairs[PAIR_COLUMNS].to_parquet(out / "pairs.parquet", index=False)
-    flows.to_parquet(out / "flows.parquet", index=False)
+    for file, frame in (("artists.parquet", artists), ("pairs.parquet", pairs[PAIR_COLUMNS]),
+                        ("flows.parquet", flows)):
+        with atomic(out / file) as tmp:
+            frame.to_parquet(tmp, index=False)
     evaluation_path = out / "evaluation.json"
     if evaluation is not None:
         write_json(evaluation_path, evaluation)
@@ -651,9 +652,9 @@ def load_influence(run: Run) -> Influence:
     summary = read_json(out / "influence.json")
     return Influence(
         features=summary["features"],
-        artists=pd.read_parquet(out / "artists.parquet"),
-        pairs=pd.read_parquet(out / "pairs.parquet"),
-        flows=pd.read_parquet(out / "flows.parquet"),
+        artists=pd.read_parquet(run.verified(out / "artists.parquet")),
+        pairs=pd.read_parquet(run.verified(out / "pairs.parquet")),
+        flows=pd.read_parquet(run.verified(out / "flows.parquet")),
         evaluation=read_json(evaluation_path) if evaluation_path.exists() else None,
         summary=summary,
     )

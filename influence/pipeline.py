@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from influence.commands import COMMANDS, cmd_run, parse_pairs
-from influence.runs import InfluenceError
+from influence.commands import COMMANDS, WRITERS, cmd_run, parse_pairs
+from influence.runs import InfluenceError, Run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "estimated from the artist's life)")
     p.add_argument("--year-to", type=int, help="... up to this year")
 
+    p = sub.add_parser("check", help="verify every file the run records (size, checksum) and "
+                       "name what is damaged")
+    p.add_argument("--run", required=True)
+
     p = sub.add_parser("run", help="run every stage of a pipeline configuration")
     p.add_argument("--config", required=True, help="pipelines/NAME.toml")
     p.add_argument("--run", help="run directory (default: the config's `run`)")
+    for stage in (*WRITERS, "check", "run"):
+        sub.choices[stage].add_argument(
+            "--no-wait", dest="wait", action="store_false",
+            help="if another process is writing to the run, exit saying who instead of waiting")
     return parser
 
 
@@ -132,11 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     stage = args.pop("stage")
     try:
-        if stage == "run":
-            return cmd_run(**args)
+        if stage in ("run", "check"):
+            return (cmd_run if stage == "run" else COMMANDS[stage])(**args)
         if stage == "extract":
             args["weights"] = parse_pairs(args["weights"], "--weights")
             args["columns"] = parse_pairs(args["columns"], "--columns")
+        if stage in WRITERS:
+            with Run(Path(args["run"])).writing(stage, wait=args.pop("wait")):
+                return COMMANDS[stage](**args)
         return COMMANDS[stage](**args)
     except InfluenceError as e:
         print(f"error: {e}", file=sys.stderr)

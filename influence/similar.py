@@ -80,7 +80,7 @@ def load_extractor(run: Run, features: str) -> Extractor:
     info = run.features_info(features)
     if "parts" in info:
         state = run.features_dir / f"{features}.fit.joblib"
-        whiteners = (joblib.load(run.require(state, f"combine {features}"))
+        whiteners = (joblib.load(run.verified(run.require(state, f"combine {features}")))
                      if info.get("whiten") else None)
         return CombinedExtractor([(load_extractor(run, p["name"]), p["weight"])
                                   for p in info["parts"]], whiteners)
@@ -92,7 +92,7 @@ def load_extractor(run: Run, features: str) -> Extractor:
     if extractor.needs_fit:
         state = run.features_dir / f"{features}.fit.joblib"
         run.require(state, f"extract --extractors {features}")
-        extractor.set_state(joblib.load(state))
+        extractor.set_state(joblib.load(run.verified(state)))
     return extractor.load()
 
 

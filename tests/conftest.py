@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from influence.commands import cmd_cluster, cmd_extract, cmd_index, cmd_influence, cmd_train
-from influence.runs import Run
+from influence.runs import Run, Step
 
 #: What the project is given beside its root (the collection, the weights); movable for CI.
 SHARED = Path(os.environ.get("INFLUENCE_SHARED",
@@ -41,6 +41,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.ray)
         if used & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+
+
+def save_catalog(run: Run, catalog: pd.DataFrame) -> None:
+    """Store a changed catalog (a corrected attribution) and record it, as `extract` would, so
+    the run's checksums still hold and only the steps that read the changed labels rerun."""
+    catalog.to_parquet(run.catalog_path, index=False)
+    made = run.step_record("catalog", "catalog")
+    run.record(Step("catalog", "catalog", made["params"], made["code"], made["inputs"],
+                    (run.catalog_path, run.rejected_path)),
+               images=len(catalog), rejected=made["rejected"])
 
 
 def make_slice(dest: Path, artists: list[str] = ARTISTS, per_artist: int = PER_ARTIST) -> Path:

@@ -182,3 +182,34 @@ def test_a_collection_with_no_usable_image_is_catalogued_empty_with_its_reasons(
     result = build_catalog(Collection.from_dir(folder), Run(tmp_path / "run"), progress=False)
     assert result.catalog.empty
     assert list(result.rejected["reason"]) == ["path outside the collection"] * 2
+
+
+def test_csv_records_the_parser_cannot_read_are_rejected_with_a_reason(tmp_path):
+    """A cell over the csv module's field limit and a bare carriage return each cost their own
+    row only, in rejected.csv with the reason and line; a quoted line break is data."""
+    root = tmp_path / "collection"
+    (root / "images").mkdir(parents=True)
+    files = sorted((COLLECTION / "images").glob("*.jpg"))[:5]
+    for src in files:
+        shutil.copy(src, root / "images" / src.name)
+    long_title = "x" * 140_000
+    rows = [f"images/{files[0].name},Kept,Ann",
+            f"images/{files[1].name},{long_title},Bob",
+            f"images/{files[2].name},Bare\rreturn,Cy",
+            f'images/{files[3].name},"Quoted\r\nbreak",Dee',
+            f"images/{files[4].name},Also kept,Eve"]
+    (root / "paintings.csv").write_text("file,title,artist\n" + "\n".join(rows) + "\n",
+                                        newline="")
+    result = build_catalog(Collection.from_dir(root), Run(tmp_path / "run"), progress=False)
+    assert result.catalog["title"].tolist() == ["Kept", "Quoted\r\nbreak", "Also kept"]
+    assert result.catalog["row"].tolist() == [2, 5, 7]
+    on_disk = pd.read_csv(tmp_path / "run" / "rejected.csv", dtype=str,
+                          keep_default_na=False)
+    unreadable = on_disk[on_disk["reason"] == "unreadable CSV record"].set_index("row")
+    assert unreadable.loc["3", "file"] == f"images/{files[1].name}"
+    assert "a cell longer than 131,072 characters" in unreadable.loc["3", "detail"]
+    assert unreadable.loc["4", "file"] == f"images/{files[2].name}"
+    assert "a bare carriage return" in unreadable.loc["4", "detail"]
+    # Their images are then listed too, as files no readable row describes.
+    orphans = set(on_disk.loc[on_disk["reason"] == "not in metadata", "file"])
+    assert orphans == {f"images/{files[1].name}", f"images/{files[2].name}"}

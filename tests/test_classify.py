@@ -34,6 +34,7 @@ from influence.commands import cmd_train
 from influence.pipeline import main
 from influence.runs import Run, read_json
 
+from .conftest import save_catalog
 from .test_index import copy_run
 
 TARGETS = "artist,genre"
@@ -190,7 +191,7 @@ def test_a_changed_label_makes_the_head_train_again(
     catalog = run.catalog()
     gone = catalog["image_id"].iloc[7]
     catalog.loc[7, "artist"] = pd.NA
-    catalog.to_parquet(run.catalog_path, index=False)
+    save_catalog(run, catalog)
     assert cmd_train(run=str(run.root), target="artist", features="pca", progress=False) == 0
     info = read_json(head_paths(run, "artist", "pca")["json"])
     assert info["unlabelled"] == 1 and info["n_train"] + info["n_test"] == len(catalog) - 1
@@ -209,7 +210,7 @@ def test_a_target_with_nothing_to_learn_is_skipped_unless_it_is_all_there_is(
     run = copy_run(small_run, tmp_path_factory.mktemp("no-nationality"))
     catalog = run.catalog()
     catalog["nationality"] = pd.NA
-    catalog.to_parquet(run.catalog_path, index=False)
+    save_catalog(run, catalog)
     assert cmd_train(run=str(run.root), target="nationality,artist", features="pca",
                      progress=False) == 0
     assert head_paths(run, "artist", "pca")["model"].exists()

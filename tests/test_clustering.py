@@ -29,7 +29,7 @@ from influence.clustering import (
 from influence.commands import cmd_cluster, cmd_extract
 from influence.runs import InfluenceError, Run, read_json
 
-from .conftest import COLLECTION
+from .conftest import COLLECTION, save_catalog
 
 K_MIN, K_MAX = 2, 8
 NAMES = ("mobilenet_v2", "pca")
@@ -274,7 +274,7 @@ def test_a_changed_k_range_or_changed_labels_recluster(small_run: Run, tmp_path:
     # A corrected attribution changes no image and no feature, but the profiles are stale.
     catalog = run.catalog()
     catalog["genre"] = "portrait"
-    catalog.to_parquet(run.catalog_path, index=False)
+    save_catalog(run, catalog)
     relabelled = cluster_features(run, "pca", 2, 5, progress=False)
     assert not relabelled["up_to_date"]
     genres = load_clustering(run, "pca").profiles.query("field == 'genre'")

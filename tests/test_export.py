@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pandas as pd
 import pytest
 
 from influence.clustering import load_clustering
-from influence.export import cluster_export, table_bytes
+from influence.export import cluster_export, inert, table_bytes
 from influence.pipeline import main
 from influence.runs import InfluenceError, Run
 from influence.selections import (
@@ -148,3 +150,28 @@ def test_export_stage_writes_the_influence_tables(explored_run: Run, tmp_path: P
     flat = pd.read_csv(tmp_path / f"{name}.csv")
     first = json.loads(flat["evidence"].iat[0])
     assert [e["image_id"] for e in first] == [e["image_id"] for e in pairs["evidence"].iat[0]]
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_inert_and_parquet_is_untouched(
+        explored_run: Run, catalog: pd.DataFrame) -> None:
+    """OWASP's CSV-injection rule: a cell starting with = + - @ tab or CR gets a leading
+    quote in the CSV; numbers (a year -12, a title "-12") stay as they are; the Parquet file and
+    the run keep the text exactly."""
+    titles = ['=HYPERLINK("http://example.com/x","click")', "-12", "+SUM(A1:A3)", "@cmd",
+              "\tTabbed", "\rReturn", "-1+1", "'=quoted already", "Water Lilies"]
+    frame = catalog.head(len(titles)).copy()
+    frame["title"] = titles
+    frame["year"] = pd.array([-12, *frame["year"].iloc[1:]], dtype="Int64")
+    parsed = pd.DataFrame(csv.DictReader(io.StringIO(table_bytes(frame, "csv").decode(),
+                                                  newline="")))
+    assert parsed["title"].tolist() == [
+        '\'=HYPERLINK("http://example.com/x","click")', "-12", "'+SUM(A1:A3)", "'@cmd",
+        "'\tTabbed", "'\rReturn", "'-1+1", "''=quoted already", "Water Lilies"]
+    assert parsed["year"].iloc[0] == "-12"
+    # Taking one leading quote off a cell that starts with a quote and a formula character
+    # gives the text back.
+    restored = [t[1:] if t.startswith("'") and inert(t[1:]) != t[1:] else t
+                for t in parsed["title"]]
+    assert restored == titles
+    assert pd.read_parquet(io.BytesIO(table_bytes(frame, "parquet")))["title"].tolist() == titles
+    assert explored_run.damaged() == []

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +18,7 @@ from influence.classify import split_path, train_head
 from influence.commands import cmd_extract
 from influence.finetune import finetune, paths_of
 from influence.images import open_rgb
-from influence.runs import Run
+from influence.runs import KILL_AFTER_WRITE, Run
 from influence.similar import load_extractor
 
 from .conftest import MOBILENET, make_slice
@@ -93,3 +98,29 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
                                                            .isin(artist_train).sum())}
     assert style["seen_in_fine_tuning"]["artist"] > 0
     assert train_head(tiny_run, "artist", NAME, head="logistic")["seen_in_fine_tuning"] == {}
+
+
+def test_killed_between_epochs_it_resumes_to_what_an_uninterrupted_run_learns(
+        tiny_run: Run, tmp_path: Path) -> None:
+    options = {"epochs": 1, "batch_size": 16, "workers": 0, "progress": False}
+    copies = []
+    for label in ("uninterrupted", "killed"):
+        copies.append(Run(tmp_path / label))
+        shutil.copytree(tiny_run.root, copies[-1].root,
+                        ignore=shutil.ignore_patterns(f"{NAME}*", ".lock"))
+    whole, killed = copies
+    finetune(whole, "artist", **options)
+    # SIGKILLed right after the first epoch's checkpoint (the probe), before the whole net
+    # learns.
+    code = (f"from influence.finetune import finetune; from influence.runs import Run; "
+            f"finetune(Run({str(killed.root)!r}), 'artist', **{options!r})")
+    died = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                          env={**os.environ, KILL_AFTER_WRITE: f"{NAME}.checkpoint.pt"})
+    assert died.returncode == -signal.SIGKILL
+    assert torch.load(paths_of(killed, "mobilenet_v2", "artist")["checkpoint"],
+                      weights_only=False)["epoch"] == 1
+    resumed = finetune(killed, "artist", **options)
+    assert [h["phase"] for h in resumed["history"]] == ["probe", "full"]
+    for run in copies:
+        assert run.damaged() == []
+    assert (np.asarray(killed.features(NAME)) == np.asarray(whole.features(NAME))).all()

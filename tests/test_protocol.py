@@ -19,7 +19,7 @@ from influence.influence import build_influence
 from influence.runs import Run, Step, write_json
 from influence.thumbnails import make_thumbnails
 
-from .conftest import MOBILENET
+from .conftest import MOBILENET, save_catalog
 
 FEATURES = ("pca", "mobilenet_v2")
 TARGETS = ("artist", "genre")
@@ -63,7 +63,7 @@ def relabel(column: str) -> Callable[[Run], None]:
     def change(run: Run) -> None:
         catalog = run.catalog()
         catalog.loc[3, column] = "Corrected"
-        catalog.to_parquet(run.catalog_path, index=False)
+        save_catalog(run, catalog)
     return change
 
 

@@ -23,7 +23,15 @@ from influence.extract.reader import DecodedCache, Item, read
 from influence.extract.store import FeatureStore
 from influence.extractors import Extractor, get_extractor
 from influence.extractors.weights import file_sha256
-from influence.runs import Run, Step, column_fingerprints, fingerprint, read_json, write_json
+from influence.runs import (
+    Run,
+    Step,
+    atomic,
+    column_fingerprints,
+    fingerprint,
+    read_json,
+    write_json,
+)
 
 #: Rows per part file: the most work an interrupted extraction can lose.
 PART_SIZE = 256
@@ -40,7 +48,8 @@ def extraction_step(run: Run, name: str, weights: str | None = None) -> Step:
         params["weights_sha256"] = file_sha256(located)
     return Step("extract", name, params, extractor.code_version(),
                 column_fingerprints(run.catalog(), ()),
-                (store.matrix_path, store.info_path))
+                (store.matrix_path, store.info_path)
+                + ((store.state_path,) if extractor.needs_fit else ()))
 
 
 @dataclass(frozen=True)
@@ -168,7 +177,7 @@ def _fit(extractor: Extractor, items: Sequence[Item], store: FeatureStore, worke
         bar = tqdm(batches, total=-(-len(chosen) // extractor.batch_size), unit="batch",
                    desc=f"{name} (fitting on {len(chosen)} images)", disable=not progress)
         extractor.fit(b.data[name] for b in bar if name in b.data)
-        store.run.features_dir.mkdir(parents=True, exist_ok=True)
-        joblib.dump(extractor.state(), store.state_path)
+        with atomic(store.state_path) as tmp:
+            joblib.dump(extractor.state(), tmp)
     extractor.set_state(joblib.load(store.state_path))
     return time.perf_counter() - start
