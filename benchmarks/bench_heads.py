@@ -5,7 +5,8 @@
 Each head is fitted in its own child process on the run's recorded split of its target, twice:
 `previous` is the recipe the `train` stage used before (`auto`: a logistic regression and a soft
 vote of three scikit-learn MLPs on all feature columns fitted on 80 % of the training part, the
-better on the other 20 % refitted on all of it), `current` is `make_estimator("auto")`. With
+better on the other 20 % refitted on all of it; default BLAS threads), `current` is
+`make_estimator("auto")` fitted as the stage fits it (`THREADS` BLAS threads). With
 `--all`, the whole `train` stage (every target and feature set asked, `auto`) is then timed on a
 scratch copy of the run with the current code. The machine is shared: every figure carries the
 load average before and after it. Results: `benchmarks/results/heads.json` via `measure.save`.
@@ -74,9 +75,10 @@ def one(run_dir: str, head: str, recipe: str) -> None:
     import warnings
 
     import numpy as np
+    from threadpoolctl import threadpool_limits
 
     from influence.runs import Run
-    from influence.train import fit_sample, make_estimator, run_split
+    from influence.train import THREADS, fit_sample, make_estimator, run_split
 
     warnings.filterwarnings("ignore")
     target, features = head.split("/", 1)
@@ -94,7 +96,8 @@ def one(run_dir: str, head: str, recipe: str) -> None:
     if recipe == "previous":
         model, kind, scores = previous_auto(x[train], labels[train])
     else:
-        model = make_estimator("auto").fit(x[train], labels[train])
+        with threadpool_limits(THREADS):  # as the train stage fits it
+            model = make_estimator("auto").fit(x[train], labels[train])
         kind, scores = model[-1].kind_, model[-1].validation_accuracy_
     seconds = time.perf_counter() - start
     print(json.dumps({"head": head, "recipe": recipe, "fit_s": round(seconds, 2), "kind": kind,
