@@ -31,11 +31,12 @@ def one(run_dir: str, name: str, k_min: int, k_max: int) -> None:
     """Child process: warm UMAP up, cluster one feature set and print its record as JSON."""
     import numpy as np
 
-    from influence.clustering import cluster_features, umap_2d
+    from influence.cluster import cluster_features
+    from influence.estimators.clustering import Projection
     from influence.runs import Run
 
     start = time.perf_counter()
-    umap_2d(np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32), progress=False)
+    Projection().fit(np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32))
     warmup = time.perf_counter() - start
     run = Run(Path(run_dir))
     start = time.perf_counter()

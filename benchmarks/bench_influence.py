@@ -74,8 +74,8 @@ def main() -> None:
         one(*args.one)
         return
 
-    from influence.clustering import clustered_features
     from influence.index import indexed_features
+    from influence.readers import clustered_features
     from influence.runs import Run
 
     source = Run(Path(args.run))

@@ -81,7 +81,7 @@ def child_shortcut(run_dir: str, features: str) -> None:
     import numpy as np
     from sklearn.metrics import normalized_mutual_info_score
 
-    from influence.clustering import FIT_SAMPLE, fit_clustering
+    from influence.cluster import FIT_SAMPLE, fit_clustering
     from influence.runs import Run
 
     x = np.asarray(Run(Path(run_dir)).features(features))
@@ -93,11 +93,12 @@ def child_shortcut(run_dir: str, features: str) -> None:
     sample, full = fits["sample"], fits["full"]
     print(json.dumps({
         "status": 0, "features": features, "rows": len(x), "fit_sample": FIT_SAMPLE,
-        "nmi": {"kmeans": round(normalized_mutual_info_score(full.kmeans_labels,
-                                                             sample.kmeans_labels), 4),
-                "gmm": round(normalized_mutual_info_score(full.gmm_labels, sample.gmm_labels), 4)},
-        **{name: {"k": fit.k, "scores": {m: {s: round(v, 4) for s, v in sc.items()}
-                                         for m, sc in fit.scores.items()},
+        "nmi": {"kmeans": round(normalized_mutual_info_score(full.clusters.labels_,
+                                                             sample.clusters.labels_), 4),
+                "gmm": round(normalized_mutual_info_score(full.clusters.gmm_labels_,
+                                                          sample.clusters.gmm_labels_), 4)},
+        **{name: {"k": fit.clusters.k_, "scores": {m: {s: round(v, 4) for s, v in sc.items()}
+                                                   for m, sc in fit.clusters.scores_.items()},
                   "seconds": {s: round(v, 2) for s, v in fit.timings.items()}}
            for name, fit in fits.items()}}))
 
@@ -105,7 +106,7 @@ def child_shortcut(run_dir: str, features: str) -> None:
 def shortcut(sizes: list[int], root: Path, extractors: str) -> dict:
     """The sample fit against a full fit, at the smallest size past FIT_SAMPLE, on the last
     extractor (the learned one by default)."""
-    from influence.clustering import FIT_SAMPLE
+    from influence.cluster import FIT_SAMPLE
 
     past = [n for n in sizes if n > FIT_SAMPLE]
     if not past:

@@ -24,9 +24,8 @@ from flask import current_app
 from PIL import Image
 
 from influence.catalog import LABEL_FIELDS
-from influence.classify import head_paths, trained_heads
-from influence.clustering import clustered_features, load_clustering
 from influence.influence import load_influence
+from influence.readers import clustered_features, head_paths, load_clustering, trained_heads
 from influence.review import load_review
 from influence.runs import InfluenceError, Run, read_json
 from influence.selections import (

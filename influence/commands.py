@@ -140,7 +140,7 @@ def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
 def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
                 k_max: int = 30, progress: bool = True) -> int:
     """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP."""
-    from influence.clustering import cluster_features, comparison
+    from influence.cluster import cluster_features, comparison
 
     out = Run(Path(run))
     names = _feature_sets(out, features)
@@ -189,7 +189,7 @@ def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist
               features: str | Sequence[str] | None = None, head: str = "auto",
               progress: bool = True) -> int:
     """Classifier heads on frozen features, evaluated on a stratified held-out split."""
-    from influence.classify import train_heads
+    from influence.train import train_heads
 
     out = Run(Path(run))
     names = _feature_sets(out, features)
@@ -334,7 +334,7 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
     Reads the run only; the files go to `out`, named for what they hold (see influence.export).
     """
     from influence import export as ex
-    from influence.clustering import load_clustering
+    from influence.readers import load_clustering
     from influence.selections import MIN_P, Filter
 
     source = Run(Path(run))
@@ -370,7 +370,7 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
 
 def _clustered_default(run: Run) -> str:
     """The search's feature set when it is clustered, else the first clustered one."""
-    from influence.clustering import clustered_features
+    from influence.readers import clustered_features
     from influence.similar import default_features  # loads torch: only when no --features
 
     names = clustered_features(run)

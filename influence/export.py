@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from influence.clustering import Clustering
+from influence.readers import Clustering
 from influence.runs import InfluenceError, Run
 from influence.selections import MIN_P, Filter, cluster_members, normalise_ids, slug
 

@@ -23,7 +23,7 @@ own head is judged on the held-out part with the same metrics as the other heads
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +42,6 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 from tqdm.auto import tqdm
 
-from influence.classify import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
 from influence.combine import save_features
 from influence.extract.reader import default_workers
 from influence.extractors import RANDOM, load_checked, resolve_state_dict
@@ -54,10 +53,12 @@ from influence.runs import (
     Step,
     atomic,
     fingerprint,
+    module_constants,
     read_json,
     versions,
     write_json,
 )
+from influence.train import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
 
 #: Version of this stage's recipe and of what it stores: bump it when a code change changes them.
 VERSION = "2"
@@ -261,112 +262,120 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
               "batch_size": batch_size, "head_lr": HEAD_LR, "layer_lr": LAYER_LR, "size": SIZE,
               "crop_scale": CROP_SCALE, "weight_decay": WEIGHT_DECAY, "seed": SEED,
               "probe_c": C, "batch_norm": "frozen"}
-    state: dict[str, Any] = {"config": config, "epoch": 0, "history": [], "elapsed_s": 0.0,
-                             "best": None}
-    if files_at["checkpoint"].exists():
-        saved = torch.load(files_at["checkpoint"], map_location="cpu", weights_only=False)
-        if saved["config"] == config:
-            state = saved
-            model.load_state_dict(state["model"])
-        else:
-            print(f"{feature_set_name(backbone, target)}: configuration changed; starting again")
-    weight = torch.tensor(compute_class_weight("balanced", classes=np.arange(len(classes)),
-                                               y=y[train_rows]), dtype=torch.float32, device=dev)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
-    budget = float("inf") if budget_s is None else budget_s
-    stopped = ""
-    while True:
-        epoch = state["epoch"]
-        full = [h["val_accuracy"] for h in state["history"] if h["phase"] == "full"]
-        since_best = len(full) - 1 - int(np.argmax(full)) if full else 0
-        if epoch >= 1 + epochs:
-            stopped = "epochs done"
-        elif since_best >= PATIENCE:
-            stopped = f"no better validation accuracy for {PATIENCE} epochs"
-        elif state["elapsed_s"] >= budget:
-            stopped = "time budget spent"
-        if stopped:
-            break
-        start = time.perf_counter()
-        if epoch == 0:
-            phase, batches = "probe", 0
-            if stored is not None:
-                frozen = {"fit": stored[fit_rows], "val": stored[val_rows]}
-            else:
-                shown = "probe: frozen features" if progress else None
-                frozen = {"fit": _pooled(model, loader(fit_rows), dev, shown),
-                          "val": _pooled(model, loader(val_rows), dev, shown)}
-            loss, accuracy = _probe(model, (frozen["fit"], y[fit_rows]),
-                                    (frozen["val"], y[val_rows]))
-        else:
-            phase, losses = "full", []
-            # Seeded per epoch (augmentation, dropout): a run resumed after a kill between
-            # epochs learns exactly what an uninterrupted one does.
-            torch.manual_seed(SEED + epoch)
-            _train_mode(model)
-            optimizer = _optimizer(model)
-            if state.get("optimizer"):
-                optimizer.load_state_dict(state["optimizer"])
-            for x, labels in tqdm(loader(fit_rows, SEED + epoch), desc=f"epoch {epoch + 1}",
-                                  unit="batch", disable=not progress, leave=False):
-                optimizer.zero_grad()
-                batch_loss = loss_fn(model(x.to(dev)), labels.to(dev))
-                batch_loss.backward()
-                optimizer.step()
-                losses.append(batch_loss.item())
-                if state["elapsed_s"] + time.perf_counter() - start >= budget:
-                    break
-            loss, batches = float(np.mean(losses)), len(losses)
-            state["optimizer"] = optimizer.state_dict()
-            proba = _predict(model, loader(val_rows), dev)
-            accuracy = float((proba.argmax(axis=1) == y[val_rows]).mean())
-        seconds = time.perf_counter() - start
-        state["epoch"] = epoch + 1
-        state["elapsed_s"] += seconds
-        state["history"].append({"epoch": epoch + 1, "phase": phase, "loss": round(loss, 4),
-                                 "batches": batches, "val_accuracy": round(accuracy, 4),
-                                 "seconds": round(seconds, 1)})
-        if state["best"] is None or accuracy > state["best"]["val_accuracy"]:
-            state["best"] = {"epoch": epoch + 1, "val_accuracy": accuracy,
-                             "model": {k: v.detach().cpu().clone()
-                                       for k, v in model.state_dict().items()}}
-        state["model"] = model.state_dict()
-        _save(files_at["checkpoint"], state)
-        print(f"epoch {epoch + 1} ({phase}): loss {loss:.3f}, validation accuracy "
-              f"{accuracy:.3f}, {seconds:.0f} s", flush=True)
     name = feature_set_name(backbone, target)
-    key = fingerprint([json.dumps(config, sort_keys=True), str(state["best"]["epoch"]),
-                       str(state["epoch"]), VERSION])
-    if files_at["report"].exists() and name in run.feature_names():
-        report = read_json(files_at["report"])
-        if report.get("input") == key:
-            return {**report, "up_to_date": True}
-    model.load_state_dict(state["best"]["model"])
-    proba = _predict(model, loader(test_rows), dev)
-    labels = np.asarray(classes, dtype=object)
-    metrics, _, _ = evaluate(labels[y[test_rows]], proba, classes)
-    backbone_state = {k: v.cpu() for k, v in model.state_dict().items()
-                      if not k.startswith("classifier.")}
-    _save(files_at["weights"], backbone_state)
-    every = catalog["file"].map(run.image_path).to_numpy(dtype=object)
-    features = extract(run, name, target, model, backbone, files_at["weights"], key,
-                       DataLoader(_Labelled(every, np.zeros(len(every), dtype=int),
-                                            imagenet_preprocess()),
-                                  batch_size=batch_size, num_workers=workers), dev, progress)
-    report = {"target": target, "features": name, "head": "fine-tuned network", **metrics,
-              "n_train": int(len(fit_rows)), "n_validation": int(len(val_rows)),
-              "classes": classes, "backbone": backbone, "weights": weights_used,
-              "device": str(dev), "stopped": stopped,
-              "probe_features": (f"the run's stored {backbone} features" if stored is not None
-                                 else "computed by the frozen net"),
-              "best_epoch": state["best"]["epoch"],
-              "best_val_accuracy": round(state["best"]["val_accuracy"], 4),
-              "history": state["history"], "training_s": round(state["elapsed_s"], 1),
-              "budget_s": budget_s, "torch_threads": torch.get_num_threads(),
-              "feature_set": {"dim": features["dim"], "rows": features["rows"]},
-              "config": config, "input": key, "versions": versions()}
-    write_json(files_at["report"], report)
-    return {**report, "up_to_date": False}
+    # Training resumes from its checkpoint inside the step: more epochs or a larger budget
+    # change the key, so the step runs again and continues where the last one stopped.
+    step = Step("finetune", name, {**config, "epochs": epochs, "budget_s": budget_s,
+                                   "constants": module_constants(sys.modules[__name__])},
+                VERSION, {"features": run.step_key("extract", backbone) if stored is not None
+                          else None},
+                (files_at["weights"], files_at["report"], run.features_dir / f"{name}.npy"))
+
+    def build() -> dict[str, Any]:
+        """Train (or resume), judge on the held-out part, store the feature set."""
+        state: dict[str, Any] = {"config": config, "epoch": 0, "history": [], "elapsed_s": 0.0,
+                                 "best": None}
+        if files_at["checkpoint"].exists():
+            saved = torch.load(files_at["checkpoint"], map_location="cpu", weights_only=False)
+            if saved["config"] == config:
+                state = saved
+                model.load_state_dict(state["model"])
+            else:
+                print(f"{name}: configuration changed; starting again")
+        balanced = compute_class_weight("balanced", classes=np.arange(len(classes)),
+                                        y=y[train_rows])
+        weight = torch.tensor(balanced, dtype=torch.float32, device=dev)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        budget = float("inf") if budget_s is None else budget_s
+        stopped = ""
+        while True:
+            epoch = state["epoch"]
+            full = [h["val_accuracy"] for h in state["history"] if h["phase"] == "full"]
+            since_best = len(full) - 1 - int(np.argmax(full)) if full else 0
+            if epoch >= 1 + epochs:
+                stopped = "epochs done"
+            elif since_best >= PATIENCE:
+                stopped = f"no better validation accuracy for {PATIENCE} epochs"
+            elif state["elapsed_s"] >= budget:
+                stopped = "time budget spent"
+            if stopped:
+                break
+            start = time.perf_counter()
+            if epoch == 0:
+                phase, batches = "probe", 0
+                if stored is not None:
+                    frozen = {"fit": stored[fit_rows], "val": stored[val_rows]}
+                else:
+                    shown = "probe: frozen features" if progress else None
+                    frozen = {"fit": _pooled(model, loader(fit_rows), dev, shown),
+                              "val": _pooled(model, loader(val_rows), dev, shown)}
+                loss, accuracy = _probe(model, (frozen["fit"], y[fit_rows]),
+                                        (frozen["val"], y[val_rows]))
+            else:
+                phase, losses = "full", []
+                # Seeded per epoch (augmentation, dropout): a run resumed after a kill between
+                # epochs learns exactly what an uninterrupted one does.
+                torch.manual_seed(SEED + epoch)
+                _train_mode(model)
+                optimizer = _optimizer(model)
+                if state.get("optimizer"):
+                    optimizer.load_state_dict(state["optimizer"])
+                for x, labels in tqdm(loader(fit_rows, SEED + epoch), desc=f"epoch {epoch + 1}",
+                                      unit="batch", disable=not progress, leave=False):
+                    optimizer.zero_grad()
+                    batch_loss = loss_fn(model(x.to(dev)), labels.to(dev))
+                    batch_loss.backward()
+                    optimizer.step()
+                    losses.append(batch_loss.item())
+                    if state["elapsed_s"] + time.perf_counter() - start >= budget:
+                        break
+                loss, batches = float(np.mean(losses)), len(losses)
+                state["optimizer"] = optimizer.state_dict()
+                proba = _predict(model, loader(val_rows), dev)
+                accuracy = float((proba.argmax(axis=1) == y[val_rows]).mean())
+            seconds = time.perf_counter() - start
+            state["epoch"] = epoch + 1
+            state["elapsed_s"] += seconds
+            state["history"].append({"epoch": epoch + 1, "phase": phase, "loss": round(loss, 4),
+                                     "batches": batches, "val_accuracy": round(accuracy, 4),
+                                     "seconds": round(seconds, 1)})
+            if state["best"] is None or accuracy > state["best"]["val_accuracy"]:
+                state["best"] = {"epoch": epoch + 1, "val_accuracy": accuracy,
+                                 "model": {k: v.detach().cpu().clone()
+                                           for k, v in model.state_dict().items()}}
+            state["model"] = model.state_dict()
+            _save(files_at["checkpoint"], state)
+            print(f"epoch {epoch + 1} ({phase}): loss {loss:.3f}, validation accuracy "
+                  f"{accuracy:.3f}, {seconds:.0f} s", flush=True)
+        model.load_state_dict(state["best"]["model"])
+        proba = _predict(model, loader(test_rows), dev)
+        labels = np.asarray(classes, dtype=object)
+        metrics, _, _ = evaluate(labels[y[test_rows]], proba, classes)
+        backbone_state = {k: v.cpu() for k, v in model.state_dict().items()
+                          if not k.startswith("classifier.")}
+        _save(files_at["weights"], backbone_state)
+        every = catalog["file"].map(run.image_path).to_numpy(dtype=object)
+        features = extract(run, name, target, model, backbone, files_at["weights"], step.key,
+                           DataLoader(_Labelled(every, np.zeros(len(every), dtype=int),
+                                                imagenet_preprocess()),
+                                      batch_size=batch_size, num_workers=workers), dev, progress)
+        report = {"target": target, "features": name, "head": "fine-tuned network", **metrics,
+                  "n_train": int(len(fit_rows)), "n_validation": int(len(val_rows)),
+                  "classes": classes, "backbone": backbone, "weights": weights_used,
+                  "device": str(dev), "stopped": stopped,
+                  "probe_features": (f"the run's stored {backbone} features" if stored is not None
+                                     else "computed by the frozen net"),
+                  "best_epoch": state["best"]["epoch"],
+                  "best_val_accuracy": round(state["best"]["val_accuracy"], 4),
+                  "history": state["history"], "training_s": round(state["elapsed_s"], 1),
+                  "budget_s": budget_s, "torch_threads": torch.get_num_threads(),
+                  "feature_set": {"dim": features["dim"], "rows": features["rows"]},
+                  "config": config, "input": step.key, "versions": versions()}
+        write_json(files_at["report"], report)
+        return {k: report[k] for k in ("accuracy", "best_epoch", "stopped", "training_s")}
+
+    result = run.step(step, build)
+    return {**read_json(files_at["report"]), "up_to_date": result["up_to_date"]}
 
 
 def extract(run: Run, name: str, target: str, model: torch.nn.Module, backbone: str,

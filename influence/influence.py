@@ -68,8 +68,8 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from influence.catalog import artist_slug
-from influence.clustering import load_clustering
 from influence.index import BEST_OF, load_index, search, set_threads
+from influence.readers import load_clustering
 from influence.runs import (
     InfluenceError,
     Run,

@@ -293,7 +293,7 @@ def find_outliers(catalog: pd.DataFrame, sims: np.ndarray, rows: np.ndarray) -> 
 # ------------------------------------------------------------------------------------- the stage
 def review_targets(run: Run) -> list[str]:
     """Targets with a trained head, in the heads' order (each once)."""
-    from influence.classify import trained_heads
+    from influence.readers import trained_heads
 
     return list(dict.fromkeys(t for t, _ in trained_heads(run)))
 

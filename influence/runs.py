@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -216,6 +217,41 @@ class Step:
     def key(self) -> str:
         return fingerprint([json.dumps({"params": self.params, "code": self.code,
                                         "inputs": self.inputs}, sort_keys=True, default=str)])
+
+
+def estimator_params(estimator: Any) -> dict[str, Any]:
+    """An estimator's `get_params(deep=True)` as plain values: a nested estimator appears as its
+    class name, its own parameters under their `name__param` keys."""
+    out = {}
+    for key, value in sorted(estimator.get_params(deep=True).items()):
+        if hasattr(value, "get_params"):
+            value = type(value).__name__
+        elif isinstance(value, dict):
+            value = {k: estimator_params(v) if hasattr(v, "get_params") else v
+                     for k, v in value.items()}
+        elif isinstance(value, list | tuple):
+            value = [type(v[-1]).__name__ if isinstance(v, tuple) and hasattr(v[-1], "get_params")
+                     else v for v in value]
+        out[key] = value
+    return out
+
+
+def module_constants(module: ModuleType) -> dict[str, Any]:
+    """Every upper-case constant of a stage module (numbers, strings, tuples of them), so a
+    step's key follows each one without a hand-kept list that can drift from the code."""
+    plain = (bool, int, float, str, tuple, frozenset)
+    return {name: sorted(value) if isinstance(value, frozenset) else value
+            for name, value in sorted(vars(module).items())
+            if name.isupper() and isinstance(value, plain)}
+
+
+def estimator_step(stage: str, name: str, estimators: dict[str, Any], module: ModuleType,
+                   inputs: dict[str, str | None], outputs: tuple[Path, ...] = ()) -> Step:
+    """The Step of fitting `estimators`: its params are their `get_params()` and the stage
+    module's constants, its code the module's `VERSION`."""
+    params = {key: estimator_params(e) for key, e in estimators.items()}
+    return Step(stage, name, {**params, "constants": module_constants(module)}, module.VERSION,
+                inputs, outputs)
 
 
 def versions() -> dict[str, str]:

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from influence.catalog import artist_slug as slug
-from influence.clustering import Clustering, profiles
+from influence.cluster import profiles
+from influence.readers import Clustering
 from influence.runs import InfluenceError, Run
 
 #: Catalog fields a filter narrows by, besides the year range.

@@ -23,8 +23,6 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps
 
-from influence.classify import Head, load_head, trained_heads
-from influence.clustering import Clustering, load_clustering
 from influence.combine import CombinedExtractor
 from influence.extractors import Extractor, extractor_class, get_extractor
 from influence.images import BadImage, check_size, open_rgb, to_rgb
@@ -38,6 +36,7 @@ from influence.index import (
     search,
     set_threads,
 )
+from influence.readers import Clustering, Head, load_clustering, load_head, trained_heads
 from influence.runs import InfluenceError, Run, read_json
 
 __all__ = ["Explorer", "collect_queries", "default_features", "trained_heads"]

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from influence.clustering import load_clustering
 from influence.export import cluster_export, inert, table_bytes
 from influence.pipeline import main
+from influence.readers import load_clustering
 from influence.runs import InfluenceError, Run
 from influence.selections import (
     Filter,

@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from influence.features import extraction_step
 
+from influence.extract.plan import extraction_step
 from influence.extractors import (
     FAST_PATH_ENV,
     ONEDNN_GRAPH,

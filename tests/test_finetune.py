@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from influence.classify import split_path, train_head
 from influence.commands import cmd_extract
 from influence.finetune import finetune, paths_of
 from influence.images import open_rgb
+from influence.readers import split_path
 from influence.runs import KILL_AFTER_WRITE, Run
 from influence.similar import load_extractor
+from influence.train import train_head
 
 from .conftest import MOBILENET, make_slice
 

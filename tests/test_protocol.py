@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from influence import classify, clustering
+from influence import cluster as clustering
 from influence import index as index_stage
-from influence.classify import train_head
-from influence.clustering import cluster_features
+from influence import train as classify
+from influence.cluster import cluster_features, cluster_step
 from influence.extract import extract_features
 from influence.extractors import pixels
 from influence.index import build_run_index
 from influence.influence import build_influence
-from influence.runs import Run, Step, write_json
+from influence.runs import Run, Step, module_constants, write_json
 from influence.thumbnails import make_thumbnails
+from influence.train import head_step, run_split, train_head
 
 from .conftest import MOBILENET, save_catalog
 
@@ -73,7 +74,7 @@ def test_a_finished_run_is_up_to_date_and_run_json_lists_every_step(run: Run) ->
     assert {("catalog", "catalog"), ("thumbnails", "thumbs"), ("extract", "pca"),
             ("cluster", "pca"), ("index", "mobilenet_v2"), ("train", "genre/pca")} <= done
     record = run.step_record("cluster", "pca")
-    assert record["params"]["k_max"] == K[1] and record["code"] == clustering.VERSION
+    assert record["params"]["cluster"]["k_max"] == K[1] and record["code"] == clustering.VERSION
     assert record["inputs"]["features"] == run.step_key("extract", "pca")
 
 
@@ -92,6 +93,10 @@ BOTH["influence"] = {("influence", "tables")}
     ("index constant", (index_stage, "EVAL_QUERIES", 100), BOTH["index"] | BOTH["influence"]),
     ("head constant", (classify, "C", 0.5), {("train", f"{t}/{n}") for t in TARGETS
                                              for n in FEATURES}),
+    # Constants that shape only what is written beside the model, once missing from the key.
+    ("top-k constant", (classify, "TOP_K", 3), {("train", f"{t}/{n}") for t in TARGETS
+                                               for n in FEATURES}),
+    ("typical constant", (clustering, "TYPICAL", 5), BOTH["cluster"] | BOTH["influence"]),
     ("clustering recipe", (clustering, "VERSION", "test"), BOTH["cluster"] | BOTH["influence"]),
     # An extractor's preprocessing: its features and everything made from them, nothing else.
     ("pca preprocessing", (pixels, "SIDE", 16), ALL_OF["pca"]),
@@ -127,3 +132,32 @@ def test_an_interrupted_step_is_not_done_and_old_runs_are_rebuilt_once(run: Run)
     write_json(run.manifest_path, manifest)
     assert ("index", "pca") in bring_up_to_date(run)
     assert bring_up_to_date(run) == set()
+
+
+def changed(value: object) -> object:
+    """Another value of the same kind (only the step's key is built from it, nothing is fitted)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    if isinstance(value, str):
+        return value + "-changed"
+    return (*value, "changed")
+
+
+def test_every_constant_of_the_cluster_and_train_stages_is_in_their_keys(
+        run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    catalog = run.catalog()
+    split, _ = run_split(run, "genre", catalog)
+    steps = {clustering: lambda: cluster_step(run, "pca", catalog, *K),
+             classify: lambda: head_step(run, "genre", "pca", catalog, split, "auto")}
+    for module, step in steps.items():
+        assert run.is_done(step())
+        constants = module_constants(module)
+        assert {"VERSION", "SEED"} <= constants.keys()
+        assert {"TOP_K", "WRONG_ROWS", "ECE_BINS"} <= constants.keys() or module is clustering
+        for name, value in constants.items():
+            with monkeypatch.context() as patch:
+                patch.setattr(module, name, changed(value))
+                assert not run.is_done(step()), f"{module.__name__}.{name} is not in the key"
+        assert run.is_done(step())

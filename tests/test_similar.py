@@ -15,9 +15,9 @@ from PIL import Image
 
 from influence import similar
 from influence.catalog import artist_slug
-from influence.clustering import load_clustering
 from influence.commands import cmd_cluster, cmd_index, cmd_train
 from influence.pipeline import main
+from influence.readers import load_clustering
 from influence.runs import InfluenceError, Run, read_json
 from influence.similar import Explorer
 

@@ -36,9 +36,9 @@ FEATURES = "pca+kpca"
 VOLATILE = {"timings", "seconds", "finished_at", "new_rows", "versions"}
 
 _server = multiprocessing.get_context("forkserver")
-_server.set_forkserver_preload(["influence.commands", "influence.catalog", "influence.features",
-                                "influence.combine", "influence.clustering", "influence.index",
-                                "influence.classify", "influence.influence"])
+_server.set_forkserver_preload(["influence.commands", "influence.catalog", "influence.extract",
+                                "influence.combine", "influence.cluster", "influence.index",
+                                "influence.train", "influence.influence"])
 
 
 def _pipeline(config: str, log: str, kill: str | None) -> None:

@@ -17,22 +17,20 @@ from sklearn.metrics import (
 )
 from sklearn.pipeline import Pipeline
 
-from influence import classify
-from influence.classify import (
+from influence import train as classify
+from influence.commands import cmd_train
+from influence.pipeline import main
+from influence.readers import head_paths, split_path
+from influence.runs import Run, read_json
+from influence.train import (
     HEADS,
     MIN_PER_CLASS,
     MLP_SEEDS,
     TEST_SIZE,
-    choose_head,
     expected_calibration_error,
-    head_paths,
-    make_head,
+    make_estimator,
     run_split,
-    split_path,
 )
-from influence.commands import cmd_train
-from influence.pipeline import main
-from influence.runs import Run, read_json
 
 from .conftest import save_catalog
 from .test_index import copy_run
@@ -112,7 +110,7 @@ def test_imbalanced_classes_weigh_the_same_in_the_head(trained: Run) -> None:
 
     np.testing.assert_allclose(mass(head), 1 / len(counts), atol=0.005)
     # The same head fitted without class weights leans to the common classes and fails that.
-    unweighted = make_head().set_params(logisticregression__class_weight=None).fit(x[train], y)
+    unweighted = make_estimator().set_params(logisticregression__class_weight=None).fit(x[train], y)
     assert np.abs(mass(unweighted) - 1 / len(counts)).max() > 0.02
 
 
@@ -278,24 +276,30 @@ def chosen(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_mlp_head_is_a_soft_vote_of_seeded_mlps_and_learns_the_artist(chosen: Run) -> None:
     info = read_json(chosen.models_dir / "mlp-artist-mobilenet_v2.json")
     mlp = joblib.load(chosen.models_dir / "mlp-artist-mobilenet_v2.joblib")["pipeline"]
-    assert info["head"] == "mlp" and mlp[-1].voting == "soft"
-    members = mlp[-1].estimators_
-    assert [m.random_state for m in members] == list(range(MLP_SEEDS))
-    assert all(m.hidden_layer_sizes == (512,) for m in members)
-    # The head's probabilities are the mean of its members'.
-    x = mlp[:-1].transform(np.asarray(chosen.features("mobilenet_v2"))[:20])
-    mean = np.mean([m.predict_proba(x) for m in members], axis=0)
-    np.testing.assert_allclose(mlp[-1].predict_proba(x), mean, rtol=1e-6)
+    vote = mlp[-1]
+    assert info["head"] == "mlp" and vote.members == MLP_SEEDS and vote.hidden == 512
+    w1, b1, w2, b2 = vote.weights_
+    assert w1.shape[0] == MLP_SEEDS and w1.shape[2] == 512
+    # Members differ (their own seeds) and each stopped on its own epoch count.
+    assert not np.allclose(w1[0], w1[1]) and len(vote.n_epochs_) == MLP_SEEDS
+    # The head's probabilities are the mean of its members' softmax.
+    raw = np.asarray(chosen.features("mobilenet_v2"))[:20]
+    x = mlp[:-1].transform(raw).astype(np.float32)
+    logits = np.maximum(x @ w1 + b1, 0) @ w2 + b2
+    member = np.exp(logits - logits.max(-1, keepdims=True))
+    member /= member.sum(-1, keepdims=True)
+    np.testing.assert_allclose(mlp.predict_proba(raw), member.mean(0), rtol=1e-4, atol=1e-6)
     assert info["accuracy"] >= 0.6  # chance: 0.17
+    assert info["timings"]["fit_s"] > 0
 
 
-def test_auto_head_is_chosen_on_a_slice_of_the_training_part(chosen: Run) -> None:
-    info, split, x, labels = _saved(chosen, "artist", "mobilenet_v2")
-    train = (split["part"] == "train").to_numpy()
-    kind, scores = choose_head(x[train], labels[train])
+def test_auto_head_fits_each_kind_once_on_a_slice_and_keeps_the_better(chosen: Run) -> None:
+    info = read_json(chosen.models_dir / "artist-mobilenet_v2.json")
+    auto = joblib.load(chosen.models_dir / "artist-mobilenet_v2.joblib")["pipeline"][-1]
+    scores = info["head_choice"]["validation_accuracy"]
     assert info["head_choice"]["asked"] == "auto"
-    assert info["head_choice"]["validation_accuracy"] == scores
-    assert info["head"] == kind == max(scores, key=scores.get)
+    assert scores == auto.validation_accuracy_ and set(scores) == set(HEADS)
+    assert info["head"] == auto.kind_ == max(scores, key=scores.get)
     # The chosen head is that kind refitted on the whole training part: same test results.
-    same = read_json(chosen.models_dir / f"{kind}-artist-mobilenet_v2.json")
+    same = read_json(chosen.models_dir / f"{auto.kind_}-artist-mobilenet_v2.json")
     assert info["accuracy"] == same["accuracy"] and info["ece"] == same["ece"]

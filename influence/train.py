@@ -1,37 +1,33 @@
-"""Classifier heads on frozen features: which style, genre, artist or nationality a picture has.
+"""The `train` stage: classifier heads on frozen features (style, genre, artist, nationality).
 
-A head is a scikit-learn pipeline (L2 normalisation, standardisation, then a multinomial logistic
+A head (`make_estimator`, built from `influence.estimators.heads`) is a scikit-learn pipeline: L2
+normalisation, standardisation, a PCA to at most `DIMS` components, then a multinomial logistic
 regression weighting classes so rare ones count as much as common ones, or a soft vote of
-one-hidden-layer MLPs that differ only in their seed), fitted on the training part of a
-stratified, seeded split that is saved per target
+one-hidden-layer MLPs that differ only in their seed (PyTorch, early stopping on a validation
+slice), fitted on the training part of a stratified, seeded split that is saved per target
 (`RUN/models/split-<target>.parquet`, shared by every feature set so heads compare fairly) and
-evaluated on the held-out part. With `head="auto"` the kind is chosen per target and feature set
-on a validation slice of the training part (never the held-out part), then refitted on all of it.
-Rows without the target label are left out, not guessed; labels with fewer than `MIN_PER_CLASS`
-paintings are dropped from that head, and the head says so. Past `TRAIN_MAX` training rows a head
-is fitted on a seeded, stratified sample that size (its time and memory stay bounded on a large
-collection) and still judged on the whole held-out part. Besides accuracy, the held-out
-metrics include the expected calibration error, so a probability shown can be read as one. A head
-on features fine-tuned for another target records how many of its held-out paintings that
-fine-tuning trained on (`seen_in_fine_tuning`), since those figures are then optimistic.
+evaluated on the held-out part. With `head="auto"` both kinds are fitted once on a validation
+split of the training part (never the held-out part) and only the better one is refitted on all
+of it. Rows without the target label are left out, not guessed; labels with fewer than
+`MIN_PER_CLASS` paintings are dropped from that head, and the head says so. Past `TRAIN_MAX`
+training rows a head is fitted on a seeded, stratified sample that size and still judged on the
+whole held-out part. Besides accuracy, the held-out metrics include the expected calibration
+error, so a probability shown can be read as one. A head on features fine-tuned for another
+target records how many of its held-out paintings that fine-tuning trained on
+(`seen_in_fine_tuning`), since those figures are then optimistic. The step's key is the head's
+`get_params()`, this module's constants and `VERSION`.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import VotingClassifier
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -39,17 +35,20 @@ from sklearn.metrics import (
     top_k_accuracy_score,
 )
 from sklearn.model_selection import train_test_split
-from sklearn.neural_network import MLPClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
+from sklearn.pipeline import Pipeline
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from influence.estimators.heads import AutoHead, MLPHead, fit_quietly, logistic, make_head
+from influence.plots import draw_confusion
+from influence.readers import TARGETS, head_paths, split_path
 from influence.runs import (
     InfluenceError,
     Run,
     Step,
     atomic,
     column_fingerprints,
+    estimator_step,
     fingerprint,
     read_json,
     versions,
@@ -57,31 +56,43 @@ from influence.runs import (
 )
 
 #: Version of this stage's recipe: bump it when a code change changes the heads.
-VERSION = "2"
-TARGETS = ("style", "genre", "artist", "nationality")
+VERSION = "3"
 TEST_SIZE = 0.2
 SEED = 0
 #: Labels with fewer paintings than this are left out of a head (too few to split and judge).
 MIN_PER_CLASS = 5
+#: Components the head keeps of the standardised features (fewer when the features have fewer).
+#: The heads' costs scale with it; on the full run's three-part set (2,660 columns) 256 components
+#: keep the held-out accuracy of the whole width (docs/heads-and-clusters.md).
+DIMS = 256
 #: Inverse regularisation strength of the logistic regression (on standardised features).
 C = 0.1
 MAX_ITER = 1000
 TOP_K = 5
-#: Head kinds; "auto" picks one of them per target and feature set on a validation slice.
+#: Head kinds; "auto" fits both on a validation slice and keeps the better.
 HEADS = ("logistic", "mlp")
 #: Most training rows a head is fitted on; a larger training part is sampled (stratified, seeded).
 TRAIN_MAX = 10_000
 #: Share of the training part held back to choose the head kind.
 VALIDATION_SIZE = 0.2
-#: The MLP: hidden units, L2 penalty, and the epochs without improvement before it stops.
+#: The MLP: hidden units, L2 penalty, epochs without a better validation accuracy before a member
+#: stops, most epochs, minibatch, Adam's learning rate, and the share of its rows it stops on.
 MLP_HIDDEN = 512
 MLP_ALPHA = 1.0
 MLP_PATIENCE = 10
-#: MLPs in the MLP head's soft vote, seeds 0.. MLP_SEEDS - 1. One MLP's held-out style accuracy
-#: on the three-part set moved by 2.4 points with its seed alone. Unlike the logistic head the
-#: MLPs are not class-weighted: balanced sample weights made early stopping quit after a few
-#: epochs on some seeds (genre: 0.64 to 0.76 across three seeds) and lowered macro F1 as well.
+MLP_EPOCHS = 200
+MLP_BATCH = 200
+MLP_LEARNING_RATE = 1e-3
+MLP_VALIDATION = 0.1
+#: MLPs in the MLP head's soft vote, seeds SEED.. (trained together as one batched network). One
+#: MLP's held-out style accuracy on the three-part set moved by 2.4 points with its seed alone.
+#: Unlike the logistic head the MLPs are not class-weighted: balanced sample weights made early
+#: stopping quit after a few epochs on some seeds (genre: 0.64 to 0.76 across three seeds) and
+#: lowered macro F1 as well.
 MLP_SEEDS = 3
+#: Threads a head is fitted with (BLAS and PyTorch): the same head on any machine, and on a busy
+#: shared one a single thread ran a head 4 to 6 times faster than two (docs/heads-and-clusters.md).
+THREADS = 1
 #: Equal-width confidence bins of the expected calibration error.
 ECE_BINS = 15
 #: Most confidently wrong test paintings kept per head.
@@ -110,20 +121,17 @@ def make_split(image_ids: Sequence[str], labels: Sequence[Any], test_size: float
     return frame.assign(part=pd.array(part, dtype="string")), dropped
 
 
-def make_head(kind: str = "logistic", c: float = C) -> Pipeline:
-    """The untrained head: normalise, standardise, then a logistic regression or an MLP."""
-    if kind == "mlp":
-        model = VotingClassifier(
-            [(f"seed{seed}", MLPClassifier(hidden_layer_sizes=(MLP_HIDDEN,), alpha=MLP_ALPHA,
-                                           early_stopping=True, n_iter_no_change=MLP_PATIENCE,
-                                           max_iter=MAX_ITER, random_state=seed))
-             for seed in range(MLP_SEEDS)], voting="soft")
-    elif kind == "logistic":
-        model = LogisticRegression(C=c, class_weight="balanced", max_iter=MAX_ITER,
-                                   random_state=SEED)
-    else:
+def make_estimator(kind: str = "logistic") -> Pipeline:
+    """The untrained head of one kind ("logistic", "mlp" or "auto"), from this module's
+    constants: normalise, standardise, PCA to `DIMS`, then the classifier."""
+    models = {"logistic": logistic(C, MAX_ITER, SEED),
+              "mlp": MLPHead(MLP_HIDDEN, MLP_ALPHA, MLP_SEEDS, MLP_PATIENCE, MLP_EPOCHS,
+                             MLP_BATCH, MLP_LEARNING_RATE, MLP_VALIDATION, THREADS, SEED)}
+    if kind == "auto":
+        return make_head(AutoHead(models, VALIDATION_SIZE, SEED), DIMS, SEED)
+    if kind not in models:
         raise InfluenceError(f"unknown head '{kind}' (heads: {', '.join(HEADS)}, auto)")
-    return make_pipeline(Normalizer(), StandardScaler(), model)
+    return make_head(models[kind], DIMS, SEED)
 
 
 def fit_sample(y: np.ndarray, limit: int | None = None, seed: int = SEED) -> np.ndarray:
@@ -135,19 +143,6 @@ def fit_sample(y: np.ndarray, limit: int | None = None, seed: int = SEED) -> np.
         return rows
     keep, _ = train_test_split(rows, train_size=limit, random_state=seed, stratify=y)
     return np.sort(keep)
-
-
-def choose_head(x: np.ndarray, y: np.ndarray) -> tuple[str, dict[str, float]]:
-    """The head kind with the best accuracy on a seeded, stratified validation slice of (x, y)."""
-    fit, val = train_test_split(np.arange(len(y)), test_size=VALIDATION_SIZE, random_state=SEED,
-                                stratify=y)
-    scores = {}
-    for kind in HEADS:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            head = make_head(kind).fit(x[fit], y[fit])
-        scores[kind] = round(float(accuracy_score(y[val], head.predict(x[val]))), 4)
-    return max(HEADS, key=lambda k: scores[k]), scores
 
 
 def expected_calibration_error(y_true: Sequence[str], proba: np.ndarray,
@@ -213,18 +208,6 @@ def seen_in_fine_tuning(run: Run, features: str, target: str, held_out: Sequence
     return seen
 
 
-def head_paths(run: Run, target: str, features: str) -> dict[str, Path]:
-    stem = run.models_dir / f"{target}-{features}"
-    # Suffixes appended, not swapped: a feature set's name may hold a dot (`style@0.5`).
-    return {"model": Path(f"{stem}.joblib"), "json": Path(f"{stem}.json"),
-            "per_class": Path(f"{stem}-per_class.csv"), "confusion": Path(f"{stem}-confusion.csv"),
-            "picture": Path(f"{stem}-confusion.png"), "wrong": Path(f"{stem}-wrong.csv")}
-
-
-def split_path(run: Run, target: str) -> Path:
-    return run.models_dir / f"split-{target}.parquet"
-
-
 def run_split(run: Run, target: str, catalog: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """The target's split for this run's catalog, made once and saved (image_id, part)."""
     if target not in catalog.columns:
@@ -239,37 +222,17 @@ def run_split(run: Run, target: str, catalog: pd.DataFrame) -> tuple[pd.DataFram
     return split, dropped
 
 
-def _draw_confusion(matrix: pd.DataFrame, title: str, path: Path) -> None:
-    """Row-normalised confusion matrix as a picture (counts written in when there is room)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    counts = matrix.to_numpy()
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    n = len(matrix)
-    side = min(40.0, max(6.0, 0.22 * n + 3))
-    fig, ax = plt.subplots(figsize=(side, side))
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    ticks = np.arange(n)
-    size = max(3, min(10, 400 / max(n, 1)))
-    ax.set_xticks(ticks, matrix.columns, rotation=90, fontsize=size)
-    ax.set_yticks(ticks, matrix.index, fontsize=size)
-    if n <= 25:
-        for i in range(n):
-            for j in range(n):
-                if counts[i, j]:
-                    ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=size,
-                            color="white" if share[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true (rows sum to 1)")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.03)
-    fig.tight_layout()
-    with atomic(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+def head_step(run: Run, target: str, features: str, catalog: pd.DataFrame, split: pd.DataFrame,
+              head: str) -> Step:
+    """The step of one head: the head's parameters and this module's constants, its label
+    column, its split and its features' extraction."""
+    return estimator_step("train", f"{target}/{features}", {"head": make_estimator(head)},
+                          sys.modules[__name__],
+                          {**column_fingerprints(catalog, [target]),
+                           "split": fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
+                                                + split["part"]),
+                           "features": run.step_key("extract", features)},
+                          tuple(head_paths(run, target, features).values()))
 
 
 def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | None = None,
@@ -281,16 +244,7 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
     if split.empty:
         raise NothingToLearn(f"head {target}/{features}: fewer than 2 labels with at least "
                              f"{MIN_PER_CLASS} paintings each; nothing to learn")
-    step = Step("train", f"{target}/{features}",
-                {"c": C, "max_iter": MAX_ITER, "min": MIN_PER_CLASS, "seed": SEED,
-                 "train_max": TRAIN_MAX, "test": TEST_SIZE, "head": head,
-                 "mlp": [MLP_HIDDEN, MLP_ALPHA, MLP_PATIENCE, MLP_SEEDS],
-                 "validation": VALIDATION_SIZE, "ece_bins": ECE_BINS}, VERSION,
-                {**column_fingerprints(catalog, [target]),
-                 "split": fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
-                                      + split["part"]),
-                 "features": run.step_key("extract", features)},
-                tuple(paths.values()))
+    step = head_step(run, target, features, catalog, split, head)
     report = run.step(step, lambda: _train(run, target, features, catalog, split, dropped,
                                            head))
     return {**read_json(paths["json"]), "up_to_date": report["up_to_date"]}
@@ -311,14 +265,13 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
     train[sampled] = True
     x = np.asarray(x_all[rows], dtype=np.float32)
     start = time.perf_counter()
-    kind, validation = ((head, {}) if head != "auto" else choose_head(x[train], labels[train]))
-    choose_s = time.perf_counter() - start
-    start = time.perf_counter()
-    model = make_head(kind)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(x[train], labels[train])
+    model = make_estimator(head)
+    with threadpool_limits(THREADS):
+        converged = fit_quietly(model, x[train], labels[train])
     fit_s = time.perf_counter() - start
+    final = model[-1]
+    kind, validation = ((final.kind_, final.validation_accuracy_) if head == "auto"
+                        else (head, {}))
     classes = [str(c) for c in model.classes_]
     proba = model.predict_proba(x[test])
     metrics, per_class, matrix = evaluate(labels[test], proba, classes)
@@ -338,7 +291,7 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
         per_class.to_csv(tmp, index=False)
     with atomic(paths["confusion"]) as tmp:
         matrix.to_csv(tmp)
-    _draw_confusion(matrix, f"{target} from {features} features (held-out part)",
+    draw_confusion(matrix, f"{target} from {features} features (held-out part)",
                     paths["picture"])
     with atomic(paths["wrong"]) as tmp:
         _wrong(catalog, rows[test], labels[test], proba, classes, target).to_csv(tmp,
@@ -353,9 +306,9 @@ def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: p
                       "stratified": True},
             "head": kind, "head_choice": {"asked": head, "validation_accuracy": validation,
                                           "validation_size": VALIDATION_SIZE},
-            "model": repr(model), "converged": not any(issubclass(w.category, ConvergenceWarning)
-                                                       for w in caught),
-            "timings": {"fit_s": round(fit_s, 3), "choose_s": round(choose_s, 3)},
+            "model": repr(model), "converged": converged,
+            "components": int(model[-2].n_components_) if len(model) > 3 else None,
+            "timings": {"fit_s": round(fit_s, 3)},
             "versions": versions()}
     write_json(paths["json"], info)
     return {k: info[k] for k in ("head", "accuracy", "macro_f1", "top5_accuracy", "ece",
@@ -405,47 +358,3 @@ def train_heads(run: Run, targets: Sequence[str], features: Sequence[str],
 
 class NothingToLearn(InfluenceError):
     """A head whose target has too few labelled paintings: skipped when others can be trained."""
-
-
-@dataclass(frozen=True)
-class Head:
-    """A trained head, loaded for prediction (read-only, safe to share between threads)."""
-
-    target: str
-    features: str
-    pipeline: Pipeline
-    classes: np.ndarray
-
-    def top(self, x: np.ndarray, k: int = TOP_K, average: bool = False
-            ) -> list[list[dict[str, Any]]]:
-        """For each row: the k most probable labels, [{label, p}], most probable first.
-
-        `average`: one answer from the mean probabilities of all rows (views of one image).
-        """
-        proba = self.pipeline.predict_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
-        if average:
-            proba = proba.mean(axis=0, keepdims=True)
-        order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-        return [[{"label": str(self.classes[j]), "p": round(float(p[j]), 4)} for j in o]
-                for p, o in zip(proba, order, strict=True)]
-
-
-def load_head(run: Run, target: str, features: str) -> Head:
-    path = head_paths(run, target, features)["model"]
-    run.require(path, f"train --target {target} --features {features}")
-    saved = joblib.load(run.verified(path))
-    return Head(target, features, saved["pipeline"], np.asarray(saved["classes"], dtype=object))
-
-
-def trained_heads(run: Run) -> list[tuple[str, str]]:
-    """(target, features) of every head trained in the run, in a stable order."""
-    if not run.models_dir.exists():
-        return []
-    heads = []
-    for path in sorted(run.models_dir.glob("*.json")):
-        info = read_json(path)
-        if isinstance(info, dict) and {"target", "features"} <= info.keys() \
-                and head_paths(run, info["target"], info["features"])["model"].exists():
-            heads.append((info["target"], info["features"]))
-    order = {t: i for i, t in enumerate(TARGETS)}
-    return sorted(heads, key=lambda h: (h[1], order.get(h[0], len(order)), h[0]))

@@ -18,15 +18,11 @@ from sklearn.metrics import (
     silhouette_score,
 )
 
-from influence import clustering
-from influence.clustering import (
-    FIELDS,
-    cluster_features,
-    fit_clustering,
-    kneedle,
-    load_clustering,
-)
+from influence import cluster as clustering
+from influence.cluster import FIELDS, cluster_features, fit_clustering
 from influence.commands import cmd_cluster, cmd_extract
+from influence.estimators.clustering import fit_rows, kneedle
+from influence.readers import clustered_features, load_clustering
 from influence.runs import InfluenceError, Run, read_json
 
 from .conftest import COLLECTION, save_catalog
@@ -91,14 +87,15 @@ def test_five_well_separated_blobs_give_five_clusters_by_every_rule() -> None:
     x, truth = make_blobs(n_samples=200, centers=5, n_features=8, cluster_std=0.6,
                           center_box=(-10, 10), random_state=0)
     result = fit_clustering(x, 2, 10, progress=False)
-    assert result.k == 5
-    assert result.choice["method"].startswith("kneedle")
-    assert result.choice["silhouette_best_k"] == 5
-    assert result.choice["gmm_bic_best_k"] == 5
-    assert adjusted_rand_score(truth, result.kmeans_labels) == 1.0
-    assert adjusted_rand_score(truth, result.gmm_labels) == 1.0
-    assert result.sweep["k"].tolist() == list(range(2, 11))
-    assert result.umap.shape == (200, 2) and np.isfinite(result.umap).all()
+    assert result.clusters.k_ == 5
+    assert result.clusters.choice_["method"].startswith("kneedle")
+    assert result.clusters.choice_["silhouette_best_k"] == 5
+    assert result.clusters.choice_["gmm_bic_best_k"] == 5
+    assert adjusted_rand_score(truth, result.clusters.labels_) == 1.0
+    assert adjusted_rand_score(truth, result.clusters.gmm_labels_) == 1.0
+    assert result.clusters.sweep_["k"].tolist() == list(range(2, 11))
+    embedding = result.projection.embedding_
+    assert embedding.shape == (200, 2) and np.isfinite(embedding).all()
 
 
 def test_fit_clustering_refuses_bad_input_in_one_clear_line() -> None:
@@ -154,15 +151,16 @@ def test_silhouette_on_large_sets_is_scored_on_a_fixed_seeded_sample(
     x = np.asarray(small_run.features("pca"))
     result = fit_clustering(x, 2, 4, progress=False)
     again = fit_clustering(x, 2, 4, progress=False)
-    assert result.reduction["silhouette_rows"] == 120
+    assert result.reducer.info_["silhouette_rows"] == 120
     rows = np.sort(np.random.default_rng(clustering.SEED).choice(180, 120, replace=False))
     y = result.reduced
-    for method, labels in (("kmeans", result.kmeans_labels), ("gmm", result.gmm_labels)):
-        scores = result.scores[method]
+    c = result.clusters
+    for method, labels in (("kmeans", c.labels_), ("gmm", c.gmm_labels_)):
+        scores = result.clusters.scores_[method]
         sampled = silhouette_score(y[rows], labels[rows])
         assert scores["silhouette"] == pytest.approx(sampled, rel=1e-5)
         assert scores["silhouette"] != pytest.approx(silhouette_score(y, labels), rel=1e-5)
-        assert again.scores[method]["silhouette"] == scores["silhouette"]
+        assert again.clusters.scores_[method]["silhouette"] == scores["silhouette"]
         # Davies-Bouldin and Calinski-Harabasz are cheap: always on every row.
         assert scores["davies_bouldin"] == pytest.approx(davies_bouldin_score(y, labels),
                                                          rel=1e-5)
@@ -175,24 +173,26 @@ def test_large_sets_fit_on_a_seeded_sample_and_assign_every_painting(
     monkeypatch.setattr(clustering, "FIT_SAMPLE", 100)
     x = np.asarray(small_run.features("mobilenet_v2"))
     result = fit_clustering(x, 2, 5, progress=False)
-    rows = clustering.fit_rows(len(x))
+    rows = fit_rows(len(x), clustering.SEED, clustering.FIT_SAMPLE)
     assert rows is not None and len(rows) == 100
-    assert result.reduction["fit_rows"] == 100
+    assert result.reducer.info_["fit_rows"] == 100
     # The models were fitted on the sample: the reducer's mean is the sample's.
-    scaler = result.reducer.steps[0][1]
+    scaler = result.reducer.pipeline_.steps[0][1]
     assert np.allclose(scaler.mean_, x[rows].mean(axis=0), atol=1e-5)
     # ... and every painting, in the sample or not, is assigned by the fitted models.
     y = result.reduced
-    assert len(result.kmeans_labels) == len(result.gmm_labels) == len(x)
-    assert np.array_equal(result.kmeans_labels, result.kmeans.predict(y))
-    assert np.allclose(result.responsibilities, result.gmm.predict_proba(y), atol=1e-5)
-    assert np.isfinite(result.umap).all() and result.umap.shape == (len(x), 2)
+    assert len(result.clusters.labels_) == len(result.clusters.gmm_labels_) == len(x)
+    assert np.array_equal(result.clusters.labels_, result.clusters.kmeans_.predict(y))
+    c = result.clusters
+    assert np.allclose(c.responsibilities_, c.gmm_.predict_proba(y), atol=1e-5)
+    embedding = result.projection.embedding_
+    assert np.isfinite(embedding).all() and embedding.shape == (len(x), 2)
     # Scores cover every painting's label, not only the sample's.
-    assert result.scores["kmeans"]["davies_bouldin"] == pytest.approx(
-        davies_bouldin_score(y, result.kmeans_labels), rel=1e-5)
+    assert result.clusters.scores_["kmeans"]["davies_bouldin"] == pytest.approx(
+        davies_bouldin_score(y, result.clusters.labels_), rel=1e-5)
     again = fit_clustering(x, 2, 5, progress=False)
-    assert np.array_equal(again.kmeans_labels, result.kmeans_labels)
-    assert np.array_equal(again.umap, result.umap)
+    assert np.array_equal(again.clusters.labels_, result.clusters.labels_)
+    assert np.array_equal(again.projection.embedding_, result.projection.embedding_)
 
 
 def test_a_mixture_component_that_collapses_is_refitted_not_fatal(tmp_path: Path) -> None:
@@ -260,7 +260,8 @@ def test_a_second_run_is_up_to_date_and_rewrites_nothing(clustered: Run,
     assert {p: p.stat().st_mtime_ns for p in files} == before
     for name in NAMES:
         step = clustered.step_record("cluster", name)
-        assert step["params"]["k_min"] == K_MIN and step["params"]["k_max"] == K_MAX
+        assert step["params"]["cluster"]["k_min"] == K_MIN
+        assert step["params"]["cluster"]["k_max"] == K_MAX
 
 
 def test_a_changed_k_range_or_changed_labels_recluster(small_run: Run, tmp_path: Path) -> None:
@@ -373,7 +374,8 @@ def test_every_feature_set_has_its_plots_and_a_comparison_row_per_method(cluster
         assert summary["features"] == name and summary["rows"] == 180
         assert summary["weights"] == clustered.features_info(name)["weights"]
         assert set(summary["agreement"]) == {"kmeans", "gmm"}
-        assert summary["config"]["k_min"] == K_MIN and summary["config"]["k_max"] == K_MAX
+        assert summary["config"]["cluster"]["k_min"] == K_MIN
+        assert summary["config"]["cluster"]["k_max"] == K_MAX
     sweep = load_clustering(clustered, "pca").sweep
     assert sweep.columns.tolist() == ["k", "inertia", "silhouette", "davies_bouldin",
                                       "calinski_harabasz", "gmm_bic"]
@@ -386,7 +388,7 @@ def test_every_feature_set_has_its_plots_and_a_comparison_row_per_method(cluster
         (n, m) for n in NAMES for m in ("kmeans", "gmm"))
     for row in table.itertuples():
         assert row.k == load_clustering(clustered, row.features).summary["k"]
-    assert clustering.clustered_features(clustered) == sorted(NAMES)
+    assert clustered_features(clustered) == sorted(NAMES)
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -411,4 +413,4 @@ def test_loading_an_unclustered_feature_set_names_the_stage_to_run(small_run: Ru
         load_clustering(clustered, "kpca")
     with pytest.raises(InfluenceError, match=r"clustered: mobilenet_v2, pca"):
         load_clustering(clustered, "kpca")
-    assert clustering.clustered_features(fresh) == []
+    assert clustered_features(fresh) == []

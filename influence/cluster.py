@@ -1,0 +1,312 @@
+"""The `cluster` stage: reduce, sweep KMeans over k, fit a GMM, score, profile and map.
+
+The recipe (`make_recipe`: estimators of `influence.estimators.clustering`), per feature matrix:
+
+1. reduce: centre, standardise the columns unless they are already decorrelated components, then
+   PCA to the fewest dimensions keeping `VARIANCE` of the variance, at most `MAX_DIMS`;
+2. KMeans for every k in the range, recording inertia, silhouette, Davies-Bouldin and
+   Calinski-Harabasz; the k is chosen by Kneedle on the inertia curve (`kneedle`);
+3. a diagonal-covariance Gaussian mixture at every k, started from that k's KMeans solution,
+   recording BIC; the one at the chosen k gives each painting's soft membership;
+4. a seeded 2-D UMAP of the reduced features.
+
+`cluster_features` runs it on a run's feature set and writes `RUN/clusters/<features>/` (see
+docs/DESIGN.md); `influence.readers.load_clustering` reads that back for the app and the search
+without recomputing anything. The step's key is the estimators' `get_params()`, this module's
+constants and `VERSION`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from influence.catalog import LABEL_FIELDS
+from influence.estimators.clustering import ElbowClustering, Projection, Reducer, fit_rows
+from influence.plots import plot_sweep
+from influence.readers import clustered_features
+from influence.runs import (
+    InfluenceError,
+    Run,
+    Step,
+    atomic,
+    column_fingerprints,
+    estimator_step,
+    read_json,
+    timed,
+    write_json,
+)
+
+SEED = 0
+#: PCA keeps the fewest components explaining this share of the variance, but no more than
+#: MAX_DIMS: KMeans, GMM and UMAP stay fast and distances stop being dominated by noise.
+VARIANCE = 0.90
+MAX_DIMS = 50
+#: Columns whose mean absolute correlation is below this are already principal components
+#: (the `pca` and `kpca` extractors): scaling them to unit variance would whiten noise up to the
+#: weight of the main components, so they are only centred.
+DECORRELATED = 0.05
+KMEANS_INIT = 3
+#: Diagonal covariances: after PCA the features are globally decorrelated, a diagonal mixture
+#: costs O(n k d) per EM step instead of O(n k d^2), and it has 2d instead of d(d+3)/2
+#: parameters per component, so BIC does not punish every k above a handful.
+COVARIANCE = "diag"
+#: Silhouette is exact up to this many paintings; above it, on a fixed seeded sample this size.
+SILHOUETTE_SAMPLE = 8000
+#: Up to this many paintings everything is fitted on all of them. Past it, the reducer, the
+#: KMeans and GMM sweeps and UMAP are fitted on a fixed seeded sample this size, and every
+#: painting is then assigned (KMeans, GMM responsibilities) or placed (UMAP transform) by the
+#: fitted models; the cost of that shortcut against a full fit is measured in the README.
+FIT_SAMPLE = 20_000
+UMAP_NEIGHBOURS = 15
+UMAP_MIN_DIST = 0.1
+#: Paintings closest to each cluster's centre kept in typical.parquet.
+TYPICAL = 12
+METHODS = ("kmeans", "gmm")
+FIELDS = LABEL_FIELDS
+SCORES = ("silhouette", "davies_bouldin", "calinski_harabasz")
+#: Version of this stage's recipe: bump it when a code change changes the clusters.
+VERSION = "1"
+
+
+# ------------------------------------------------------------------------------------- the recipe
+def make_recipe(k_min: int = 2, k_max: int = 30, seed: int = SEED,
+                fit_sample: int | None = None) -> dict[str, Any]:
+    """The unfitted estimators of the recipe, from this module's constants: reduce, cluster,
+    project (the step's key is built from their parameters)."""
+    sample = FIT_SAMPLE if fit_sample is None else fit_sample
+    return {"reduce": Reducer(VARIANCE, MAX_DIMS, DECORRELATED, sample, seed),
+            "cluster": ElbowClustering(k_min, k_max, KMEANS_INIT, COVARIANCE, SILHOUETTE_SAMPLE,
+                                       sample, seed),
+            "project": Projection(UMAP_NEIGHBOURS, UMAP_MIN_DIST, sample, seed)}
+
+
+@dataclass
+class Fitted:
+    """The fitted recipe on one feature matrix: its estimators and the reduced rows."""
+
+    reducer: Reducer
+    clusters: ElbowClustering
+    projection: Projection
+    reduced: np.ndarray
+    timings: dict[str, float]
+
+
+def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = SEED,
+                   progress: bool = True, name: str = "features",
+                   fit_sample: int | None = None) -> Fitted:
+    """Reduce x, sweep KMeans and GMM over k_min..k_max, choose k, and project with UMAP; past
+    `fit_sample` rows (default FIT_SAMPLE) the models are fitted on a seeded sample that size."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise InfluenceError(f"{name}: the feature matrix has NaN or infinite values")
+    recipe = make_recipe(k_min, k_max, seed, fit_sample)
+    recipe["cluster"]._check(len(x), name)
+    timings: dict[str, float] = {}
+    with timed(timings, "reduce"):
+        y = recipe["reduce"].fit(x).transform(x)
+    clusters = recipe["cluster"].fit(y, progress=progress, name=name)
+    timings.update(clusters.timings_)
+    with timed(timings, "umap"):
+        projection = recipe["project"].fit(y, progress=progress, name=name)
+    sample = fit_rows(len(x), seed, recipe["reduce"].fit_sample)
+    recipe["reduce"].info_.update({
+        "silhouette_rows": int(len(clusters.silhouette_rows_)),
+        "fit_rows": len(x) if sample is None else int(len(sample)),
+        "fit": ("all paintings" if sample is None else
+                f"a seeded sample of {len(sample)} of {len(x)} paintings; the rest assigned by "
+                "the fitted KMeans and GMM and placed by UMAP's transform")})
+    return Fitted(recipe["reduce"], clusters, projection, y, timings)
+
+
+# ------------------------------------------------------------------------------ labels, profiles
+def label_agreement(labels: np.ndarray, catalog: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """NMI and ARI between clusters and each label field, over the rows where the label is known."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    out: dict[str, dict[str, float]] = {}
+    for f in FIELDS:
+        if f not in catalog:
+            continue
+        known = catalog[f].notna().to_numpy()
+        truth = catalog[f][known].astype(str).to_numpy()
+        if known.sum() < 2 or len(np.unique(truth)) < 2:
+            continue
+        out[f] = {"nmi": float(normalized_mutual_info_score(truth, labels[known])),
+                  "ari": float(adjusted_rand_score(truth, labels[known])),
+                  "rows": int(known.sum())}
+    return out
+
+
+def profiles(labels: np.ndarray, catalog: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Per cluster and label field, each value's count, share in the cluster and lift.
+
+    Shares are among the cluster's paintings whose label is known; lift is the share divided by
+    the value's share in the whole collection (lift 3 = three times as common as overall).
+    """
+    parts = []
+    for f in FIELDS:
+        if f not in catalog:
+            continue
+        known = catalog[f].notna().to_numpy()
+        if not known.any():
+            continue
+        df = pd.DataFrame({"cluster": labels[known], "value": catalog[f][known].astype(str)})
+        counts = df.groupby(["cluster", "value"]).size().rename("count").reset_index()
+        counts["share"] = counts["count"] / counts.groupby("cluster")["count"].transform("sum")
+        overall = df["value"].value_counts(normalize=True)
+        counts["collection_share"] = counts["value"].map(overall).astype(float)
+        counts["lift"] = counts["share"] / counts["collection_share"]
+        counts.insert(1, "field", f)
+        parts.append(counts)
+    columns = ["method", "cluster", "field", "value", "count", "share", "collection_share", "lift"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    out = pd.concat(parts, ignore_index=True)
+    out.insert(0, "method", method)
+    out = out.sort_values(["cluster", "field", "count", "value"],
+                          ascending=[True, True, False, True], kind="stable")
+    return out[columns].reset_index(drop=True)
+
+
+def typical(labels: np.ndarray, distance: np.ndarray, image_ids: np.ndarray, method: str,
+            top: int = TYPICAL) -> pd.DataFrame:
+    """Each cluster's `top` members closest to its centre, rank 0 the most typical."""
+    df = pd.DataFrame({"cluster": labels, "image_id": image_ids, "distance": distance})
+    df = df.sort_values(["cluster", "distance", "image_id"], kind="stable")
+    df = df.groupby("cluster", sort=True).head(top).copy()
+    df["rank"] = df.groupby("cluster").cumcount()
+    df.insert(0, "method", method)
+    return df[["method", "cluster", "rank", "image_id", "distance"]].reset_index(drop=True)
+
+
+def gmm_distance(y: np.ndarray, gmm: Any, labels: np.ndarray) -> np.ndarray:
+    """Mahalanobis distance of each row to the mean of its (hard) GMM component."""
+    diff = y - gmm.means_[labels]
+    return np.sqrt((diff ** 2 * gmm.precisions_[labels]).sum(axis=1)).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------ the run's stage
+FILES = ("sweep.csv", "assignments.parquet", "responsibilities.npy", "profiles.parquet",
+         "typical.parquet", "model.joblib", "elbow.png", "silhouette.png", "summary.json")
+
+
+def cluster_step(run: Run, name: str, catalog: pd.DataFrame, k_min: int, k_max: int,
+                 seed: int = SEED) -> Step:
+    """The step of one feature set's clustering: the recipe's parameters and this module's
+    constants, every label field and the features' extraction."""
+    # The labels shape the profiles and agreement: a corrected attribution reuses every feature
+    # row (they are keyed by image id) but must still redo this stage.
+    return estimator_step("cluster", name, make_recipe(k_min, k_max, seed), sys.modules[__name__],
+                          {**column_fingerprints(catalog, FIELDS),
+                           "features": run.step_key("extract", name)},
+                          tuple(run.clusters_dir / name / f for f in FILES))
+
+
+def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed: int = SEED,
+                     progress: bool = True) -> dict[str, Any]:
+    """Bring `RUN/clusters/<name>/` up to date; returns its summary (with `up_to_date`).
+
+    The run protocol (`Run.step`) decides: the step's key covers the settings, this recipe's
+    version, the features' extraction and every label the profiles read.
+    """
+    catalog = run.catalog()
+    x = run.features(name)
+    if len(x) != len(catalog):
+        raise InfluenceError(f"features '{name}' have {len(x)} rows but the catalog has "
+                             f"{len(catalog)}: run `extract` again")
+    out = run.clusters_dir / name
+    step = cluster_step(run, name, catalog, k_min, k_max, seed)
+    report = run.step(step, lambda: _cluster(run, name, step, catalog, x, out, k_min, k_max,
+                                             seed, progress))
+    return {**read_json(out / "summary.json"), "up_to_date": report["up_to_date"]}
+
+
+def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarray, out: Path,
+             k_min: int, k_max: int, seed: int, progress: bool) -> dict[str, Any]:
+    """Fit and write one feature set's clusters; returns what run.json records of them."""
+    import joblib
+
+    info = run.features_info(name)
+    start = time.perf_counter()
+    fitted = fit_clustering(np.asarray(x), k_min, k_max, seed, progress, name)
+    timings, c = fitted.timings, fitted.clusters
+    embedding = fitted.projection.embedding_
+    ids = catalog["image_id"].astype(str).to_numpy()
+    with timed(timings, "profiles"):
+        agreement = {"kmeans": label_agreement(c.labels_, catalog),
+                     "gmm": label_agreement(c.gmm_labels_, catalog)}
+        prof = pd.concat([profiles(c.labels_, catalog, "kmeans"),
+                          profiles(c.gmm_labels_, catalog, "gmm")], ignore_index=True)
+        gdist = gmm_distance(fitted.reduced, c.gmm_, c.gmm_labels_)
+        typ = pd.concat([typical(c.labels_, c.distance_, ids, "kmeans"),
+                         typical(c.gmm_labels_, gdist, ids, "gmm")], ignore_index=True)
+        sizes = {m: np.bincount(lab, minlength=c.k_).tolist()
+                 for m, lab in (("kmeans", c.labels_), ("gmm", c.gmm_labels_))}
+    with timed(timings, "write"):
+        assignments = pd.DataFrame({
+            "image_id": ids, "kmeans": c.labels_, "kmeans_distance": c.distance_,
+            "gmm": c.gmm_labels_, "gmm_p": c.responsibilities_.max(axis=1),
+            "umap_x": embedding[:, 0], "umap_y": embedding[:, 1],
+        })
+        model = {"reducer": fitted.reducer.pipeline_, "kmeans": c.kmeans_, "gmm": c.gmm_}
+        writers = {"sweep.csv": lambda p: c.sweep_.to_csv(p, index=False),
+                   "assignments.parquet": lambda p: assignments.to_parquet(p, index=False),
+                   "responsibilities.npy": lambda p: np.save(p, c.responsibilities_),
+                   "profiles.parquet": lambda p: prof.to_parquet(p, index=False),
+                   "typical.parquet": lambda p: typ.to_parquet(p, index=False),
+                   "model.joblib": lambda p: joblib.dump(model, p)}
+        for file, write in writers.items():
+            with atomic(out / file) as tmp:
+                write(tmp)
+        plot_sweep(c.sweep_, c.k_, name, out)
+    summary = {
+        "features": name,
+        "weights": info.get("weights"),
+        "rows": len(ids),
+        "k": c.k_,
+        "choice": c.choice_,
+        "gmm": {"k": c.k_, "covariance": c.covariance,
+                "bic_best_k": c.choice_["gmm_bic_best_k"],
+                "converged": bool(c.gmm_.converged_), "iterations": int(c.gmm_.n_iter_),
+                "start": "the KMeans solution at the same k"},
+        "reduction": fitted.reducer.info_,
+        "scores": c.scores_,
+        "agreement": agreement,
+        "sizes": sizes,
+        "timings": {k: round(v, 3) for k, v in
+                    {**timings, "total": time.perf_counter() - start}.items()},
+        "config": step.params,
+        "input": step.key,
+        "features_catalog": info.get("catalog"),
+    }
+    write_json(out / "summary.json", summary)
+    return {"k": c.k_, "rows": len(ids), "timings": summary["timings"]}
+
+
+def comparison(run: Run) -> pd.DataFrame:
+    """One row per (features, method) over every clustered feature set; also written as CSV."""
+    rows = []
+    for name in clustered_features(run):
+        s = read_json(run.clusters_dir / name / "summary.json")
+        for method in METHODS:
+            row: dict[str, Any] = {"features": name, "weights": s.get("weights"),
+                                   "method": method, "k": s["k"], **s["scores"][method]}
+            for f in FIELDS:
+                a = s["agreement"][method].get(f, {})
+                row[f"nmi_{f}"] = a.get("nmi", float("nan"))
+                row[f"ari_{f}"] = a.get("ari", float("nan"))
+            rows.append(row)
+    columns = ["features", "weights", "method", "k", *SCORES,
+               *[f"{m}_{f}" for f in FIELDS for m in ("nmi", "ari")]]
+    table = pd.DataFrame(rows, columns=columns)
+    if rows:
+        with atomic(run.clusters_dir / "comparison.csv") as tmp:
+            table.to_csv(tmp, index=False)
+    return table

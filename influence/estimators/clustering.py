@@ -1,0 +1,315 @@
+"""Clustering and projection of a feature matrix, as scikit-learn estimators.
+
+- `Reducer`: centre, standardise unless the columns are already decorrelated components, PCA to
+  the fewest dimensions keeping `variance` of it, at most `max_dims`;
+- `ElbowClustering`: KMeans for every k in a range (inertia, silhouette, Davies-Bouldin,
+  Calinski-Harabasz), k chosen by Kneedle on the inertia curve, and a diagonal Gaussian mixture
+  started from the KMeans solution (BIC at every k; responsibilities at the chosen one);
+- `Projection`: a seeded 2-D UMAP.
+
+Each has a `fit_sample`: past that many rows it is fitted on a seeded sample that size and every
+row is then assigned or placed by the fitted models. `progress` and `name` are arguments of `fit`,
+not parameters: they change what is shown, never what is learnt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClusterMixin, TransformerMixin
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.metrics import (
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    pairwise_distances,
+    silhouette_score,
+)
+from sklearn.mixture import GaussianMixture
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from influence.runs import InfluenceError, timed
+
+SCORES = ("silhouette", "davies_bouldin", "calinski_harabasz")
+
+
+def kneedle(x: Sequence[float], y: Sequence[float]) -> int:
+    """Index of the elbow of a decreasing convex curve, by Kneedle (Satopaa et al., 2011).
+
+    Both axes are scaled to [0, 1]; the elbow is the point farthest below the straight line
+    joining the curve's ends (the maximum of Kneedle's difference curve). A curve with no point
+    below that line has no elbow: -1.
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3:
+        raise InfluenceError("an elbow needs at least three points on the curve")
+    xn = (x - x[0]) / (x[-1] - x[0])
+    span = y.max() - y.min()
+    if span <= 0:
+        return -1
+    yn = (y - y.min()) / span
+    difference = (1.0 - yn) - xn
+    best = int(np.argmax(difference))
+    return best if difference[best] > 1e-12 else -1
+
+
+def explained_variance_ratio(z: np.ndarray) -> np.ndarray:
+    """Share of the variance along every principal component of z, largest first.
+
+    Eigenvalues only (of the covariance when rows outnumber dimensions): what choosing the
+    number of components needs, at a fraction of the cost of a full PCA.
+    """
+    if z.shape[0] > z.shape[1]:
+        values = np.linalg.eigvalsh(np.cov(z, rowvar=False))[::-1]
+    else:
+        values = np.linalg.svd(z - z.mean(axis=0), compute_uv=False) ** 2
+    values = np.clip(values, 0.0, None)
+    return values / values.sum()
+
+
+def fit_rows(n: int, seed: int, limit: int) -> np.ndarray | None:
+    """The sorted seeded sample of rows models are fitted on, or None to fit on all n."""
+    if n <= limit:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, limit, replace=False))
+
+
+def _sampled(x: np.ndarray, seed: int, limit: int) -> np.ndarray:
+    rows = fit_rows(len(x), seed, limit)
+    return x if rows is None else x[rows]
+
+
+class Reducer(TransformerMixin, BaseEstimator):
+    """StandardScaler (centring only for decorrelated columns) + PCA keeping `variance`."""
+
+    def __init__(self, variance: float = 0.90, max_dims: int = 50, decorrelated: float = 0.05,
+                 fit_sample: int = 20_000, random_state: int = 0) -> None:
+        self.variance = variance
+        self.max_dims = max_dims
+        self.decorrelated = decorrelated
+        self.fit_sample = fit_sample
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: Any = None) -> Reducer:
+        x = _sampled(np.asarray(X, dtype=np.float64), self.random_state, self.fit_sample)
+        std = x.std(axis=0)
+        live = std > 0
+        corr = np.corrcoef(x[:, live], rowvar=False) if live.sum() > 1 else np.ones((1, 1))
+        off = np.abs(corr[~np.eye(len(corr), dtype=bool)])
+        mean_corr = float(off.mean()) if off.size else 0.0
+        standardise = mean_corr >= self.decorrelated
+        scaler = StandardScaler(with_std=standardise).fit(x)
+        z = scaler.transform(x)
+        limit = min(x.shape[0] - 1, x.shape[1])
+        cumulative = np.cumsum(explained_variance_ratio(z))
+        dims = min(int(np.searchsorted(cumulative, self.variance)) + 1, self.max_dims, limit)
+        pca = PCA(n_components=dims, random_state=self.random_state,
+                  svd_solver="randomized").fit(z)
+        self.pipeline_: Pipeline = make_pipeline(scaler, pca)
+        self.info_ = {
+            "standardised": bool(standardise),
+            "mean_abs_correlation": round(mean_corr, 4),
+            "input_dims": int(x.shape[1]),
+            "pca_dims": int(dims),
+            "explained_variance": round(float(pca.explained_variance_ratio_.sum()), 4),
+            "rule": (f"standardise unless columns are already decorrelated (mean |corr| < "
+                     f"{self.decorrelated}); PCA to the fewest dims keeping "
+                     f"{self.variance:.0%} of the variance, at most {self.max_dims}"),
+        }
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        x = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        return self.pipeline_.transform(x).astype(np.float32)
+
+
+def _gmm_start(y: np.ndarray, labels: np.ndarray, k: int,
+               reg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weights, means and diagonal precisions of a KMeans partition, to start EM from."""
+    counts = np.bincount(labels, minlength=k).astype(float)
+    sums = np.zeros((k, y.shape[1]))
+    np.add.at(sums, labels, y)
+    squares = np.zeros((k, y.shape[1]))
+    np.add.at(squares, labels, y.astype(float) ** 2)
+    safe = np.maximum(counts, 1)[:, None]
+    means = sums / safe
+    var = np.maximum(squares / safe - means ** 2, 0) + reg
+    return counts / counts.sum(), means, 1.0 / var
+
+
+def fit_mixture(y: np.ndarray, labels: np.ndarray, k: int, covariance: str,
+                seed: int) -> GaussianMixture:
+    """A GMM started from a KMeans partition. A component that collapses onto a few
+    near-identical rows (small collections, large k) is refitted with its variances floored at
+    a thousandth of the features' mean variance instead of failing the stage."""
+    for reg in (1e-6, 1e-3 * float(y.var(axis=0).mean()) + 1e-6):
+        weights, means, precisions = _gmm_start(y, labels, k, reg)
+        gmm = GaussianMixture(n_components=k, covariance_type=covariance, reg_covar=reg,
+                              weights_init=weights, means_init=means,
+                              precisions_init=precisions, random_state=seed)
+        try:
+            return gmm.fit(y)
+        except ValueError:
+            continue
+    raise InfluenceError(f"the Gaussian mixture with k = {k} does not fit these features")
+
+
+def scores(y: np.ndarray, labels: np.ndarray, sil_rows: np.ndarray,
+           sil_d: np.ndarray) -> dict[str, float]:
+    """Silhouette (on `sil_rows`, distances `sil_d`), Davies-Bouldin and Calinski-Harabasz of a
+    labelling (NaN if one cluster)."""
+    if len(np.unique(labels)) < 2 or len(np.unique(labels[sil_rows])) < 2:
+        return {s: float("nan") for s in SCORES}
+    return {"silhouette": float(silhouette_score(sil_d, labels[sil_rows], metric="precomputed")),
+            "davies_bouldin": float(davies_bouldin_score(y, labels)),
+            "calinski_harabasz": float(calinski_harabasz_score(y, labels))}
+
+
+class ElbowClustering(ClusterMixin, BaseEstimator):
+    """KMeans over k_min..k_max, k chosen by Kneedle on inertia (best silhouette if the curve
+    has no elbow; fixed if k_min = k_max), and a Gaussian mixture started from each k's KMeans.
+
+    Learnt: `sweep_` (one row per k), `k_`, `choice_`, `kmeans_`, `gmm_`, `labels_`,
+    `distance_` (to the KMeans centre), `responsibilities_`, `gmm_labels_`, `scores_`.
+    """
+
+    def __init__(self, k_min: int = 2, k_max: int = 30, n_init: int = 3,
+                 covariance: str = "diag", silhouette_sample: int = 8000,
+                 fit_sample: int = 20_000, random_state: int = 0) -> None:
+        self.k_min = k_min
+        self.k_max = k_max
+        self.n_init = n_init
+        self.covariance = covariance
+        self.silhouette_sample = silhouette_sample
+        self.fit_sample = fit_sample
+        self.random_state = random_state
+
+    def _check(self, n: int, name: str) -> None:
+        if self.k_min < 2 or self.k_max < self.k_min:
+            raise InfluenceError(f"k range {self.k_min}..{self.k_max} is empty: need "
+                                 "2 <= k-min <= k-max")
+        if self.k_max - self.k_min == 1:
+            raise InfluenceError("give at least three k values to find an elbow, or "
+                                 "k-min = k-max to fix k")
+        if self.k_max >= n:
+            raise InfluenceError(f"{name}: k-max {self.k_max} needs more than {n} paintings")
+
+    def fit(self, X: np.ndarray, y: Any = None, *, progress: bool = False,
+            name: str = "features") -> ElbowClustering:
+        from tqdm.auto import tqdm
+
+        x = np.asarray(X, dtype=np.float32)
+        n, seed = len(x), self.random_state
+        self._check(n, name)
+        sample = fit_rows(n, seed, self.fit_sample)
+        x_fit = x if sample is None else x[sample]
+        self.timings_: dict[str, float] = {}
+        with timed(self.timings_, "scores"):
+            rows = np.arange(n)
+            if n > self.silhouette_sample:
+                rows = np.sort(np.random.default_rng(seed).choice(n, self.silhouette_sample,
+                                                                  replace=False))
+            sil_d = pairwise_distances(x[rows])
+        self.silhouette_rows_ = rows
+        ks = list(range(self.k_min, self.k_max + 1))
+        sweep, kms = [], {}
+        for k in tqdm(ks, desc=f"{name}: kmeans k={self.k_min}..{self.k_max}",
+                      disable=not progress, leave=False):
+            with timed(self.timings_, "kmeans_sweep"):
+                km = KMeans(n_clusters=k, n_init=self.n_init, random_state=seed).fit(x_fit)
+                labels = km.labels_ if sample is None else km.predict(x)
+            with timed(self.timings_, "scores"):
+                s = scores(x, labels, rows, sil_d)
+            sweep.append({"k": k, "inertia": float(km.inertia_), **s})
+            kms[k] = km
+        gmms = {}
+        for k, row in zip(tqdm(ks, desc=f"{name}: gmm k={self.k_min}..{self.k_max}",
+                               disable=not progress, leave=False), sweep, strict=True):
+            with timed(self.timings_, "gmm_sweep"):
+                gmms[k] = fit_mixture(x_fit, kms[k].labels_, k, self.covariance, seed)
+                row["gmm_bic"] = float(gmms[k].bic(x_fit))
+        self.sweep_ = pd.DataFrame(sweep, columns=["k", "inertia", *SCORES, "gmm_bic"])
+        self.k_, self.choice_ = self._choose(self.sweep_)
+        self.kmeans_, self.gmm_ = kms[self.k_], gmms[self.k_]
+        self.labels_ = self.predict(x)
+        self.distance_ = np.linalg.norm(x - self.kmeans_.cluster_centers_[self.labels_],
+                                        axis=1).astype(np.float32)
+        self.responsibilities_ = self.predict_proba(x)
+        self.gmm_labels_ = self.responsibilities_.argmax(axis=1).astype(np.int32)
+        with timed(self.timings_, "scores"):
+            chosen = self.sweep_.loc[self.sweep_["k"] == self.k_].iloc[0]
+            self.scores_ = {"kmeans": {s: float(chosen[s]) for s in SCORES},
+                            "gmm": scores(x, self.gmm_labels_, rows, sil_d)}
+        return self
+
+    def _choose(self, sweep: pd.DataFrame) -> tuple[int, dict[str, Any]]:
+        """The chosen k and how it was chosen (with the best k by silhouette and by BIC)."""
+        best_silhouette = int(sweep["k"][int(sweep["silhouette"].idxmax())])
+        if self.k_min == self.k_max:
+            k, choice = self.k_min, {"method": "fixed (k-min = k-max)"}
+        else:
+            knee = kneedle(sweep["k"], sweep["inertia"])
+            if knee >= 0:
+                k = int(sweep["k"][knee])
+                choice = {"method": "kneedle on the KMeans inertia curve (Satopaa et al. 2011): "
+                                    "the k farthest below the chord joining the curve's ends, "
+                                    "both axes scaled to [0, 1]"}
+            else:
+                k = best_silhouette
+                choice = {"method": "best silhouette (the inertia curve has no elbow)"}
+        return k, {**choice, "k_range": [self.k_min, self.k_max],
+                   "silhouette_best_k": best_silhouette,
+                   "gmm_bic_best_k": int(sweep["k"][int(sweep["gmm_bic"].idxmin())])}
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """KMeans cluster of each row."""
+        check_is_fitted(self, "kmeans_")
+        return self.kmeans_.predict(np.asarray(X, dtype=np.float32)).astype(np.int32)
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """GMM soft membership of each row, each row summing to one."""
+        check_is_fitted(self, "gmm_")
+        return self.gmm_.predict_proba(np.asarray(X, dtype=np.float32)).astype(np.float32)
+
+
+class Projection(TransformerMixin, BaseEstimator):
+    """A seeded 2-D UMAP (single-threaded, so it is reproducible); past `fit_sample` rows fitted
+    on a seeded sample, the others placed by UMAP's transform. Learnt: `umap_`, `embedding_`."""
+
+    def __init__(self, n_neighbors: int = 15, min_dist: float = 0.1, fit_sample: int = 20_000,
+                 random_state: int = 0) -> None:
+        self.n_neighbors = n_neighbors
+        self.min_dist = min_dist
+        self.fit_sample = fit_sample
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, y: Any = None, *, progress: bool = False,
+            name: str = "features") -> Projection:
+        import umap
+
+        x = np.asarray(X, dtype=np.float32)
+        sample = fit_rows(len(x), self.random_state, self.fit_sample)
+        fit = x if sample is None else x[sample]
+        self.umap_ = umap.UMAP(n_components=2, n_neighbors=min(self.n_neighbors, len(fit) - 1),
+                               min_dist=self.min_dist, random_state=self.random_state, n_jobs=1,
+                               tqdm_kwds={"disable": not progress, "desc": f"{name}: umap",
+                                          "leave": False})
+        placed = self.umap_.fit_transform(fit).astype(np.float32)
+        if sample is None:
+            self.embedding_ = placed
+        else:
+            self.embedding_ = np.empty((len(x), 2), dtype=np.float32)
+            self.embedding_[sample] = placed
+            rest = np.setdiff1d(np.arange(len(x)), sample)
+            self.embedding_[rest] = self.umap_.transform(x[rest])
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        return self.umap_.transform(np.asarray(X, dtype=np.float32)).astype(np.float32)
