@@ -263,7 +263,7 @@ def check_image(path: Path, limits: ImageLimits = DEFAULT_LIMITS) -> FileCheck:
             mode = probe.mode
     except BadImage as e:
         return FileCheck(None, None, None, None, len(data), str(e))
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the file
+    except Exception as e:
         return FileCheck(None, None, None, None, len(data), f"unreadable image: {e}")
     digest = hashlib.sha256(data).hexdigest()[:16]
     return FileCheck(digest, img.width, img.height, mode, len(data), None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import normalize
 
 from influence.extractors import Extractor
-from influence.runs import InfluenceError, Run, Step, atomic, versions, write_json
+from influence.runs import InfluenceError, Run, atomic, estimator_step, versions, write_json
 
 SEP = "+"
 WEIGHT_SEP = "@"
@@ -131,11 +132,13 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
     for part in parts:
         run.features(part.name)
     infos = [run.features_info(p.name) for p in parts]
-    step = Step("extract", name, {"parts": [[p.name, p.weight] for p in parts],
-                                  "whiten": whitening(spec), "whiten_sample": WHITEN_SAMPLE},
-                VERSION, {p.name: run.step_key("extract", p.name) for p in parts},
-                (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json")
-                + ((run.features_dir / f"{name}.fit.joblib",) if whitening(spec) else ()))
+    step = estimator_step("extract", name, {}, sys.modules[__name__],
+                          {p.name: run.step_key("extract", p.name) for p in parts},
+                          (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json")
+                          + ((run.features_dir / f"{name}.fit.joblib",) if whitening(spec)
+                             else ()),
+                          {"parts": [[p.name, p.weight] for p in parts],
+                           "whiten": whitening(spec)})
     report = run.step(step, lambda: _build(run, spec, name, parts, infos))
     return {**run.features_info(name), "up_to_date": report["up_to_date"]}
 

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from influence.combine import save_features
 from influence.extract.reader import default_workers
-from influence.extractors import RANDOM, load_checked, resolve_state_dict
+from influence.extractors import RANDOM, get_extractor, load_checked, resolve_state_dict
 from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
 from influence.images import open_rgb
 from influence.runs import (
@@ -355,9 +355,12 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
                           if not k.startswith("classifier.")}
         _save(files_at["weights"], backbone_state)
         every = catalog["file"].map(run.image_path).to_numpy(dtype=object)
+        # Stored with the preprocessing a query with these weights gets (their weights record),
+        # so a painting's stored row and its query embedding agree.
+        query_preprocess = get_extractor(backbone, str(files_at["weights"])).preprocess
         features = extract(run, name, target, model, backbone, files_at["weights"], step.key,
                            DataLoader(_Labelled(every, np.zeros(len(every), dtype=int),
-                                                imagenet_preprocess()),
+                                                query_preprocess),
                                       batch_size=batch_size, num_workers=workers), dev, progress)
         report = {"target": target, "features": name, "head": "fine-tuned network", **metrics,
                   "n_train": int(len(fit_rows)), "n_validation": int(len(val_rows)),
@@ -392,7 +395,7 @@ def extract(run: Run, name: str, target: str, model: torch.nn.Module, backbone: 
     def build() -> dict[str, Any]:
         x = _pooled(model, loader, dev, f"extract {name}" if progress else None)
         info = {"extractor": backbone, "dim": int(x.shape[1]), "weights": f"file {weights}",
-                "preprocessing": repr(imagenet_preprocess()), "config": config,
+                "preprocessing": repr(loader.dataset.transform), "config": config,
                 "catalog": fingerprint(catalog["image_id"].tolist()), "rows": len(x),
                 "finetuned": key, "fine_tuned_on": target, "versions": versions()}
 

@@ -16,6 +16,7 @@ not let a prolific artist win by volume alone: see its docstring.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from influence.runs import (
     Step,
     atomic,
     column_fingerprints,
+    estimator_step,
     read_json,
     versions,
     write_json,
@@ -213,14 +215,10 @@ VERSION = "1"
 def index_step(run: Run, name: str, catalog: pd.DataFrame) -> Step:
     """What an index depends on: the features' extraction, its settings, and the artists that
     its leave-one-out score reads."""
-    params = {"exact_max": EXACT_MAX,
-              "ivf": [IVF_LISTS_PER_SQRT, IVF_TRAIN_PER_LIST, list(NPROBES), RECALL_TARGET],
-              "pool": ARTIST_POOL, "best_of": BEST_OF, "eval": EVAL_QUERIES,
-              "recall_queries": RECALL_QUERIES}
-    return Step("index", name, params, VERSION,
-                {**column_fingerprints(catalog, ["artist"]),
-                 "features": run.step_key("extract", name)},
-                index_paths(run, name))
+    return estimator_step("index", name, {}, sys.modules[__name__],
+                          {**column_fingerprints(catalog, ["artist"]),
+                           "features": run.step_key("extract", name)},
+                          index_paths(run, name))
 
 
 def build_run_index(run: Run, name: str) -> dict[str, Any]:

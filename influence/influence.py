@@ -56,6 +56,7 @@ in the same run: cosine between artists' mean vectors, and metadata alone.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,9 +74,9 @@ from influence.readers import load_clustering
 from influence.runs import (
     InfluenceError,
     Run,
-    Step,
     atomic,
     column_fingerprints,
+    estimator_step,
     file_fingerprint,
     read_json,
     versions,
@@ -495,26 +496,21 @@ def build_influence(run: Run, features: str | None = None, recorded: Path | None
                              f"{len(catalog)}: run `extract` again")
     table = read_recorded(Path(recorded)) if recorded else None
     out = influence_dir(run)
-    config = {"pool": POOL, "best_of": BEST_OF, "top_paintings": TOP_PAINTINGS,
-              "late_penalty": LATE_PENALTY, "late_years": LATE_YEARS,
-              "evidence": EVIDENCE, "evidence_pool": EVIDENCE_POOL, "min_dated": MIN_DATED,
-              "min_work_age": MIN_WORK_AGE, "posthumous_years": POSTHUMOUS_YEARS,
-              "floor": FLOOR, "start_age": START_AGE, "span": SPAN, "hit_at": HIT_AT}
     outputs = tuple(out / f for f in FILES) + ((out / "evaluation.json",) if recorded else ())
     # RUN/influence/ holds one feature set's tables: one step, with the feature set a parameter,
-    # so asking for another set (or going back to an earlier one) rebuilds them.
-    step = Step("influence", "tables", {**config, "features": features,
-                                        "recorded": str(recorded) if recorded else None},
-                VERSION,
-                {**column_fingerprints(catalog, ("artist", "nationality", "style", "genre", "year",
-                                                 "birth_year", "death_year", "era")),
-                 "features": run.step_key("extract", features),
-                 "clusters": run.step_key("cluster", features),
-                 "index": run.step_key("index", features),
-                 "recorded": file_fingerprint(Path(recorded)) if recorded else None},
-                outputs)
-    report = run.step(step, lambda: _build(run, features, catalog, x, table, recorded, config,
-                                           progress))
+    # so asking for another set (or going back to an earlier one) rebuilds them. Every constant
+    # of this module (those it imports from `index` too) is in the step's key.
+    step = estimator_step(
+        "influence", "tables", {}, sys.modules[__name__],
+        {**column_fingerprints(catalog, ("artist", "nationality", "style", "genre", "year",
+                                         "birth_year", "death_year", "era")),
+         "features": run.step_key("extract", features),
+         "clusters": run.step_key("cluster", features),
+         "index": run.step_key("index", features),
+         "recorded": file_fingerprint(Path(recorded)) if recorded else None},
+        outputs, {"features": features, "recorded": str(recorded) if recorded else None})
+    report = run.step(step, lambda: _build(run, features, catalog, x, table, recorded,
+                                           step.params, progress))
     return {**read_json(out / "influence.json"), "up_to_date": report["up_to_date"]}
 
 
@@ -624,8 +620,10 @@ class Influence:
 
     def earlier(self, name: str, n: int = 10) -> pd.DataFrame:
         """Possible influences of an artist: dated candidates active before or alongside, above
-        the floor, best first."""
-        mine = self.pairs[(self.pairs["artist"] == name) & self.pairs["offered"]]
+        the floor (or recorded as influences: those are shown whatever their score), best
+        first."""
+        mine = self.pairs[(self.pairs["artist"] == name)
+                          & (self.pairs["offered"] | self.pairs["recorded"])]
         return mine[mine["relation"] != "undated"].sort_values("rank").head(n)
 
     def later(self, name: str, n: int = 10) -> pd.DataFrame:

@@ -35,6 +35,7 @@ lists each for a person to check, most likely first, from one indexed feature se
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -45,7 +46,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -54,11 +54,12 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from influence.estimators.heads import CappedPCA
 from influence.runs import (
     InfluenceError,
     Run,
-    Step,
     column_fingerprints,
+    estimator_step,
     read_json,
     versions,
     write_json,
@@ -109,8 +110,9 @@ def review_paths(run: Run) -> dict[str, Path]:
 
 
 def review_head() -> Pipeline:
-    """The small head of the out-of-fold probabilities: normalise, PCA, standardise, logistic."""
-    return make_pipeline(Normalizer(), PCA(HEAD_DIMS, random_state=SEED), StandardScaler(),
+    """The small head of the out-of-fold probabilities: normalise, PCA (to at most what the
+    rows allow), standardise, logistic."""
+    return make_pipeline(Normalizer(), CappedPCA(HEAD_DIMS, random_state=SEED), StandardScaler(),
                          LogisticRegression(C=HEAD_C, max_iter=HEAD_MAX_ITER))
 
 
@@ -233,7 +235,8 @@ def label_issues(catalog: pd.DataFrame, target: str, x: np.ndarray, sims: np.nda
     y = np.array([code[v] for v in recorded.to_numpy(dtype=object)[use]])
     proba = out_of_fold(np.asarray(x[use], dtype=np.float32), y)
     quality = get_label_quality_scores(y, proba, method=LABEL_SCORE)
-    issue = find_label_issues(y, proba)
+    # One process: cleanlab's pool loses its globals under a fork server, and 2 cores gain little.
+    issue = find_label_issues(y, proba, n_jobs=1)
     suggested = proba.argmax(axis=1)
     all_labels = recorded.to_numpy(dtype=object)
     near_rows = rows[use]
@@ -356,23 +359,20 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         _write(frame, paths["outliers"])
         return {"rows": len(frame)}
 
+    # Each step's key: every constant of this module, the labels head's get_params(), and what
+    # the step is asked for.
+    module = sys.modules[__name__]
     steps = [
-        (Step("review", "duplicates", {"pool": POOL, "candidate": CANDIDATE, "hash": "phash64",
-                                       "hash_max": HASH_MAX, "hash_max_close": HASH_MAX_CLOSE,
-                                       "close": CLOSE, "hash_decode": HASH_DECODE,
-                                       "plain_std": PLAIN_STD, "hash_of": "thumbnail",
-                                       "fields": list(CONFLICT_FIELDS), "features": features},
-              VERSION, {**column_fingerprints(catalog, CONFLICT_FIELDS), **base},
-              (paths["duplicates"],)), duplicates),
-        (Step("review", "labels", {"pool": POOL, "folds": FOLDS, "seed": SEED,
-                                   "head": repr(review_head()), "score": LABEL_SCORE,
-                                   "agreement_k": AGREEMENT_K, "targets": targets,
-                                   "features": features},
-              VERSION, {**column_fingerprints(catalog, targets), **base}, (paths["labels"],)),
-         labels),
-        (Step("review", "outliers", {"pool": POOL, "outlier_k": OUTLIER_K, "features": features},
-              VERSION, {**column_fingerprints(catalog, ("title", "artist")), **base},
-              (paths["outliers"],)), outliers),
+        (estimator_step("review", "duplicates", {}, module,
+                        {**column_fingerprints(catalog, CONFLICT_FIELDS), **base},
+                        (paths["duplicates"],), {"features": features, "hash": "phash64",
+                                                 "hash_of": "thumbnail"}), duplicates),
+        (estimator_step("review", "labels", {"head": review_head()}, module,
+                        {**column_fingerprints(catalog, targets), **base}, (paths["labels"],),
+                        {"targets": targets, "features": features}), labels),
+        (estimator_step("review", "outliers", {}, module,
+                        {**column_fingerprints(catalog, ("title", "artist")), **base},
+                        (paths["outliers"],), {"features": features}), outliers),
     ]
     start = time.perf_counter()
     reports = {step.name: run.step(step, timed(build)) for step, build in steps}

@@ -246,12 +246,14 @@ def module_constants(module: ModuleType) -> dict[str, Any]:
 
 
 def estimator_step(stage: str, name: str, estimators: dict[str, Any], module: ModuleType,
-                   inputs: dict[str, str | None], outputs: tuple[Path, ...] = ()) -> Step:
-    """The Step of fitting `estimators`: its params are their `get_params()` and the stage
-    module's constants, its code the module's `VERSION`."""
-    params = {key: estimator_params(e) for key, e in estimators.items()}
-    return Step(stage, name, {**params, "constants": module_constants(module)}, module.VERSION,
-                inputs, outputs)
+                   inputs: dict[str, str | None], outputs: tuple[Path, ...] = (),
+                   params: dict[str, Any] | None = None) -> Step:
+    """The Step of fitting `estimators` (none for a stage that only computes): its params are
+    their `get_params()`, the stage's own `params` (what it is asked for: a feature set, a file)
+    and every constant of the stage module; its code the module's `VERSION`."""
+    fitted = {key: estimator_params(e) for key, e in estimators.items()}
+    return Step(stage, name, {**fitted, **(params or {}), "constants": module_constants(module)},
+                module.VERSION, inputs, outputs)
 
 
 def versions() -> dict[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from influence.images import BadImage, open_rgb
-from influence.runs import Run, Step, column_fingerprints, read_json, write_json
+from influence.runs import Run, column_fingerprints, estimator_step, read_json, write_json
 
 DEFAULT_SIZE = 160
 QUALITY = 85
@@ -76,8 +77,9 @@ def make_thumbnails(run: Run, size: int = DEFAULT_SIZE, progress: bool = True,
     pass and kept in the run's `DecodedCache`, so those extractors do not decode again.
     """
     info_path = thumbs_dir(run) / "thumbs.json"
-    step = Step("thumbnails", "thumbs", {"size": size, "quality": QUALITY, "format": "jpeg"},
-                VERSION, column_fingerprints(run.catalog(), ()), (info_path,))
+    step = estimator_step("thumbnails", "thumbs", {}, sys.modules[__name__],
+                          column_fingerprints(run.catalog(), ()), (info_path,),
+                          {"size": size, "format": "jpeg"})
     return run.step(step, lambda: _make_all(run, size, progress, keep))
 
 

@@ -145,7 +145,8 @@ def test_thumbnails_are_small_cached_and_addressed_by_id_only(app, data: RunData
     client = app.server.test_client()
     image_id = data.catalog["image_id"].iat[0]
     thumb = client.get(f"/thumbs/{image_id}.jpg")
-    assert thumb.status_code == 200 and thumb.mimetype == "image/jpeg"
+    assert thumb.status_code == 200
+    assert thumb.mimetype == "image/jpeg"
     assert "immutable" in thumb.headers["Cache-Control"]
     assert thumb.data == (built.root / "thumbs" / f"{image_id}.jpg").read_bytes()
     full = client.get(f"/images/{image_id}")
@@ -164,7 +165,8 @@ def test_thumbnail_made_in_memory_when_the_run_has_none(built: Run, data: RunDat
     app = create_app(bare, RunData(Run(bare), data.catalog, data.clusterings, None, "none",
                                    None, None))
     response = app.server.test_client().get(f"/thumbs/{data.catalog['image_id'].iat[0]}.jpg")
-    assert response.status_code == 200 and response.data[:3] == b"\xff\xd8\xff"
+    assert response.status_code == 200
+    assert response.data[:3] == b"\xff\xd8\xff"
     assert not (bare / "thumbs").exists()
 
 
@@ -274,7 +276,8 @@ def test_clusters_gallery_leads_to_a_painting_with_its_neighbours(
     wait_for(browser, "#painting-title")
     assert browser.current_url.endswith(f"/painting/{shown[0]}")
     neighbours = painting_ids(wait_for(browser, "#painting-neighbours a"))
-    assert len(neighbours) == 12 and shown[0] not in neighbours
+    assert len(neighbours) == 12
+    assert shown[0] not in neighbours
     assert neighbours == [p["image_id"] for p in
                           data.explorer.neighbours_of(shown[0], k=12)["paintings"]]
     wait_for(browser, "#painting-responsibilities .js-plotly-plot")
@@ -298,7 +301,8 @@ def test_upload_in_the_page_finds_the_painting_itself(browser, base_url: str, da
     wait_for(browser, "#upload-artists .js-plotly-plot")
     wait_for(browser, "#upload-parquet")[0].click()
     table = pd.read_parquet(downloaded(downloads, f"*_similar-to-{Path(path).stem}_*.parquet"))
-    assert list(table["image_id"]) == nearest and list(table["rank"]) == list(range(1, 13))
+    assert list(table["image_id"]) == nearest
+    assert list(table["rank"]) == list(range(1, 13))
     assert table["similarity"].is_monotonic_decreasing
 
 
@@ -357,22 +361,27 @@ def test_lasso_selection_lists_exports_and_reopens_from_its_link(
         """, [x0, x1, x1, x0], [y0, y0, y1, y1])
     wait_text(browser, "#selection-title", rf"^Selection: {len(expected)} paintings$")
     shown = painting_ids(wait_for(browser, "#selection-gallery a"))
-    assert len(shown) == min(48, len(expected)) and set(shown) <= expected
+    assert len(shown) == min(48, len(expected))
+    assert set(shown) <= expected
     like = painting_ids(wait_for(browser, "#selection-like a"))
-    assert len(like) == 12 and not set(like) & expected
+    assert len(like) == 12
+    assert not set(like) & expected
     wait_for(browser, "#selection-csv")[0].click()
     table = pd.read_csv(downloaded(downloads, "*_mobilenet-v2-map-selection-*.csv"))
-    assert len(table) == len(expected) and set(table["image_id"]) == expected
+    assert len(table) == len(expected)
+    assert set(table["image_id"]) == expected
     assert {"title", "artist", "style", "year"} <= set(table.columns)
     # The address bar now carries the view: opening it again shows the same selection.
     link = browser.current_url
-    assert "lasso=" in link and "colour=style" in link
+    assert "lasso=" in link
+    assert "colour=style" in link
     browser.get(base_url + "/clusters")
     wait_for(browser, ".cluster-tile")
     browser.get(link)
     wait_text(browser, "#selection-title", rf"^Selection: {len(expected)} paintings$")
     legend = " ".join(e.text for e in wait_for(browser, "#map-graph .legendtext"))
-    assert "Baroque" in legend and "cluster" not in legend
+    assert "Baroque" in legend
+    assert "cluster" not in legend
 
 
 def test_a_filter_leaves_only_matching_points(browser, base_url: str, data: RunData) -> None:
@@ -405,10 +414,12 @@ def test_search_finds_a_painting_by_title(browser, base_url: str, data: RunData)
 
 def test_health_says_the_run_is_loaded(app, data: RunData) -> None:
     health = app.server.test_client().get("/health").get_json()
-    assert health["status"] == "ok" and health["paintings"] == len(data.catalog)
+    assert health["status"] == "ok"
+    assert health["paintings"] == len(data.catalog)
     assert health["search"] == FEATURES
     memory = health["memory_mb"]
-    assert memory["peak"] >= memory["loaded"] > memory["before_load"] > 0 and memory["rss"] > 0
+    assert memory["peak"] >= memory["loaded"] > memory["before_load"] > 0
+    assert memory["rss"] > 0
 
 
 def test_artist_page_lists_look_alikes_with_their_painting_pairs(
@@ -418,10 +429,12 @@ def test_artist_page_lists_look_alikes_with_their_painting_pairs(
     assert wait_text(browser, "#artist-name", "Sisley") == "Alfred Sisley"
     own = set(data.catalog["image_id"][data.catalog["artist"] == "Alfred Sisley"])
     shown = painting_ids(wait_for(browser, "#artist-paintings a", 24))
-    assert len(shown) == 24 and set(shown) <= own
+    assert len(shown) == 24
+    assert set(shown) <= own
     earlier = inf.earlier("Alfred Sisley", 5)
     later = inf.later("Alfred Sisley", 5)
-    assert len(earlier) and len(later)
+    assert len(earlier)
+    assert len(later)
     for css, pairs, other in (("#artist-earlier", earlier, "influenced_by"),
                               ("#artist-later", later, "artist")):
         cards = wait_for(browser, f"{css} .candidate", len(pairs))
@@ -481,7 +494,8 @@ def test_python_m_dash_app_serves_with_waitress(built: Run, tmp_path: Path) -> N
         port = s.getsockname()[1]
     bad = subprocess.run([sys.executable, "-m", "dash_app", "--run", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: no run directory")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: no run directory")
     server = subprocess.Popen([sys.executable, "-m", "dash_app", "--run", str(built.root),
                                "--port", str(port), "--threads", "2"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -494,10 +508,12 @@ def test_python_m_dash_app_serves_with_waitress(built: Run, tmp_path: Path) -> N
                     assert json.loads(response.read())["status"] == "ok"
                     break
             except OSError:
-                assert server.poll() is None and time.monotonic() < deadline
+                assert server.poll() is None
+                assert time.monotonic() < deadline
                 time.sleep(0.5)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as response:
-            assert response.status == 200 and b"_dash-renderer" in response.read()
+            assert response.status == 200
+            assert b"_dash-renderer" in response.read()
     finally:
         server.terminate()
         out = server.communicate(timeout=60)[0]

@@ -43,13 +43,15 @@ def test_era_comes_from_the_year_else_from_the_artists_working_life():
     assert out["era_year"].tolist()[:4] == [1889, round((1840 + 20 + 1926) / 2), 1880, 1685]
     assert out["era"].tolist()[:4] == ["1850-1899", "1850-1899", "1850-1899", "1650-1699"]
     assert out["era_source"].tolist()[:4] == ["year", "artist_life", "artist_life", "artist_life"]
-    assert pd.isna(out["era"].iloc[4]) and pd.isna(out["era_source"].iloc[4])
+    assert pd.isna(out["era"].iloc[4])
+    assert pd.isna(out["era_source"].iloc[4])
 
 
 def test_whole_collection_duplicates_are_recorded_with_their_conflicts(tmp_path):
     result = build_catalog(Collection.from_dir(COLLECTION), Run(tmp_path), progress=False)
     dups = result.rejected[result.rejected["reason"] == "duplicate content"]
-    assert len(result.catalog) == 6955 and len(dups) == 7
+    assert len(result.catalog) == 6955
+    assert len(dups) == 7
     assert dups["detail"].str.contains("artist: ").sum() == 3
     assert result.catalog["era"].notna().mean() > 0.95
 
@@ -121,7 +123,8 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_kept(messy, tmp_path)
     assert (rej["reason"] == "no file name").sum() == 1
     assert any("Windows-1252" in n for n in result.notes)
     gray = cat.set_index("title").loc["Gray"]
-    assert gray["year"] == 1650 and gray["era_source"] == "year"
+    assert gray["year"] == 1650
+    assert gray["era_source"] == "year"
     assert pd.isna(cat.set_index("title").loc["Caf\u00e9 two", "genre"])
     on_disk = pd.read_csv(tmp_path / "run" / "rejected.csv")
     assert len(on_disk) == len(rej)
@@ -130,7 +133,8 @@ def test_bad_inputs_are_rejected_with_reasons_and_the_rest_kept(messy, tmp_path)
 @pytest.mark.parametrize("name", ["gray.png", "cmyk.jpg", "palette.png", "alpha.png"])
 def test_other_colour_modes_are_converted_to_rgb(messy, name):
     img = open_rgb(messy / "images" / name)
-    assert img.mode == "RGB" and img.size == (224, 224)
+    assert img.mode == "RGB"
+    assert img.size == (224, 224)
 
 
 def test_open_rgb_refuses_bytes_that_are_not_an_image():
@@ -150,7 +154,7 @@ def test_missing_optional_columns_are_left_empty_and_named(tmp_path):
     assert any("'genre'" in n for n in result.notes)
 
 
-@pytest.mark.parametrize("content, message", [
+@pytest.mark.parametrize(("content", "message"), [
     (b"\x89PNG\r\n\x1a\n\0\0\0binary", "binary file"),
     (b"title,artist\nA,B\n", "no 'file' column"),
     (b"", "No columns"),
@@ -169,7 +173,8 @@ def test_cli_reports_an_unreadable_csv_in_one_line_without_traceback(tmp_path):
                            "--collection", str(tmp_path), "--run", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: ")
     assert "Traceback" not in proc.stderr
 
 

@@ -32,7 +32,8 @@ def combined(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
 def test_rows_are_the_normalised_weighted_parts_side_by_side(combined: Run) -> None:
     x = np.asarray(combined.features(SPEC))
     mobilenet, pca = (np.asarray(combined.features(n)) for n in ("mobilenet_v2", "pca"))
-    assert x.dtype == np.float32 and x.shape == (len(combined.catalog()), 1280 + pca.shape[1])
+    assert x.dtype == np.float32
+    assert x.shape == (len(combined.catalog()), 1280 + pca.shape[1])
     np.testing.assert_allclose(x[:, :1280], normalize(mobilenet), atol=1e-6)
     np.testing.assert_allclose(x[:, 1280:], 0.5 * normalize(pca), atol=1e-6)
     info = combined.features_info(SPEC)
@@ -71,10 +72,12 @@ def test_stages_read_it_like_any_other_set_and_name_it_in_their_records(combined
     assert index["rows"] == len(combined.catalog())
     assert index["dim"] == combined.features(SPEC).shape[1]
     head = read_json(combined.models_dir / f"artist-{SPEC}.json")
-    assert head["features"] == SPEC and head["accuracy"] > 0.5
+    assert head["features"] == SPEC
+    assert head["accuracy"] > 0.5
     # Recorded as a step, so the index and heads see when it changes.
     key = combined.step_key("extract", SPEC)
-    assert key and combined.step_record("index", SPEC)["inputs"]["features"] == key
+    assert key
+    assert combined.step_record("index", SPEC)["inputs"]["features"] == key
 
 
 @pytest.mark.parametrize("spec", [SPEC, WHITENED])
@@ -88,7 +91,7 @@ def test_a_query_is_embedded_by_each_part_and_finds_its_painting(combined: Run,
         assert bool(answer["predictions"]) == (spec == SPEC)
 
 
-@pytest.mark.parametrize("spec, message", [
+@pytest.mark.parametrize(("spec", "message"), [
     ("mobilenet_v2", "two or more different parts"),
     ("pca+pca", "two or more different parts"),
     ("pca+mobilenet_v2@0", "weight > 0"),
@@ -104,4 +107,5 @@ def test_bad_specs_are_one_line_errors(small_run: Run, spec: str, message: str) 
 def test_names_are_canonical() -> None:
     assert canonical("a@1+b@0.50") == "a+b@0.5"
     assert [p.weight for p in parse("a+b@2")] == [1.0, 2.0]
-    assert canonical("a@1.0+b~w64") == "a+b~w64" and parse("a+b~w64")[1].name == "b"
+    assert canonical("a@1.0+b~w64") == "a+b~w64"
+    assert parse("a+b~w64")[1].name == "b"

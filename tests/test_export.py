@@ -40,9 +40,11 @@ def test_filter_keeps_only_matching_paintings_and_round_trips_through_the_url(
     keep = where.mask(catalog)
     years = catalog["era_year"].astype("Float64")
     expected = (catalog["style"].isin(["Baroque", "Rococo"]) & (years >= 1640)).fillna(False)
-    assert keep.sum() > 0 and (keep == expected.to_numpy(dtype=bool)).all()
+    assert keep.sum() > 0
+    assert (keep == expected.to_numpy(dtype=bool)).all()
     assert Filter.from_query(where.to_query()) == where
-    assert not Filter() and Filter().mask(catalog).all()
+    assert not Filter()
+    assert Filter().mask(catalog).all()
     with pytest.raises(InfluenceError, match="year-to must be a year"):
         Filter.from_query({"year_to": "soon"})
 
@@ -55,7 +57,8 @@ def test_search_finds_artists_then_titles(catalog: pd.DataFrame) -> None:
     words = str(row["title"]).split()[:3]
     found = search_catalog(catalog, " ".join(words).upper(), limit=50)
     assert row["image_id"] in [h["value"] for h in found if h["kind"] == "painting"]
-    assert search_catalog(catalog, "   ") == [] and search_catalog(catalog, "zzqqxx") == []
+    assert search_catalog(catalog, "   ") == []
+    assert search_catalog(catalog, "zzqqxx") == []
 
 
 def test_cluster_members_hard_and_soft_match_the_stored_clustering(explored_run: Run) -> None:
@@ -83,7 +86,8 @@ def test_regions_and_label_shares() -> None:
     catalog = pd.DataFrame({"artist": ["a", "a", "b", "b"], "nationality": ["x", "y", "x", "x"]})
     shares = label_shares(catalog, np.array([0, 2]))
     artists = shares[shares["field"] == "artist"].set_index("value")
-    assert artists.loc["a", "share"] == 0.5 and artists.loc["a", "collection_share"] == 0.5
+    assert artists.loc["a", "share"] == 0.5
+    assert artists.loc["a", "collection_share"] == 0.5
     nationality = shares[shares["field"] == "nationality"].set_index("value")
     assert nationality.loc["x", "share"] == 1.0
     assert nationality.loc["x", "lift"] == pytest.approx(1 / 0.75)
@@ -134,8 +138,10 @@ def test_export_stage_filters_and_chosen_ids(explored_run: Run, catalog: pd.Data
     assert main(["export", "--run", run]) == 2
     assert main(["export", "--run", run, "--cluster", "0", "--ids", ids[0]]) == 2
     errors = capsys.readouterr().err.splitlines()
-    assert len(errors) == 3 and all(e.startswith("error: ") for e in errors)
-    assert "not in the run" in errors[0] and "nothing to export" in errors[1]
+    assert len(errors) == 3
+    assert all(e.startswith("error: ") for e in errors)
+    assert "not in the run" in errors[0]
+    assert "nothing to export" in errors[1]
 
 
 def test_export_stage_writes_the_influence_tables(explored_run: Run, tmp_path: Path) -> None:
@@ -146,7 +152,8 @@ def test_export_stage_writes_the_influence_tables(explored_run: Run, tmp_path: P
                  "--out", str(tmp_path)]) == 0
     name = f"{explored_run.root.name}_influence-pairs_{FEATURES}"
     table = pd.read_parquet(tmp_path / f"{name}.parquet")
-    assert list(table["artist"]) == list(pairs["artist"]) and len(table) == len(pairs)
+    assert list(table["artist"]) == list(pairs["artist"])
+    assert len(table) == len(pairs)
     flat = pd.read_csv(tmp_path / f"{name}.csv")
     first = json.loads(flat["evidence"].iat[0])
     assert [e["image_id"] for e in first] == [e["image_id"] for e in pairs["evidence"].iat[0]]

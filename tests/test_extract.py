@@ -34,7 +34,9 @@ def test_every_extractor_is_registered_with_a_picklable_preprocessing():
         # Usable before (and without) loading the model: what reader processes and Ray run.
         x = pickle.loads(pickle.dumps(extractor.preprocess))(image)
         assert np.asarray(x).size > 0
-        assert extractor.cost > 0 and extractor.version and extractor.summary
+        assert extractor.cost > 0
+        assert extractor.version
+        assert extractor.summary
     with pytest.raises(InfluenceError, match="unknown extractor 'resnet'"):
         get_extractor("resnet")
 
@@ -47,7 +49,8 @@ def test_every_extractor_runs_with_explicit_random_weights():
         if extractor.needs_fit:  # learns from the collection: 'random' is accepted, changes nothing
             continue
         x = extractor.load().embed([image, other])
-        assert x.shape == (2, extractor.dim) and np.isfinite(x).all(), name
+        assert x.shape == (2, extractor.dim), name
+        assert np.isfinite(x).all(), name
         assert not np.allclose(x[0], x[1]), name
         assert extractor.weights_used.startswith("random (explicitly requested"), name
 
@@ -55,8 +58,10 @@ def test_every_extractor_runs_with_explicit_random_weights():
 def test_features_are_aligned_with_the_catalog_and_say_which_weights(small_run):
     catalog = small_run.catalog()
     x = small_run.features("mobilenet_v2")
-    assert x.shape == (len(catalog), 1280) and x.dtype == np.float32
-    assert np.isfinite(x).all() and (np.linalg.norm(x, axis=1) > 0).all()
+    assert x.shape == (len(catalog), 1280)
+    assert x.dtype == np.float32
+    assert np.isfinite(x).all()
+    assert (np.linalg.norm(x, axis=1) > 0).all()
     info = small_run.features_info("mobilenet_v2")
     assert info["weights"] == f"file {MOBILENET.resolve()}"
     assert small_run.features("pca").shape == (len(catalog), 128)
@@ -100,7 +105,8 @@ def test_adding_images_extracts_only_the_new_ones(small_run, slice_collection, t
                          weights={"mobilenet_v2": str(MOBILENET)}, progress=False)
     assert status == 0
     info = run.features_info("mobilenet_v2")
-    assert info["rows"] == 6 * 33 and info["new_rows"] == 6 * 3
+    assert info["rows"] == 6 * 33
+    assert info["new_rows"] == 6 * 3
     old = pd.Series(np.arange(len(small_run.catalog())), index=small_run.catalog()["image_id"])
     new_ids = run.catalog()["image_id"]
     kept = new_ids.isin(old.index).to_numpy()
@@ -141,7 +147,8 @@ def test_changed_weights_start_the_features_over(small_run, tmp_path):
     run = Run(tmp_path / "run")
     shutil.copytree(small_run.root, run.root)
     info = extract_features(run, "mobilenet_v2", "random", progress=False)
-    assert not info["up_to_date"] and info["new_rows"] == len(run.catalog())
+    assert not info["up_to_date"]
+    assert info["new_rows"] == len(run.catalog())
     assert info["weights"].startswith("random (explicitly requested")
 
 
@@ -153,7 +160,8 @@ def test_weights_that_cannot_be_downloaded_fall_back_loudly_to_random(capsys, tm
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
 
     state, label = resolve_state_dict("vgg16", None, offline, "torchvision VGG16")
-    assert state is None and label.startswith("random (pretrained weights unavailable")
+    assert state is None
+    assert label.startswith("random (pretrained weights unavailable")
     assert "WARNING: vgg16" in capsys.readouterr().err
     # A file in the weights folder is preferred over the download.
     torch.save({"w": torch.zeros(1)}, tmp_path / "vgg16.pth")
@@ -170,14 +178,15 @@ def test_vgg16_runs_with_explicit_random_weights_and_rejects_foreign_ones(small_
         get_extractor("vgg16", str(MOBILENET)).load()
 
 
-@pytest.mark.parametrize("name, dim", [("efficientnet_lite0", 1280), ("style", 100)])
+@pytest.mark.parametrize(("name", "dim"), [("efficientnet_lite0", 1280), ("style", 100)])
 def test_stronger_pretrained_extractors_embed_real_paintings(small_run, name, dim):
     extractor = get_extractor(name).load()
     assert extractor.weights_used.startswith("file ")
     catalog = small_run.catalog()
     images = [Image.open(small_run.image_path(f)).convert("RGB") for f in catalog["file"][:4]]
     x = extractor.embed(images)
-    assert x.shape == (4, dim) and np.isfinite(x).all()
+    assert x.shape == (4, dim)
+    assert np.isfinite(x).all()
     assert not np.allclose(x[0], x[1])
 
 
@@ -213,14 +222,16 @@ def test_pixel_pca_is_fitted_in_steps_and_explains_what_a_full_pca_does(small_ru
                      for f in catalog["file"]])
     extractor.n_components, extractor.fit_rows = 16, 64
     extractor.fit(rows[i:i + 50] for i in range(0, len(rows), 50))
-    assert extractor.fitted_on_ == len(rows) and extractor.dim == 16
+    assert extractor.fitted_on_ == len(rows)
+    assert extractor.dim == 16
     assert extractor.model_.n_samples_seen_ == len(rows)
     full = PCA(16, random_state=0).fit(scaled(rows))
     explained = extractor.model_.explained_variance_ratio_.sum()
     assert explained == pytest.approx(full.explained_variance_ratio_.sum(), abs=0.01)
     # Too few images for a step: one fit on all of them, with fewer components.
     extractor.fit([rows[:10]])
-    assert extractor.fitted_on_ == 10 and extractor.dim == 9
+    assert extractor.fitted_on_ == 10
+    assert extractor.dim == 9
 
 
 def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_path, monkeypatch):
@@ -228,7 +239,8 @@ def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_pa
     downloaded = get_extractor("mobilenet_v2")  # torchvision's download (its cache, online)
     record, default_code = downloaded.weights_record(), downloaded.code_version()
     default_preprocess = repr(downloaded.preprocess)
-    assert record.name == "MobileNet_V2_Weights.IMAGENET1K_V2" and record.dim == 1280
+    assert record.name == "MobileNet_V2_Weights.IMAGENET1K_V2"
+    assert record.dim == 1280
     assert "resize_size=[232]" in repr(downloaded.preprocess)
     assert record.meta["_metrics"]["ImageNet-1K"]["acc@1"] > 70
     # The shared file is recognised by its checksum, wherever it lies, by either road.
@@ -270,7 +282,8 @@ def test_one_read_feeds_every_extractor_its_own_preprocessing_and_keeps_reasons(
                         batch_size=8, workers=0))
     assert len(batches) == 1
     batch = batches[0]
-    assert list(batch.errors) == ["bad"] and "not an image" in batch.errors["bad"]
+    assert list(batch.errors) == ["bad"]
+    assert "not an image" in batch.errors["bad"]
     assert batch.ids == {"mobilenet_v2": ["i0", "i1", "i2", "i3"], "style": ["i0", "i2"]}
     assert tuple(batch.data["mobilenet_v2"].shape) == (4, 3, 224, 224)
     image = open_rgb(collection / files[2])

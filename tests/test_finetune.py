@@ -43,13 +43,15 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     options = {"epochs": 1, "batch_size": 16,
                "workers": 0, "progress": False}
     first = finetune(tiny_run, "artist", budget_s=1e-3, **options)
-    assert first["stopped"] == "time budget spent" and len(first["history"]) == 1
+    assert first["stopped"] == "time budget spent"
+    assert len(first["history"]) == 1
     assert first["history"][0]["phase"] == "probe"
     # No weights given: it starts from those the run's own mobilenet_v2 features were made with.
     assert first["weights"] == f"file {MOBILENET.resolve()}"
     assert first["probe_features"] == "the run's stored mobilenet_v2 features"
     # The probe alone, folded into the network's head, already tells six artists apart.
-    assert first["accuracy"] >= 0.5 and first["best_epoch"] == 1
+    assert first["accuracy"] >= 0.5
+    assert first["best_epoch"] == 1
     checkpoint = torch.load(paths_of(tiny_run, "mobilenet_v2", "artist")["checkpoint"],
                             weights_only=False)
     assert checkpoint["epoch"] == 1
@@ -58,12 +60,14 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     second = finetune(tiny_run, "artist", **options)
     assert second["history"][0] == first["history"][0]
     assert [h["phase"] for h in second["history"]] == ["probe", "full"]
-    assert second["stopped"] == "epochs done" and not second["up_to_date"]
+    assert second["stopped"] == "epochs done"
+    assert not second["up_to_date"]
     assert finetune(tiny_run, "artist", **options)["up_to_date"]
 
     split = pd.read_parquet(split_path(tiny_run, "artist"))
     assert second["n_test"] == (split["part"] == "test").sum() == 12
-    assert second["device"] == "cpu" and 0 <= second["ece"] <= 1
+    assert second["device"] == "cpu"
+    assert 0 <= second["ece"] <= 1
     # The backbone learnt in the whole-net epoch: its last block moved from the ImageNet weights;
     # the weights kept are the best epoch's backbone, without the head.
     files = paths_of(tiny_run, "mobilenet_v2", "artist")
@@ -83,7 +87,8 @@ def test_stopped_by_its_budget_it_resumes_from_the_checkpoint_and_stores_its_fea
     # A feature set like any other, and a query is embedded with the fine-tuned weights.
     x = tiny_run.features(NAME)
     catalog = tiny_run.catalog()
-    assert NAME in tiny_run.feature_names() and x.shape == (len(catalog), 1280)
+    assert NAME in tiny_run.feature_names()
+    assert x.shape == (len(catalog), 1280)
     row = 5
     image = open_rgb(Path(tiny_run.image_path(catalog["file"].iloc[row])))
     np.testing.assert_allclose(load_extractor(tiny_run, NAME).embed([image])[0], x[row],

@@ -54,8 +54,10 @@ def test_each_layout_gives_the_vectors_in_catalog_order(run: Run, vectors: pd.Da
                  *_write(vectors, layout, tmp_path)]) == 0
     np.testing.assert_allclose(run.features(name), run.features("pca"), rtol=1e-6)
     info = run.features_info(name)
-    assert info["extractor"] == "imported" and info["weights"].startswith("imported from")
-    assert name in run.feature_names() and not problems_path(run, name).exists()
+    assert info["extractor"] == "imported"
+    assert info["weights"].startswith("imported from")
+    assert name in run.feature_names()
+    assert not problems_path(run, name).exists()
     assert import_features(run, name, *[Path(a) for a in _write(vectors, layout, tmp_path)
                                         if a != "--ids"])["up_to_date"]
 
@@ -73,7 +75,8 @@ def test_problems_are_listed_with_reasons_and_stop_the_import(
     assert main(["import-features", "--run", str(run.root), "--name", "broken",
                  str(tmp_path / "bad.parquet")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "4 problem rows" in err
+    assert err.count("\n") == 1
+    assert "4 problem rows" in err
     listed = pd.read_csv(problems_path(run, "broken")).set_index("key")
     assert listed.loc[vectors["image_id"][0], "reason"] == "NaN or infinite values"
     assert listed.loc[vectors["image_id"][1], "reason"].startswith("dimension 5")
@@ -89,7 +92,8 @@ def test_unknown_rows_alone_are_left_out_with_a_note(run: Run, vectors: pd.DataF
                                               "vector": [vectors["vector"][0]]})])
     extra[["image_id", "vector"]].to_parquet(tmp_path / "extra.parquet")
     info = import_features(run, "extra", tmp_path / "extra.parquet")
-    assert info["left_out_unknown"] == 1 and info["rows"] == len(run.catalog())
+    assert info["left_out_unknown"] == 1
+    assert info["rows"] == len(run.catalog())
     assert pd.read_csv(problems_path(run, "extra"))["key"].tolist() == ["ffffffffffffffff"]
 
 
@@ -105,7 +109,7 @@ def test_an_imported_set_is_searched_but_cannot_embed_a_new_image(run: Run,
     assert "no extractor" in answer["error"]
 
 
-@pytest.mark.parametrize("name, args, message", [
+@pytest.mark.parametrize(("name", "args", "message"), [
     ("mobilenet_v2", [], "not an extractor's name"),
     ("a/b", [], "use letters"),
     ("x", ["--ids"], "bare matrix"),

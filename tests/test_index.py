@@ -70,7 +70,8 @@ def test_rank_artists_skips_missing_artists_and_handles_an_empty_pool() -> None:
 def test_index_is_written_with_its_description(indexed: Run) -> None:
     for name in ("pca", "mobilenet_v2"):
         info = read_json(indexed.index_dir / f"{name}.json")
-        assert info["rows"] == 180 and info["kind"].startswith("IndexFlatIP")
+        assert info["rows"] == 180
+        assert info["kind"].startswith("IndexFlatIP")
         assert info["dim"] == indexed.features(name).shape[1]
         assert info["leave_one_out"]["queries"] == 180
         assert load_index(indexed, name).ntotal == 180
@@ -142,7 +143,8 @@ def test_nprobe_is_the_smallest_that_reaches_the_recall_target(monkeypatch: pyte
     tried = index_stage.tune_nprobe(index, x, queries, target=0.99)
     assert [t["nprobe"] for t in tried] == sorted({t["nprobe"] for t in tried})
     assert all(t["recall"] < 0.99 for t in tried[:-1])
-    assert tried[-1]["recall"] >= 0.99 and index.nprobe == tried[-1]["nprobe"]
+    assert tried[-1]["recall"] >= 0.99
+    assert index.nprobe == tried[-1]["nprobe"]
     assert len(tried) > 1  # the smallest nprobe alone misses on these features
 
 

@@ -45,26 +45,29 @@ def test_preprocessing_is_the_librarys_own_and_needs_no_model() -> None:
     assert repr(get_extractor(CLIP, "random").preprocess) == repr(clip_made)
     # With a pretrained tag, the tag's preprocessing (OpenAI's mean, bicubic), still not loaded.
     tagged = get_extractor("open_clip:ViT-B-32:openai")
-    assert "0.48145466" in repr(tagged.preprocess) and "bicubic" in repr(tagged.preprocess)
+    assert "0.48145466" in repr(tagged.preprocess)
+    assert "bicubic" in repr(tagged.preprocess)
     for name in (TIMM, CLIP):
         pickle.dumps(get_extractor(name, "random").preprocess)  # runs in reader processes
 
 
-@pytest.mark.parametrize("name, dim", [(TIMM, 1024), (CLIP, 384)])
+@pytest.mark.parametrize(("name", "dim"), [(TIMM, 1024), (CLIP, 384)])
 def test_features_are_stored_recorded_and_queries_embed_the_same_way(run: Run, name: str,
                                                                      dim: int) -> None:
     x = run.features(name)
-    assert x.shape == (len(run.catalog()), dim) and np.isfinite(x).all()
+    assert x.shape == (len(run.catalog()), dim)
+    assert np.isfinite(x).all()
     info = run.features_info(name)
     assert info["weights"].startswith("random (explicitly requested")
-    assert info["model"] == name.split(":")[1] and info["library"] == name.split(":")[0]
+    assert info["model"] == name.split(":")[1]
+    assert info["library"] == name.split(":")[0]
     row = 3
     image = open_rgb(run.image_path(run.catalog()["file"].iloc[row]))
     np.testing.assert_allclose(load_extractor(run, name).embed([image])[0], x[row],
                                rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("name, weights, message", [
+@pytest.mark.parametrize(("name", "weights", "message"), [
     ("timm:no_such_net", "random", "timm has no model 'no_such_net'"),
     ("open_clip:ViT-Nope", "random", "open_clip has no model 'ViT-Nope'"),
     ("open_clip:ViT-S-32:nope", None, "no pretrained tag 'nope'"),

@@ -74,7 +74,8 @@ def test_a_finished_run_is_up_to_date_and_run_json_lists_every_step(run: Run) ->
     assert {("catalog", "catalog"), ("thumbnails", "thumbs"), ("extract", "pca"),
             ("cluster", "pca"), ("index", "mobilenet_v2"), ("train", "genre/pca")} <= done
     record = run.step_record("cluster", "pca")
-    assert record["params"]["cluster"]["k_max"] == K[1] and record["code"] == clustering.VERSION
+    assert record["params"]["cluster"]["k_max"] == K[1]
+    assert record["code"] == clustering.VERSION
     assert record["inputs"]["features"] == run.step_key("extract", "pca")
 
 
@@ -86,7 +87,7 @@ BOTH = {stage: {(stage, name) for name in FEATURES} for stage in ("cluster", "in
 BOTH["influence"] = {("influence", "tables")}
 
 
-@pytest.mark.parametrize("change, patch, expected", [
+@pytest.mark.parametrize(("change", "patch", "expected"), [
     # A parameter of one stage: that stage's steps only.
     # Influence reads the clusters and the index: it follows them.
     ("k range", None, BOTH["cluster"] | BOTH["influence"]),

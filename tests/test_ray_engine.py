@@ -61,7 +61,8 @@ def test_ray_fits_pca_once_and_writes_the_local_engines_features(local_run, hund
     assert len(run.catalog()) == 100
     assert np.abs(run.features("pca") - local_run.features("pca")).max() <= 1e-5
     record = run.step_record("extract", "pca")
-    assert record["engine"] == "ray" and record["new_rows"] == 100
+    assert record["engine"] == "ray"
+    assert record["new_rows"] == 100
     assert record["key"] == local_run.step_key("extract", "pca")  # same step, same key
     # PCA was fitted once, on the driver, and the fitted state reached both actors (an actor
     # without it raises instead of writing rows); the partitions were spread as parts.
@@ -100,12 +101,26 @@ def test_a_killed_ray_extraction_resumes_to_the_local_features(local_run, hundre
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=START_S + RUN_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert run.step_record("extract", "mobilenet_v2")["new_rows"] == 100 - first
-    assert np.abs(run.features("mobilenet_v2") - local_run.features("mobilenet_v2")).max() <= 1e-5
+    assert np.abs(run.features("mobilenet_v2") - local_run.features("mobilenet_v2")).max() \
+        <= TOLERANCE
     assert run.features_info("mobilenet_v2")["weights"] == f"file {MOBILENET.resolve()}"
 
 
 #: What a step record holds that may differ between engines: when and how fast it ran, and which.
 ENGINE_FIELDS = ("timings", "seconds", "finished_at", "engine")
+#: Rows equal within float noise: a partition's batches differ between the engines, and a conv
+#: net's fused path takes only full batches, so the last digits of some rows do too.
+TOLERANCE = 1e-4
+
+
+def _comparable(record: dict) -> dict:
+    """A step record less what may differ between engines; its outputs by name and matrix
+    shape, not bytes (equal features within `TOLERANCE` need not be equal bytes, and each
+    features JSON names its engine)."""
+    kept = {k: v for k, v in record.items() if k not in ENGINE_FIELDS}
+    kept["outputs"] = {path: {k: v for k, v in made.items() if k in ("shape", "dtype")}
+                       for path, made in record.get("outputs", {}).items()}
+    return kept
 
 
 def test_both_engines_write_the_same_features_rejected_images_and_records(tmp_path,
@@ -128,7 +143,8 @@ def test_both_engines_write_the_same_features_rejected_images_and_records(tmp_pa
     for name in names:
         errors = [str(first[e][name]).replace(str(runs[e].root), "RUN") for e in runs]
         assert all(isinstance(first[e][name], InfluenceError) for e in runs)
-        assert errors[0] == errors[1] and "2 images changed since cataloguing" in errors[0]
+        assert errors[0] == errors[1]
+        assert "2 images changed since cataloguing" in errors[0]
         rejected = [pd.read_csv(FeatureStore(run, name).rejected_path) for run in runs.values()]
         pd.testing.assert_frame_equal(*rejected)
         assert rejected[0]["file"].tolist() == [files[3], files[10]]
@@ -149,9 +165,9 @@ def test_both_engines_write_the_same_features_rejected_images_and_records(tmp_pa
                                   pd.read_csv(on_ray.rejected_path))
     for name in names:
         assert local.features(name).shape == (22, local.features_info(name)["dim"])
-        np.testing.assert_allclose(local.features(name), on_ray.features(name), atol=1e-5)
+        np.testing.assert_allclose(local.features(name), on_ray.features(name), atol=TOLERANCE)
         assert not FeatureStore(local, name).rejected_path.exists()
         records = [run.step_record("extract", name) for run in runs.values()]
-        assert records[0]["engine"] == "local" and records[1]["engine"] == "ray"
-        assert {k: v for k, v in records[0].items() if k not in ENGINE_FIELDS} == \
-            {k: v for k, v in records[1].items() if k not in ENGINE_FIELDS}
+        assert records[0]["engine"] == "local"
+        assert records[1]["engine"] == "ray"
+        assert _comparable(records[0]) == _comparable(records[1])

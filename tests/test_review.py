@@ -102,7 +102,8 @@ def test_near_copies_are_paired_and_a_changed_artist_comes_first(
     for n, (source, *_) in enumerate(COPIES):
         assert frozenset((ids[f"images/copy-{n}.jpg"], ids[rows.at[source, "file"]])) in pairs
     first = review.duplicates.iloc[0]
-    assert first["conflict"] and list(first["conflicts"]) == ["artist"]
+    assert first["conflict"]
+    assert list(first["conflicts"]) == ["artist"]
     assert {first["image_id_a"], first["image_id_b"]} == {ids["images/copy-1.jpg"],
                                                           ids[rows.at[40, "file"]]}
     assert review.duplicates_of(ids["images/copy-0.jpg"])[0] == ids[rows.at[3, "file"]]
@@ -115,7 +116,8 @@ def test_a_byte_identical_copy_is_still_reported_by_the_catalog(reviewed: Run,
     _, rows = injected
     rejected = pd.read_csv(reviewed.rejected_path)
     found = rejected[rejected["file"] == "images/identical.jpg"]
-    assert len(found) == 1 and found["reason"].iat[0] == "duplicate content"
+    assert len(found) == 1
+    assert found["reason"].iat[0] == "duplicate content"
     assert rows.at[7, "file"] in found["detail"].iat[0]
 
 
@@ -127,8 +129,11 @@ def test_a_swapped_style_ranks_at_the_top_of_the_labels(reviewed: Run, injected:
     style = review.labels[review.labels["target"] == "style"].reset_index(drop=True)
     assert len(style) == len(reviewed.catalog())
     found = style[style["image_id"] == swapped].iloc[0]
-    assert found.name < 5 and found["suggested"] == "Baroque" and found["issue"]
-    assert found["p_recorded"] < 0.1 and found["neighbour_agreement"] < 0.2
+    assert found.name < 5
+    assert found["suggested"] == "Baroque"
+    assert found["issue"]
+    assert found["p_recorded"] < 0.1
+    assert found["neighbour_agreement"] < 0.2
     closest = reviewed.catalog().set_index("image_id").loc[found["closest_suggested"]]
     assert closest["style"] == "Baroque"
     assert set(review.labels["target"]) == {"style", "artist"}

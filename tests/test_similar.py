@@ -110,19 +110,23 @@ def test_json_output_is_one_object_per_line_in_the_design_schema(
     for line, path, (image_id, _) in zip(lines, paths, picked, strict=True):
         answer = json.loads(line)
         assert set(answer) == ANSWER_KEYS
-        assert answer["query"] == path and answer["features"] == "mobilenet_v2"
+        assert answer["query"] == path
+        assert answer["features"] == "mobilenet_v2"
         assert isinstance(answer["seconds"], float)
 
         paintings = answer["paintings"]
-        assert len(paintings) == 7 and all(set(p) == PAINTING_KEYS for p in paintings)
+        assert len(paintings) == 7
+        assert all(set(p) == PAINTING_KEYS for p in paintings)
         assert all(isinstance(p["image_id"], str) and isinstance(p["file"], str)
                    and isinstance(p["artist"], str) and isinstance(p["title"], str)
                    and isinstance(p["score"], float) for p in paintings)
         scores = [p["score"] for p in paintings]
-        assert scores == sorted(scores, reverse=True) and -1 <= scores[-1] <= scores[0] <= 1.001
+        assert scores == sorted(scores, reverse=True)
+        assert -1 <= scores[-1] <= scores[0] <= 1.001
 
         artists = answer["artists"]
-        assert artists and all(set(a) == {"artist", "artist_id", "score", "paintings"}
+        assert artists
+        assert all(set(a) == {"artist", "artist_id", "score", "paintings"}
                                for a in artists)
         # The id is the one the explorer's artist pages use.
         assert all(a["artist_id"] == artist_slug(a["artist"]) for a in artists)
@@ -139,16 +143,20 @@ def test_json_output_is_one_object_per_line_in_the_design_schema(
             p = [t["p"] for t in top]
             assert len(top) == min(5, len(read_json(
                 built.models_dir / f"{target}-mobilenet_v2.json")["classes"]))
-            assert p == sorted(p, reverse=True) and sum(p) <= 1 + 1e-3 and p[-1] >= 0
+            assert p == sorted(p, reverse=True)
+            assert sum(p) <= 1 + 1e-3
+            assert p[-1] >= 0
         assert answer["predictions"]["artist"][0]["label"] == paintings[0]["artist"]
 
         clusters = answer["clusters"]
         k = clustering.summary["gmm"]["k"]
-        assert clusters and all(set(c) == {"cluster", "p"} and isinstance(c["cluster"], int)
+        assert clusters
+        assert all(set(c) == {"cluster", "p"} and isinstance(c["cluster"], int)
                                 and isinstance(c["p"], float) for c in clusters)
         assert all(0 <= c["cluster"] < k for c in clusters)
         p = [c["p"] for c in clusters]
-        assert p == sorted(p, reverse=True) and sum(p) == pytest.approx(1.0, abs=0.05)
+        assert p == sorted(p, reverse=True)
+        assert sum(p) == pytest.approx(1.0, abs=0.05)
         # The clusters are the GMM's responsibilities (the query is the stored painting's twin).
         stored = built.features("mobilenet_v2")[[row[image_id]]]
         expected = clustering.responsibilities(stored)[0]
@@ -184,7 +192,8 @@ def test_bad_queries_each_get_one_line_and_the_good_ones_still_answer(
                                              str(folder / "nested" / "b.JPG")]
     for answer in answers[1:-2]:
         assert set(answer) == {"query", "error"}
-        assert bad[answer["query"]] in answer["error"] and "\n" not in answer["error"]
+        assert bad[answer["query"]] in answer["error"]
+        assert "\n" not in answer["error"]
     assert answers[0]["paintings"][0]["score"] == pytest.approx(1.0, abs=1e-3)
     assert [a["paintings"][0]["image_id"] for a in (answers[0], *answers[-2:])] == \
         [good_id, good_id, other_id]
@@ -194,8 +203,10 @@ def test_bad_queries_each_get_one_line_and_the_good_ones_still_answer(
     errors = err.strip().splitlines()
     assert len(errors) == len(bad)
     for line, (path, reason) in zip(errors, bad.items(), strict=True):
-        assert line.startswith(f"error: {path}: ") and reason in line
-    assert out.count(f"== {good} ") == 1 and "similar artist" in out
+        assert line.startswith(f"error: {path}: ")
+        assert reason in line
+    assert out.count(f"== {good} ") == 1
+    assert "similar artist" in out
 
 
 def test_the_model_and_index_load_once_for_many_queries(
@@ -219,7 +230,8 @@ def test_the_model_and_index_load_once_for_many_queries(
     extractor, index = explorer._extractor, explorer._index
     for path in paths * 3:
         explorer.query(path, k=2)
-    assert explorer._extractor is extractor and explorer._index is index
+    assert explorer._extractor is extractor
+    assert explorer._index is index
 
 
 def test_unusable_requests_are_clear_errors(built: Run, explorer: Explorer,
@@ -227,13 +239,15 @@ def test_unusable_requests_are_clear_errors(built: Run, explorer: Explorer,
     (_, good), = _paintings(built, 1)
     assert main(["similar", "--run", str(built.root), "--features", "nope", str(good)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'nope' is not indexed" in err
+    assert err.count("\n") == 1
+    assert "'nope' is not indexed" in err
     with pytest.raises(InfluenceError, match="k must be at least 1"):
         explorer.query(good, k=0)
     with pytest.raises(InfluenceError, match="no painting with image_id"):
         explorer.neighbours_of("0" * 16)
     tiny = explorer.query(Image.new("RGB", (8, 8)))
-    assert set(tiny) == {"query", "error"} and "too small" in tiny["error"]
+    assert set(tiny) == {"query", "error"}
+    assert "too small" in tiny["error"]
 
 
 def test_with_flip_a_picture_and_its_mirror_image_get_the_same_answer(

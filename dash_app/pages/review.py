@@ -8,9 +8,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pandas as pd
-from dash import Dash, Input, Output, State, dcc, html
+from dash import Dash, Input, Output, State, dcc, html, no_update
 
-from dash_app import filters
+from dash_app import checks, filters
 from dash_app.components import downloads, gallery, message, needs, painting_card, send, text
 from dash_app.data import RunData, current
 from influence.export import review_export
@@ -24,14 +24,9 @@ SHOWN = 30
 OUTLIERS_SHOWN = 48
 
 
-def stored(data: RunData) -> Review | None:
-    """The run's review tables, loaded with the run (None before the `review` stage)."""
-    return data.review
-
-
 def duplicate_note(data: RunData, image_id: str) -> html.P | None:
     """'Possible duplicate of ...' with links, for the painting page; None when there is none."""
-    review = stored(data)
+    review = data.review
     others = review.duplicates_of(image_id) if review is not None else []
     if not others:
         return None
@@ -48,7 +43,7 @@ def duplicate_note(data: RunData, image_id: str) -> html.P | None:
 def layout(tab: str | None = None, target: str | None = None, conflicts: str | None = None,
            **query: str) -> html.Div:
     data = current()
-    review = stored(data)
+    review = data.review
     if review is None:
         return needs("review", data)
     targets = list(dict.fromkeys(review.labels["target"])) if len(review.labels) else []
@@ -141,6 +136,15 @@ def filtered(data: RunData, review: Review, tab: str, where: Filter, target: str
     return export
 
 
+def _asked(data: RunData, tab: object, target: object, conflicts: object
+           ) -> tuple[str, str | None, bool]:
+    """The tab, target and conflicts-only choice a request names, checked (unknown ones fall
+    back to the defaults)."""
+    targets = set(data.review.table("labels")["target"]) if data.review is not None else set()
+    return (checks.one_of(tab, TABLES, TABLES[0]), checks.one_of(target, targets, None),
+            "only" in checks.chosen(conflicts, {"only"}))
+
+
 def register(app: Dash) -> None:
     views = dict(zip(TABLES, (duplicates_view, labels_view, outliers_view), strict=True))
 
@@ -149,8 +153,10 @@ def register(app: Dash) -> None:
                   *filters.inputs("review"))
     def show(tab: str, target: str | None, conflicts: list[str], *values: object) -> list:
         data = current()
-        export = filtered(data, stored(data), tab, filters.read(data, *values), target,
-                          "only" in (conflicts or []))
+        if data.review is None:
+            return [needs("review", data)]
+        tab, target, only = _asked(data, tab, target, conflicts)
+        export = filtered(data, data.review, tab, filters.read(data, *values), target, only)
         if export.frame.empty:
             return [message("Nothing to review here with these filters.", id="review-count")]
         return [html.P(f"{len(export.frame):,} rows, most likely first"
@@ -164,10 +170,12 @@ def register(app: Dash) -> None:
                   Input("review-conflicts", "value"), *filters.inputs("review"),
                   prevent_initial_call=True)
     def state(tab: str, target: str | None, conflicts: list[str], *values: object) -> str:
-        query = {"tab": tab, **filters.read(current(), *values).to_query()}
+        data = current()
+        tab, target, only = _asked(data, tab, target, conflicts)
+        query = {"tab": tab, **filters.read(data, *values).to_query()}
         if target:
             query["target"] = target
-        if "only" in (conflicts or []):
+        if only:
             query["conflicts"] = "only"
         return urlencode(query)
 
@@ -178,5 +186,7 @@ def register(app: Dash) -> None:
     def export(_csv: int, _parquet: int, tab: str, target: str | None, conflicts: list[str],
                *values: object) -> dict:
         data = current()
-        return send(filtered(data, stored(data), tab, filters.read(data, *values), target,
-                             "only" in (conflicts or [])))
+        if data.review is None:
+            return no_update
+        tab, target, only = _asked(data, tab, target, conflicts)
+        return send(filtered(data, data.review, tab, filters.read(data, *values), target, only))

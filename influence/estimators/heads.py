@@ -30,8 +30,14 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 
 def _stratified(y: np.ndarray, size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded, stratified (fit, validation) positions of y."""
-    return train_test_split(np.arange(len(y)), test_size=size, random_state=seed, stratify=y)
+    """Seeded (fit, validation) positions of y: stratified, with at least one row of each label
+    in the validation slice; a plain seeded split where labels are too few for that."""
+    rows = np.arange(len(y))
+    _, counts = np.unique(y, return_counts=True)
+    wanted = max(int(np.ceil(size * len(y))), len(counts))
+    if counts.min() < 2 or len(y) - wanted < len(counts):
+        return train_test_split(rows, test_size=max(1, round(size * len(y))), random_state=seed)
+    return train_test_split(rows, test_size=wanted, random_state=seed, stratify=y)
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):

@@ -251,12 +251,12 @@ def resolve_state_dict(name: str, spec: str | None,
     if path is not None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
+        except Exception as e:
             raise InfluenceError(f"cannot load weights for {name} from {path}: {e}") from None
         return state, f"file {path}"
     try:
         return download(), download_label
-    except Exception as e:  # noqa: BLE001 - offline, proxy, hash mismatch: all mean 'not available'
+    except Exception as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         print(f"WARNING: {name}: pretrained weights could not be obtained ({reason}); using RANDOM "
               f"weights. Give --weights {name}=PATH to use a local file.", file=sys.stderr)
