@@ -238,7 +238,8 @@ def label_issues(catalog: pd.DataFrame, target: str, x: np.ndarray, sims: np.nda
     # One process: cleanlab's pool loses its globals under a fork server, and 2 cores gain little.
     issue = find_label_issues(y, proba, n_jobs=1)
     suggested = proba.argmax(axis=1)
-    all_labels = recorded.to_numpy(dtype=object)
+    # Unlabelled paintings (pd.NA) count as agreeing with no label.
+    all_labels = recorded.to_numpy(dtype=object, na_value=None)
     near_rows = rows[use]
     near_labels = np.where(near_rows >= 0, all_labels[np.maximum(near_rows, 0)], None)
     ids = catalog["image_id"].to_numpy(dtype=object)
