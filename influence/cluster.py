@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from influence.catalog import LABEL_FIELDS
 from influence.estimators.clustering import ElbowClustering, Projection, Reducer, fit_rows
@@ -44,6 +45,8 @@ from influence.runs import (
 )
 
 SEED = 0
+#: BLAS and OpenMP threads of every fit: the same number gives the same clusters in any process.
+THREADS = 2
 #: PCA keeps the fewest components explaining this share of the variance, but no more than
 #: MAX_DIMS: KMeans, GMM and UMAP stay fast and distances stop being dominated by noise.
 VARIANCE = 0.90
@@ -109,12 +112,15 @@ def fit_clustering(x: np.ndarray, k_min: int = 2, k_max: int = 30, seed: int = S
     recipe = make_recipe(k_min, k_max, seed, fit_sample)
     recipe["cluster"]._check(len(x), name)
     timings: dict[str, float] = {}
-    with timed(timings, "reduce"):
-        y = recipe["reduce"].fit(x).transform(x)
-    clusters = recipe["cluster"].fit(y, progress=progress, name=name)
-    timings.update(clusters.timings_)
-    with timed(timings, "umap"):
-        projection = recipe["project"].fit(y, progress=progress, name=name)
+    # A fixed number of BLAS and OpenMP threads: KMeans' sums depend on it, and what ran before
+    # in the process (a model's extraction, a head's fit) must not change the clusters.
+    with threadpool_limits(THREADS):
+        with timed(timings, "reduce"):
+            y = recipe["reduce"].fit(x).transform(x)
+        clusters = recipe["cluster"].fit(y, progress=progress, name=name)
+        timings.update(clusters.timings_)
+        with timed(timings, "umap"):
+            projection = recipe["project"].fit(y, progress=progress, name=name)
     sample = fit_rows(len(x), seed, recipe["reduce"].fit_sample)
     recipe["reduce"].info_.update({
         "silhouette_rows": int(len(clusters.silhouette_rows_)),
