@@ -12,6 +12,7 @@ import io
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,11 +311,17 @@ class CatalogResult:
 
 
 def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAULT_LIMITS,
-                  progress: bool = True) -> CatalogResult:
-    """Validate a collection and write catalog.parquet and rejected.csv into the run."""
+                  progress: bool = True,
+                  upstream: Sequence[dict[str, object]] = ()) -> CatalogResult:
+    """Validate a collection and write catalog.parquet and rejected.csv into the run.
+
+    `upstream` are rows left out before the collection was made (canvases or table rows whose
+    image could not be fetched, influence.fetch); rejected.csv lists them first.
+    """
     if not collection.images.is_dir():
         raise InfluenceError(f"image folder {collection.images} does not exist")
     rows, rejected, notes = read_metadata(collection)
+    rejected = [*upstream, *rejected]
     root = collection.images
     resolved_root = root.resolve()
 

@@ -10,9 +10,12 @@ import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from influence.runs import InfluenceError, Run
+
+if TYPE_CHECKING:
+    from influence.fetch import Prepared
 
 
 def parse_pairs(values: Sequence[str] | None, flag: str) -> dict[str, str]:
@@ -36,17 +39,25 @@ def _names(value: str | Sequence[str] | None) -> list[str] | None:
 
 # ---------------------------------------------------------------------------------------- extract
 def cmd_extract(run: str, collection: str | None = None, metadata: str | None = None,
-                images: str | None = None, extractors: str | Sequence[str] | None = None,
+                images: str | None = None, iiif: str | None = None, preset: str | None = None,
+                extractors: str | Sequence[str] | None = None,
                 weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
+                fetch_workers: int | None = None, fetch_timeout: float | None = None,
                 workers: int | None = None, engine: str = "local", ray_address: str | None = None,
                 ray_actors: int | None = None, ray_batch_size: int | None = None,
                 ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
-    """Catalog the collection, then bring every extractor's features up to date."""
+    """Catalog the collection (fetching a IIIF source's or a table's images first), then bring
+    every extractor's features up to date."""
     from influence.catalog import Collection, build_catalog
     from influence.extract import extract_many
     from influence.extractors import RANDOM, available, extractor_class, get_extractor, is_known
 
-    if collection:
+    out = Run(Path(run))
+    prepared = _fetched(out, collection, metadata, images, iiif, preset, columns,
+                        fetch_workers, fetch_timeout, progress)
+    if prepared:
+        coll = prepared.collection
+    elif collection:
         coll = Collection.from_dir(Path(collection), columns)
     elif metadata and images:
         from influence.catalog import DEFAULT_COLUMNS
@@ -65,8 +76,8 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
         raise InfluenceError(f"--weights names {', '.join(stray)}, which is not being extracted")
     ray = {"address": ray_address, "concurrency": ray_actors, "batch_size": ray_batch_size,
            "cpus_per_actor": ray_cpus_per_actor}
-    out = Run(Path(run))
-    result = build_catalog(coll, out, progress=progress)
+    result = build_catalog(coll, out, progress=progress,
+                           upstream=prepared.rejected if prepared else ())
     for note in result.notes:
         print(f"note: {note}")
     reasons = result.rejected["reason"].value_counts().to_dict()
@@ -93,6 +104,68 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                      + (f", {rate:.1f} img/s" if rate else ""), info["weights"]))
     _table(["features", "dim", "images", "this run", "weights"], rows)
     return 1 if failed else 0
+
+
+def _fetched(out: Run, collection: str | None, metadata: str | None, images: str | None,
+             iiif: str | None, preset: str | None, columns: dict[str, str] | None,
+             fetch_workers: int | None, fetch_timeout: float | None,
+             progress: bool) -> Prepared | None:
+    """A IIIF source or an open-access table made into a collection (its images fetched into
+    the run where they are URLs), or None for a plain folder and CSV."""
+    from influence.fetch import FetchSettings
+
+    table = Path(metadata) if metadata else None
+    if not iiif and not preset and "image_url" not in (columns or {}) and not (
+            table and (images is None or table.suffix.lower() == ".json")):
+        return None
+    settings = FetchSettings(**{k: v for k, v in (("workers", fetch_workers),
+                                                  ("timeout", fetch_timeout)) if v is not None})
+    if iiif:
+        from influence.iiif import iiif_collection
+
+        if collection or metadata or images or preset:
+            raise InfluenceError("--iiif is a collection of its own: give it without "
+                                 "--collection, --metadata, --images or --preset")
+        prepared = iiif_collection(iiif, out, settings, progress)
+        what = f"{prepared.report['canvases']} canvases"
+    else:
+        from influence.catalog import Collection
+        from influence.tables import table_collection
+
+        if collection:
+            found = Collection.from_dir(Path(collection))
+            table, images = found.metadata, str(found.images)
+        if table is None:
+            raise InfluenceError("--preset and image_url need a table: give --metadata TABLE "
+                                 "(or --collection DIR)")
+        prepared = table_collection(table, out, columns, Path(images) if images else None,
+                                    settings, progress, preset)
+        what = f"{prepared.report.get('rows', 0)} rows"
+    for note in prepared.notes:
+        print(f"note: {note}")
+    if prepared.report:
+        r = prepared.report
+        print(f"fetch: {what}; {r['fetched']} images fetched, {r['kept']} kept from before, "
+              f"{r['rejected']} left out (reasons in {out.rejected_path})")
+    return prepared
+
+
+def cmd_columns(table: str, preset: str | None = None, progress: bool = True) -> int:
+    """Print, as TOML to check and paste into a config, how a table's columns map to ours:
+    a guess from its header and values, or what `preset` finds in it."""
+    from influence.tables import guess_columns, mapping_toml, preset_columns, read_table
+
+    t = read_table(Path(table))
+    if preset:
+        mapping, _ = preset_columns(preset, t.header)
+        print(mapping_toml(mapping, {}, f"preset {preset} on {t.path.name} "
+                                        f"({len(t.records)} rows)"), end="")
+        return 0
+    guesses = guess_columns(t)
+    print(mapping_toml({g.field: g.column for g in guesses}, {g.field: g.why for g in guesses},
+                       f"columns guessed for {t.path.name} ({len(t.records)} rows) from its "
+                       "header and values"), end="")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- combine
@@ -435,8 +508,8 @@ def cmd_run(config: str, run: str | None = None, wait: bool = True, progress: bo
 def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool) -> int:
     for stage in STAGE_ORDER:
         options = dict(cfg.get(stage, {}))
-        for key in ("collection", "metadata", "images", "recorded"):
-            if key in options:
+        for key in ("collection", "metadata", "images", "recorded", "iiif"):
+            if key in options and not str(options[key]).startswith(("http://", "https://")):
                 options[key] = str((base / options[key]).resolve())
         if stage == "extract":
             options["weights"] = {k: v if v == "random" else str(base / v)
@@ -452,7 +525,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "extract": cmd_extract, "combine": cmd_combine, "cluster": cmd_cluster, "index": cmd_index,
     "train": cmd_train, "influence": cmd_influence, "review": cmd_review, "similar": cmd_similar,
     "export": cmd_export, "finetune": cmd_finetune, "import-features": cmd_import_features,
-    "check": cmd_check,
+    "check": cmd_check, "columns": cmd_columns,
 }
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from influence.commands import COMMANDS, WRITERS, cmd_run, parse_pairs
+from influence.presets import available_presets
 from influence.runs import InfluenceError, Run
 
 
@@ -24,11 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collection", help="folder with paintings.csv and the images")
     p.add_argument("--metadata", help="metadata CSV (with --images, instead of --collection)")
     p.add_argument("--images", help="folder the CSV's file column is relative to")
+    p.add_argument("--iiif", metavar="URL_OR_FILE",
+                   help="a IIIF Presentation manifest or collection (v2 or v3): its images are "
+                        "fetched into the run")
+    p.add_argument("--preset", choices=available_presets(),
+                   help="column names of a museum's open-access export (with --metadata TABLE; "
+                        "its image URLs are fetched into the run)")
     p.add_argument("--extractors", help="comma-separated extractor names (default: all)")
     p.add_argument("--weights", action="append", metavar="NAME=PATH",
                    help="weights file for an extractor, or NAME=random (repeatable)")
     p.add_argument("--columns", action="append", metavar="FIELD=COLUMN",
-                   help="CSV column name for a catalog field, e.g. artist=painter (repeatable)")
+                   help="CSV column name for a catalog field, e.g. artist=painter, or "
+                        "image_url=COLUMN for images to fetch (repeatable)")
+    p.add_argument("--fetch-workers", type=int,
+                   help="parallel image downloads (default 8)")
+    p.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
+                   help="seconds one download may wait for the server (default 30)")
     p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="run extraction in this process (default) or on Ray Data")
@@ -39,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "each extractor's own batch size (default: the largest of those)")
     p.add_argument("--ray-cpus-per-actor", type=float,
                    help="CPUs per runner actor (default: an equal share)")
+
+    p = sub.add_parser("columns", help="propose how a table's columns map to ours, as TOML "
+                       "to check and paste into a config")
+    p.add_argument("table", help="a CSV or JSON export")
+    p.add_argument("--preset", choices=available_presets(),
+                   help="show what this preset finds in the table instead of guessing")
 
     p = sub.add_parser("combine", help="feature sets made of several, e.g. mobilenet_v2+style")
     p.add_argument("--run", required=True)

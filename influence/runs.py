@@ -192,7 +192,7 @@ def rebuilt_by(stage: str, name: str, record: dict[str, Any] | None) -> str:
         return f"`train --target {target} --features {features}`"
     if stage in ("cluster", "index"):
         return f"`{stage} --features {name}`"
-    return f"`{'extract' if stage in ('catalog', 'thumbnails') else stage}`"
+    return f"`{'extract' if stage in ('catalog', 'thumbnails', 'fetch') else stage}`"
 
 
 @dataclass(frozen=True)
@@ -296,6 +296,12 @@ class Run:
     @property
     def rejected_path(self) -> Path:
         return self.root / "rejected.csv"
+
+    @property
+    def fetched_dir(self) -> Path:
+        """Images fetched from a IIIF source or a table's URLs, with the table and the record
+        of what was fetched (influence.fetch)."""
+        return self.root / "fetched"
 
     @property
     def features_dir(self) -> Path:
