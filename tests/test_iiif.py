@@ -17,7 +17,7 @@ import pytest
 
 from influence.catalog import build_catalog
 from influence.commands import cmd_columns
-from influence.fetch import FetchSettings
+from influence.fetch import FetchSettings, Job, fetch_images
 from influence.iiif import iiif_collection
 from influence.pipeline import main
 from influence.runs import Run
@@ -49,7 +49,8 @@ MET_HEADER = [
 class Server:
     """A local Image API and document server: /iiif/NAME/full/SIZE/0/default.jpg and
     /img/NAME.jpg serve a painting, /doc/NAME a JSON document; /missing/ answers 404, /slow/
-    waits SLOW_S seconds, /notimage/ answers HTML, /big/ two megabytes. Every path is logged."""
+    waits SLOW_S seconds, /notimage/ answers HTML, /big/ two megabytes, /flaky/NAME 503 (with
+    Retry-After) the first time and the painting after. Every path is logged."""
 
     def __init__(self, paintings: dict[str, bytes]) -> None:
         self.paintings = paintings
@@ -74,6 +75,14 @@ class Server:
                     body, ctype = b"<html><body>Sign in first</body></html>", "text/html"
                 elif kind == "big":
                     body = b"\xff\xd8" + b"\0" * 2_000_000
+                elif kind == "flaky" and server.log.count(self.path) == 1:
+                    self.send_response(503)
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                elif kind == "flaky":
+                    body = server.paintings.get(name)
                 try:
                     if body is None:
                         self.send_error(404)
@@ -258,6 +267,20 @@ def test_a_iiif_collection_becomes_a_catalog_and_every_broken_canvas_a_reason(
     build_catalog(again.collection, run, progress=False, upstream=again.rejected)
     assert run.step_record("catalog", "catalog")["finished_at"] == before
     assert run.step_record("fetch", "iiif")["kept"] == len(good)
+
+
+def test_a_busy_server_is_asked_again_and_a_missing_image_is_not(served, paintings, tmp_path):
+    served.log.clear()
+    name = paintings["name"][0]
+    flaky, missing = f"{served.base}/flaky/{name}.jpg", f"{served.base}/missing/{name}.jpg"
+    got = fetch_images([Job((flaky,)), Job((missing,))], tmp_path / "images",
+                       tmp_path / "fetched.csv", SETTINGS, progress=False)
+    assert got[flaky].ok
+    assert (tmp_path / "images" / got[flaky].file).read_bytes() == served.paintings[name]
+    assert served.log.count(f"/flaky/{name}.jpg") == 2  # 503, then the image
+    assert (got[missing].reason, served.log.count(f"/missing/{name}.jpg")) == ("HTTP 404", 1)
+    record = pd.read_csv(tmp_path / "fetched.csv")
+    assert record.set_index("url").loc[missing, "status"] == 404
 
 
 def test_extract_iiif_runs_the_catalog_and_extraction_on_a_manifest(served, paintings, tmp_path,
