@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,6 +128,9 @@ def _fetched(out: Run, collection: str | None, metadata: str | None, images: str
             raise InfluenceError("--iiif is a collection of its own: give it without "
                                  "--collection, --metadata, --images or --preset")
         prepared = iiif_collection(iiif, out, settings, progress)
+        # A field may be read from a kept metadata column instead ("genre=Object type").
+        prepared.collection = replace(prepared.collection, columns={
+            **prepared.collection.columns, **(columns or {})})
         what = f"{prepared.report['canvases']} canvases"
     else:
         from influence.catalog import Collection

@@ -288,15 +288,17 @@ def test_extract_iiif_runs_the_catalog_and_extraction_on_a_manifest(served, pain
     run = tmp_path / "run"
     status = main(["--no-progress", "extract", "--run", str(run), "--iiif",
                    f"{served.base}/doc/manifest2", "--extractors", "pca",
-                   "--fetch-timeout", "5"])
+                   "--fetch-timeout", "5", "--columns", "nationality=Repository"])
     assert status == 0
     out = capsys.readouterr().out
     assert "fetch: 6 canvases; 4 images fetched, 0 kept from before, 2 left out" in out
     catalog = Run(run).catalog()
     assert len(catalog) == 4
+    assert set(catalog["nationality"]) == {"Test museum"}  # a kept pair read as a field
     assert Run(run).features("pca").shape[0] == 4
     rejected = pd.read_csv(Run(run).rejected_path)
     assert sorted(rejected["reason"]) == ["HTTP 404", "no image"]
+    assert main(["check", "--run", str(run)]) == 0  # the fetch's tables are recorded intact
 
 
 def test_a_manifest_that_is_not_iiif_is_one_clear_error(served, tmp_path, capsys):
