@@ -30,6 +30,7 @@ from influence.runs import (
     atomic,
     column_fingerprints,
     file_fingerprint,
+    keep_row_order,
     write_json,
 )
 
@@ -372,6 +373,7 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     catalog = catalog.astype({"width": "int32", "height": "int32", "bytes": "int64",
                               "row": "int64", "mode": "string", "image_id": "string",
                               "file": "string"}).reset_index(drop=True)
+    catalog = keep_row_order(catalog, run.catalog_path)
     rejected_df = pd.DataFrame.from_records(rejected, columns=REJECTED_COLUMNS)
 
     # Always made again (checking unchanged files is cached), but written and recorded only when

@@ -33,11 +33,12 @@ from influence.estimators.clustering import ElbowClustering, Projection, Reducer
 from influence.plots import plot_sweep
 from influence.readers import clustered_features
 from influence.runs import (
+    Growth,
     InfluenceError,
+    Rows,
     Run,
     Step,
     atomic,
-    column_fingerprints,
     estimator_step,
     read_json,
     timed,
@@ -206,13 +207,13 @@ FILES = ("sweep.csv", "assignments.parquet", "responsibilities.npy", "profiles.p
 def cluster_step(run: Run, name: str, catalog: pd.DataFrame, k_min: int, k_max: int,
                  seed: int = SEED) -> Step:
     """The step of one feature set's clustering: the recipe's parameters and this module's
-    constants, every label field and the features' extraction."""
-    # The labels shape the profiles and agreement: a corrected attribution reuses every feature
-    # row (they are keyed by image id) but must still redo this stage.
+    constants, the features' fit, and the catalog's rows with every label field (the labels
+    shape only the profiles and agreement: a corrected one, or paintings added and removed,
+    extend the fitted models instead of fitting them again)."""
     return estimator_step("cluster", name, make_recipe(k_min, k_max, seed), sys.modules[__name__],
-                          {**column_fingerprints(catalog, FIELDS),
-                           "features": run.step_key("extract", name)},
-                          tuple(run.clusters_dir / name / f for f in FILES))
+                          {"features": run.fit_key("extract", name)},
+                          tuple(run.clusters_dir / name / f for f in FILES),
+                          rows=Rows(catalog[["image_id", *(f for f in FIELDS if f in catalog)]]))
 
 
 def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed: int = SEED,
@@ -220,7 +221,9 @@ def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed:
     """Bring `RUN/clusters/<name>/` up to date; returns its summary (with `up_to_date`).
 
     The run protocol (`Run.step`) decides: the step's key covers the settings, this recipe's
-    version, the features' extraction and every label the profiles read.
+    version, the features' extraction and every label the profiles read; paintings added or
+    removed since the fit are assigned and placed by the fitted models (`_extend`) until the
+    protocol refits them.
     """
     catalog = run.catalog()
     x = run.features(name)
@@ -230,7 +233,8 @@ def cluster_features(run: Run, name: str, k_min: int = 2, k_max: int = 30, seed:
     out = run.clusters_dir / name
     step = cluster_step(run, name, catalog, k_min, k_max, seed)
     report = run.step(step, lambda: _cluster(run, name, step, catalog, x, out, k_min, k_max,
-                                             seed, progress))
+                                             seed, progress),
+                      lambda growth: _extend(run, catalog, x, out, growth))
     return {**read_json(out / "summary.json"), "up_to_date": report["up_to_date"]}
 
 
@@ -243,34 +247,18 @@ def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarr
     start = time.perf_counter()
     fitted = fit_clustering(np.asarray(x), k_min, k_max, seed, progress, name)
     timings, c = fitted.timings, fitted.clusters
-    embedding = fitted.projection.embedding_
     ids = catalog["image_id"].astype(str).to_numpy()
     with timed(timings, "profiles"):
-        agreement = {"kmeans": label_agreement(c.labels_, catalog),
-                     "gmm": label_agreement(c.gmm_labels_, catalog)}
-        prof = pd.concat([profiles(c.labels_, catalog, "kmeans"),
-                          profiles(c.gmm_labels_, catalog, "gmm")], ignore_index=True)
-        gdist = gmm_distance(fitted.reduced, c.gmm_, c.gmm_labels_)
-        typ = pd.concat([typical(c.labels_, c.distance_, ids, "kmeans"),
-                         typical(c.gmm_labels_, gdist, ids, "gmm")], ignore_index=True)
-        sizes = {m: np.bincount(lab, minlength=c.k_).tolist()
-                 for m, lab in (("kmeans", c.labels_), ("gmm", c.gmm_labels_))}
+        tables = _tables(catalog, fitted.reduced, c.gmm_, c.k_, c.labels_, c.distance_,
+                         c.responsibilities_, fitted.projection.embedding_)
     with timed(timings, "write"):
-        assignments = pd.DataFrame({
-            "image_id": ids, "kmeans": c.labels_, "kmeans_distance": c.distance_,
-            "gmm": c.gmm_labels_, "gmm_p": c.responsibilities_.max(axis=1),
-            "umap_x": embedding[:, 0], "umap_y": embedding[:, 1],
-        })
-        model = {"reducer": fitted.reducer.pipeline_, "kmeans": c.kmeans_, "gmm": c.gmm_}
-        writers = {"sweep.csv": lambda p: c.sweep_.to_csv(p, index=False),
-                   "assignments.parquet": lambda p: assignments.to_parquet(p, index=False),
-                   "responsibilities.npy": lambda p: np.save(p, c.responsibilities_),
-                   "profiles.parquet": lambda p: prof.to_parquet(p, index=False),
-                   "typical.parquet": lambda p: typ.to_parquet(p, index=False),
-                   "model.joblib": lambda p: joblib.dump(model, p)}
-        for file, write in writers.items():
+        model = {"reducer": fitted.reducer.pipeline_, "kmeans": c.kmeans_, "gmm": c.gmm_,
+                 "umap": fitted.projection.umap_}
+        for file, write in {"sweep.csv": lambda p: c.sweep_.to_csv(p, index=False),
+                            "model.joblib": lambda p: joblib.dump(model, p)}.items():
             with atomic(out / file) as tmp:
                 write(tmp)
+        agreement, sizes = _write_tables(out, tables)
         plot_sweep(c.sweep_, c.k_, name, out)
     summary = {
         "features": name,
@@ -291,9 +279,101 @@ def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarr
         "config": step.params,
         "input": step.key,
         "features_catalog": info.get("catalog"),
+        "fitted_rows": len(ids),
     }
     write_json(out / "summary.json", summary)
     return {"k": c.k_, "rows": len(ids), "timings": summary["timings"]}
+
+
+def _extend(run: Run, catalog: pd.DataFrame, x: np.ndarray, out: Path,
+            growth: Growth) -> dict[str, Any]:
+    """Assign the paintings added since the fit with the fitted KMeans and GMM, place them with
+    the fitted UMAP's transform, drop the removed ones, and recompute the tables that read
+    every painting (profiles, typical members, agreement, sizes); the sweep and its scores stay
+    those of the fit. Returns what run.json records."""
+    import joblib
+
+    start = time.perf_counter()
+    model = joblib.load(run.verified(out / "model.joblib"))
+    old = pd.read_parquet(run.verified(out / "assignments.parquet"))
+    old_resp = np.load(run.verified(out / "responsibilities.npy"))
+    summary = read_json(run.verified(out / "summary.json"))
+    new = growth.new
+    with threadpool_limits(THREADS):
+        y = model["reducer"].transform(np.asarray(x, dtype=np.float64)).astype(np.float32)
+        y_new = y[new]
+        labels = model["kmeans"].predict(y_new).astype(np.int32) if new.any() else \
+            np.empty(0, np.int32)
+        centres = model["kmeans"].cluster_centers_
+        resp = (model["gmm"].predict_proba(y_new).astype(np.float32) if new.any()
+                else np.empty((0, old_resp.shape[1]), np.float32))
+        placed = (model["umap"].transform(y_new).astype(np.float32) if new.any()
+                  else np.empty((0, 2), np.float32))
+    kmeans = growth.realign(old["kmeans"].to_numpy(np.int32), labels)
+    distance = growth.realign(old["kmeans_distance"].to_numpy(np.float32),
+                              np.linalg.norm(y_new - centres[labels], axis=1).astype(np.float32))
+    responsibilities = growth.realign(old_resp, resp)
+    embedding = growth.realign(old[["umap_x", "umap_y"]].to_numpy(np.float32), placed)
+    tables = _tables(catalog, y, model["gmm"], int(summary["k"]), kmeans, distance,
+                     responsibilities, embedding)
+    summary["agreement"], summary["sizes"] = _write_tables(out, tables)
+    summary["rows"] = len(catalog)
+    summary["features_catalog"] = run.features_info(summary["features"]).get("catalog")
+    summary["extended"] = {"added": int(new.sum()), "removed": len(growth.removed),
+                           "seconds": round(time.perf_counter() - start, 3),
+                           "rule": "added paintings assigned by the fitted KMeans and GMM and "
+                                   "placed by the fitted UMAP's transform; the sweep and scores "
+                                   f"are those of the fit on {summary.get('fitted_rows')} "
+                                   "paintings"}
+    write_json(out / "summary.json", summary)
+    return {"k": summary["k"], "rows": len(catalog), "added": int(new.sum()),
+            "removed": len(growth.removed)}
+
+
+@dataclass
+class Tables:
+    """What `_write_tables` writes of one clustering, aligned with the catalog."""
+
+    assignments: pd.DataFrame
+    responsibilities: np.ndarray
+    profiles: pd.DataFrame
+    typical: pd.DataFrame
+    agreement: dict[str, Any]
+    sizes: dict[str, list[int]]
+
+
+def _tables(catalog: pd.DataFrame, reduced: np.ndarray, gmm: Any, k: int, labels: np.ndarray,
+            distance: np.ndarray, responsibilities: np.ndarray,
+            embedding: np.ndarray) -> Tables:
+    """The per-painting tables of a clustering and what is computed from every painting."""
+    ids = catalog["image_id"].astype(str).to_numpy()
+    gmm_labels = responsibilities.argmax(axis=1).astype(np.int32)
+    gdist = gmm_distance(reduced, gmm, gmm_labels)
+    assignments = pd.DataFrame({
+        "image_id": ids, "kmeans": labels, "kmeans_distance": distance, "gmm": gmm_labels,
+        "gmm_p": responsibilities.max(axis=1), "umap_x": embedding[:, 0],
+        "umap_y": embedding[:, 1]})
+    return Tables(
+        assignments, responsibilities,
+        pd.concat([profiles(labels, catalog, "kmeans"), profiles(gmm_labels, catalog, "gmm")],
+                  ignore_index=True),
+        pd.concat([typical(labels, distance, ids, "kmeans"),
+                   typical(gmm_labels, gdist, ids, "gmm")], ignore_index=True),
+        {"kmeans": label_agreement(labels, catalog), "gmm": label_agreement(gmm_labels, catalog)},
+        {m: np.bincount(lab, minlength=k).tolist()
+         for m, lab in (("kmeans", labels), ("gmm", gmm_labels))})
+
+
+def _write_tables(out: Path, tables: Tables) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Write the per-painting tables atomically; returns (agreement, sizes) for the summary."""
+    writers = {"assignments.parquet": lambda p: tables.assignments.to_parquet(p, index=False),
+               "responsibilities.npy": lambda p: np.save(p, tables.responsibilities),
+               "profiles.parquet": lambda p: tables.profiles.to_parquet(p, index=False),
+               "typical.parquet": lambda p: tables.typical.to_parquet(p, index=False)}
+    for file, write in writers.items():
+        with atomic(out / file) as tmp:
+            write(tmp)
+    return tables.agreement, tables.sizes
 
 
 def comparison(run: Run) -> pd.DataFrame:

@@ -28,7 +28,16 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import normalize
 
 from influence.extractors import Extractor
-from influence.runs import InfluenceError, Run, atomic, estimator_step, versions, write_json
+from influence.runs import (
+    Growth,
+    InfluenceError,
+    Rows,
+    Run,
+    atomic,
+    estimator_step,
+    versions,
+    write_json,
+)
 
 SEP = "+"
 WEIGHT_SEP = "@"
@@ -132,26 +141,60 @@ def build_combined(run: Run, spec: str) -> dict[str, Any]:
     for part in parts:
         run.features(part.name)
     infos = [run.features_info(p.name) for p in parts]
+    # Its rows are the catalog's: a whitened set keeps its whitening for paintings added or
+    # removed (the run protocol refits it past REFIT_SHARE); an unwhitened one has no fit.
     step = estimator_step("extract", name, {}, sys.modules[__name__],
-                          {p.name: run.step_key("extract", p.name) for p in parts},
+                          {p.name: run.fit_key("extract", p.name) for p in parts},
                           (run.features_dir / f"{name}.npy", run.features_dir / f"{name}.json")
                           + ((run.features_dir / f"{name}.fit.joblib",) if whitening(spec)
                              else ()),
                           {"parts": [[p.name, p.weight] for p in parts],
-                           "whiten": whitening(spec)})
-    report = run.step(step, lambda: _build(run, spec, name, parts, infos))
+                           "whiten": whitening(spec)},
+                          Rows(run.catalog()[["image_id"]], fitted=whitening(spec) is not None))
+    report = run.step(step, lambda: _build(run, spec, name, parts, infos),
+                      lambda growth: _extend(run, spec, name, parts, infos, growth))
     return {**run.features_info(name), "up_to_date": report["up_to_date"]}
+
+
+def _extend(run: Run, spec: str, name: str, parts: list[Part], infos: list[dict[str, Any]],
+            growth: Growth) -> dict[str, Any]:
+    """The stored rows of the paintings kept, and the added ones combined with the kept
+    whitening; returns what run.json records."""
+    blocks = [run.features(p.name) for p in parts]
+    _same_catalog(name, blocks, infos)
+    state_path = run.features_dir / f"{name}.fit.joblib"
+    whiteners = joblib.load(run.verified(state_path)) if whitening(spec) else None
+    old = run.features(name)
+    new = np.flatnonzero(growth.new)
+    n = len(growth.after)
+
+    def fill(out: np.ndarray) -> None:
+        take = growth.take
+        for start in range(0, n, CHUNK):
+            chunk = take[start:start + CHUNK]
+            kept = np.flatnonzero(chunk >= 0)
+            out[start + kept] = old[chunk[kept]]
+        for start in range(0, len(new), CHUNK):
+            rows = new[start:start + CHUNK]
+            out[rows] = combine([b[rows] for b in blocks], [p.weight for p in parts], whiteners)
+
+    info = {**run.features_info(name), "rows": n, "catalog": infos[0].get("catalog"),
+            "versions": versions()}
+    save_features(run, name, n, old.shape[1], fill, info)
+    return {"dim": int(old.shape[1]), "rows": n, "new_rows": len(new)}
+
+
+def _same_catalog(name: str, blocks: list[np.ndarray], infos: list[dict[str, Any]]) -> None:
+    if len({len(b) for b in blocks}) > 1 or len({i.get("catalog") for i in infos}) > 1:
+        raise InfluenceError(f"the parts of '{name}' were made from different catalogs: "
+                             f"run extract again first")
 
 
 def _build(run: Run, spec: str, name: str, parts: list[Part],
            infos: list[dict[str, Any]]) -> dict[str, Any]:
     """Combine the parts' stored rows into features/<name>; returns what run.json records."""
     blocks = [run.features(p.name) for p in parts]
-    rows = {len(b) for b in blocks}
-    catalogs = {i.get("catalog") for i in infos}
-    if len(rows) > 1 or len(catalogs) > 1:
-        raise InfluenceError(f"the parts of '{name}' were made from different catalogs: "
-                             f"run extract again first")
+    _same_catalog(name, blocks, infos)
     k = whitening(spec)
     whiteners = [fit_whitener(b, k) for b in blocks] if k else None
     dims = [w.n_components_ for w in whiteners] if whiteners else [b.shape[1] for b in blocks]

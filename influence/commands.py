@@ -46,14 +46,16 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 fetch_workers: int | None = None, fetch_timeout: float | None = None,
                 workers: int | None = None, engine: str = "local", ray_address: str | None = None,
                 ray_actors: int | None = None, ray_batch_size: int | None = None,
-                ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
+                ray_cpus_per_actor: float | None = None, refit: bool = False,
+                progress: bool = True) -> int:
     """Catalog the collection (fetching a IIIF source's or a table's images first), then bring
-    every extractor's features up to date."""
+    every extractor's features up to date (only the images added since are extracted; `refit`
+    fits pca and kpca again)."""
     from influence.catalog import Collection, build_catalog
     from influence.extract import extract_many
     from influence.extractors import RANDOM, available, extractor_class, get_extractor, is_known
 
-    out = Run(Path(run))
+    out = Run(Path(run), refit=refit)
     prepared = _fetched(out, collection, metadata, images, iiif, preset, columns,
                         fetch_workers, fetch_timeout, progress)
     if prepared:
@@ -173,11 +175,12 @@ def cmd_columns(table: str, preset: str | None = None, progress: bool = True) ->
 
 
 # ---------------------------------------------------------------------------------------- combine
-def cmd_combine(run: str, sets: str | Sequence[str] | None = None, progress: bool = True) -> int:
+def cmd_combine(run: str, sets: str | Sequence[str] | None = None, refit: bool = False,
+                progress: bool = True) -> int:
     """Combined feature sets (`a+b+c`, a part weighted as `c@0.5`), stored like extracted ones."""
     from influence.combine import ensure_combined, is_combined
 
-    out = Run(Path(run))
+    out = Run(Path(run), refit=refit)
     names = _names(sets) or []
     single = [n for n in names if not is_combined(n)]
     if single:
@@ -209,24 +212,29 @@ def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
     from influence.combine import canonical, ensure_combined, is_combined
 
     names = [canonical(n) if is_combined(n) else n for n in _names(features) or []]
-    ensure_combined(out, names or [n for n in out.feature_names() if is_combined(n)])
+    # `--refit` of a stage fits that stage's steps again, not the combined sets it reads.
+    ensure_combined(Run(out.root), names or [n for n in out.feature_names() if is_combined(n)])
     return names or out.feature_names()
 
 
 # ---------------------------------------------------------------------------------------- cluster
 def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
-                k_max: int = 30, progress: bool = True) -> int:
-    """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP."""
+                k_max: int = 30, refit: bool = False, progress: bool = True) -> int:
+    """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP;
+    paintings added since a fit are assigned and placed by it (`refit` fits again)."""
     from influence.cluster import cluster_features, comparison
 
-    out = Run(Path(run))
+    out = Run(Path(run), refit=refit)
     names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
     done = {}
     for name in names:
         s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress)
-        done[name] = "up to date" if s["up_to_date"] else f"{s['timings']['total']:.1f} s"
+        made = out.step_record("cluster", name) or {}
+        done[name] = ("up to date" if s["up_to_date"] else
+                      f"extended: {made['added']} added, {made['removed']} removed"
+                      if made.get("action") == "extended" else f"{s['timings']['total']:.1f} s")
         print(f"{name}: k = {s['k']} ({done[name]}; BIC prefers {s['gmm']['bic_best_k']}, "
               f"silhouette {s['choice']['silhouette_best_k']}; "
               f"PCA {s['reduction']['input_dims']} -> {s['reduction']['pca_dims']} dims)")
@@ -244,19 +252,23 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
 
 
 # ------------------------------------------------------------------------------------------ index
-def cmd_index(run: str, features: str | Sequence[str] | None = None,
+def cmd_index(run: str, features: str | Sequence[str] | None = None, refit: bool = False,
               progress: bool = True) -> int:
-    """A faiss nearest-neighbour index per feature set."""
+    """A faiss nearest-neighbour index per feature set (paintings added since are added to it;
+    `refit` builds it again)."""
     from influence.index import build_run_indexes
 
-    out = Run(Path(run))
+    out = Run(Path(run), refit=refit)
     names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
     infos = build_run_indexes(out, names, progress=progress)
     _table(["features", "paintings", "index", "artist in top 5 (leave-one-out)", "this run"],
            [(i["features"], i["rows"], i["kind"], i["leave_one_out"]["artist_top5"],
-             "up to date" if i["up_to_date"] else f"built in {i['timings']['build_s']} s")
+             "up to date" if i["up_to_date"] else
+             f"extended: {i['extended']['added']} added, {i['extended']['removed']} removed"
+             if (out.step_record("index", i["features"]) or {}).get("action") == "extended"
+             else f"built in {i['timings']['build_s']} s")
             for i in infos])
     return 0
 
@@ -264,11 +276,12 @@ def cmd_index(run: str, features: str | Sequence[str] | None = None,
 # ------------------------------------------------------------------------------------------ train
 def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
               features: str | Sequence[str] | None = None, head: str = "auto",
-              progress: bool = True) -> int:
-    """Classifier heads on frozen features, evaluated on a stratified held-out split."""
+              refit: bool = False, progress: bool = True) -> int:
+    """Classifier heads on frozen features, evaluated on a stratified held-out split (kept for
+    paintings added since, which they predict; `refit` splits and trains again)."""
     from influence.train import train_heads
 
-    out = Run(Path(run))
+    out = Run(Path(run), refit=refit)
     names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
@@ -485,9 +498,12 @@ STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence", "
 #: Stages that write to the run: each holds the run's writer lock while it works.
 WRITERS = ("extract", "combine", "import-features", "cluster", "index", "train", "influence",
            "review", "finetune")
+#: Stages whose fits extend to paintings added or removed, and that `--refit` fits again.
+REFITTABLE = ("extract", "combine", "cluster", "index", "train")
 
 
-def cmd_run(config: str, run: str | None = None, wait: bool = True, progress: bool = True) -> int:
+def cmd_run(config: str, run: str | None = None, wait: bool = True, refit: bool = False,
+            progress: bool = True) -> int:
     """Run every stage of a pipeline configuration in order (paths relative to the file), into
     its `run` directory or into `run` when given (a fresh run of the same configuration),
     holding the run's writer lock throughout."""
@@ -506,10 +522,11 @@ def cmd_run(config: str, run: str | None = None, wait: bool = True, progress: bo
     if unknown:
         raise InfluenceError(f"config {path}: unknown section(s) {', '.join(unknown)}")
     with Run(Path(run_dir)).writing("run", wait=wait):
-        return _run_stages(cfg, base, run_dir, progress)
+        return _run_stages(cfg, base, run_dir, progress, refit)
 
 
-def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool) -> int:
+def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool,
+                refit: bool = False) -> int:
     for stage in STAGE_ORDER:
         options = dict(cfg.get(stage, {}))
         for key in ("collection", "metadata", "images", "recorded", "iiif"):
@@ -518,6 +535,8 @@ def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool) -
         if stage == "extract":
             options["weights"] = {k: v if v == "random" else str(base / v)
                                   for k, v in options.get("weights", {}).items()}
+        if refit and stage in REFITTABLE:
+            options["refit"] = True
         print(f"== {stage}")
         status = COMMANDS[stage](run=run_dir, progress=progress, **options)
         if status:

@@ -28,11 +28,12 @@ from tqdm.auto import tqdm
 
 from influence.catalog import artist_slug
 from influence.runs import (
+    Growth,
     InfluenceError,
+    Rows,
     Run,
     Step,
     atomic,
-    column_fingerprints,
     estimator_step,
     read_json,
     versions,
@@ -213,12 +214,11 @@ VERSION = "1"
 
 
 def index_step(run: Run, name: str, catalog: pd.DataFrame) -> Step:
-    """What an index depends on: the features' extraction, its settings, and the artists that
-    its leave-one-out score reads."""
+    """What an index depends on: the features' fit, its settings, and the catalog's rows with
+    the artists its leave-one-out score reads (paintings added or removed extend it)."""
     return estimator_step("index", name, {}, sys.modules[__name__],
-                          {**column_fingerprints(catalog, ["artist"]),
-                           "features": run.step_key("extract", name)},
-                          index_paths(run, name))
+                          {"features": run.fit_key("extract", name)}, index_paths(run, name),
+                          rows=Rows(catalog[["image_id", "artist"]]))
 
 
 def build_run_index(run: Run, name: str) -> dict[str, Any]:
@@ -226,8 +226,26 @@ def build_run_index(run: Run, name: str) -> dict[str, Any]:
     run.features(name)
     catalog = run.catalog()
     step = index_step(run, name, catalog)
-    report = run.step(step, lambda: _build(run, name, catalog))
+    report = run.step(step, lambda: _build(run, name, catalog),
+                      lambda growth: _extend(run, name, catalog, growth))
     return {**read_json(index_paths(run, name)[1]), "up_to_date": report["up_to_date"]}
+
+
+def _features(run: Run, name: str, catalog: pd.DataFrame) -> np.ndarray:
+    x = np.asarray(run.features(name))
+    if len(catalog) != len(x):
+        raise InfluenceError(f"features '{name}' have {len(x)} rows but the catalog has "
+                             f"{len(catalog)}: run extract again")
+    return x
+
+
+def _evaluate(x: np.ndarray, index: faiss.Index, catalog: pd.DataFrame) -> tuple[dict, float]:
+    """Leave-one-out artist retrieval on a seeded sample of rows, and its seconds."""
+    rows = np.sort(np.random.default_rng(0).choice(len(x), size=min(EVAL_QUERIES, len(x)),
+                                                   replace=False))
+    start = time.perf_counter()
+    evaluation = leave_one_out(index, x, catalog["artist"].to_numpy(dtype=object), rows)
+    return evaluation, time.perf_counter() - start
 
 
 def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
@@ -235,10 +253,7 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
     faiss_path, json_path = index_paths(run, name)
     set_threads()
     start = time.perf_counter()
-    x = np.asarray(run.features(name))
-    if len(catalog) != len(x):
-        raise InfluenceError(f"features '{name}' have {len(x)} rows but the catalog has "
-                             f"{len(catalog)}: run extract again")
+    x = _features(run, name, catalog)
     index = build_index(x)
     built = time.perf_counter() - start
     rng = np.random.default_rng(0)
@@ -247,9 +262,7 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
     tuning = tune_nprobe(index, x, rows[:RECALL_QUERIES]) if approximate(index) else []
     recall = tuning[-1]["recall"] if tuning else 1.0
     recall_s = time.perf_counter() - start
-    start = time.perf_counter()
-    evaluation = leave_one_out(index, x, catalog["artist"].to_numpy(dtype=object), rows)
-    evaluated = time.perf_counter() - start
+    evaluation, evaluated = _evaluate(x, index, catalog)
     with atomic(faiss_path) as tmp:
         faiss.write_index(index, str(tmp))
     features_info = run.features_info(name)
@@ -267,6 +280,40 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
             "timings": {"build_s": round(built, 3), "leave_one_out_s": round(evaluated, 3),
                         "recall_s": round(recall_s, 3)},
             "versions": versions()}
+    write_json(json_path, info)
+    return {k: info[k] for k in ("kind", "rows", "leave_one_out", "timings")}
+
+
+def _extend(run: Run, name: str, catalog: pd.DataFrame, growth: Growth) -> dict[str, Any]:
+    """The stored index takes the vectors of the paintings added (and drops those removed);
+    an inverted file keeps its trained lists and nprobe. Leave-one-out is measured again."""
+    faiss_path, json_path = index_paths(run, name)
+    set_threads()
+    start = time.perf_counter()
+    x = _features(run, name, catalog)
+    index = load_index(run, name)
+    if growth.appended and not approximate(index):
+        removed = np.flatnonzero(~growth.before.isin(growth.after))
+        if len(removed):
+            index.remove_ids(faiss.IDSelectorBatch(removed.astype(np.int64)))
+        index.add(normalise(x[growth.new]))
+    else:  # reordered, or an inverted file (whose removals keep the old row numbers)
+        index.reset()
+        index.add(normalise(x))
+    if index.ntotal != len(catalog):
+        raise InfluenceError(f"index of '{name}' holds {index.ntotal} rows after extending, "
+                             f"the catalog {len(catalog)}: run `index --refit`")
+    added = time.perf_counter() - start
+    evaluation, evaluated = _evaluate(x, index, catalog)
+    with atomic(faiss_path) as tmp:
+        faiss.write_index(index, str(tmp))
+    info = read_json(run.verified(json_path))
+    info.update({"rows": int(index.ntotal), "leave_one_out": evaluation,
+                 "catalog": run.features_info(name).get("catalog"),
+                 "timings": {**info["timings"], "extend_s": round(added, 3),
+                             "leave_one_out_s": round(evaluated, 3)},
+                 "extended": {"added": int(growth.new.sum()), "removed": len(growth.removed)},
+                 "versions": versions()})
     write_json(json_path, info)
     return {k: info[k] for k in ("kind", "rows", "leave_one_out", "timings")}
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from influence.commands import COMMANDS, WRITERS, cmd_run, parse_pairs
+from influence.commands import COMMANDS, REFITTABLE, WRITERS, cmd_run, parse_pairs
 from influence.presets import available_presets
 from influence.runs import InfluenceError, Run
 
@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run every stage of a pipeline configuration")
     p.add_argument("--config", required=True, help="pipelines/NAME.toml")
     p.add_argument("--run", help="run directory (default: the config's `run`)")
+    for stage in (*REFITTABLE, "run"):
+        sub.choices[stage].add_argument(
+            "--refit", action="store_true",
+            help="fit again what would extend to paintings added or removed since its fit "
+                 "(clusters, UMAP, indexes, heads, whitening, pca/kpca)")
     for stage in (*WRITERS, "check", "run"):
         sub.choices[stage].add_argument(
             "--no-wait", dest="wait", action="store_false",

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -195,6 +195,114 @@ def rebuilt_by(stage: str, name: str, record: dict[str, Any] | None) -> str:
     return f"`{'extract' if stage in ('catalog', 'thumbnails', 'fetch') else stage}`"
 
 
+#: A step fitted on some paintings extends to paintings added or removed since (the fitted
+#: models assign, place or index them) until those changes reach this share of the paintings it
+#: was fitted on; past it, or when asked (`--refit`), it is fitted again on all of them.
+REFIT_SHARE = 0.2
+
+
+def row_digests(table: pd.DataFrame) -> np.ndarray:
+    """One 64-bit hash per row of a table's values (read as text), to tell a changed row."""
+    if table.shape[1] == 0:
+        return np.zeros(len(table), dtype=np.uint64)
+    text = table.astype("string").reset_index(drop=True)
+    return pd.util.hash_pandas_object(text, index=False).to_numpy(dtype=np.uint64)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The catalog rows a step's outputs are aligned with (image_id first, then every column it
+    reads per painting), which of those columns its fit reads (`fit`), and whether it fits a
+    model on its rows at all (`fitted`; False: each row is computed on its own, so added and
+    removed paintings always extend it)."""
+
+    table: pd.DataFrame
+    fit: tuple[str, ...] = ()
+    fitted: bool = True
+
+    @property
+    def ids(self) -> pd.Index:
+        return pd.Index(self.table["image_id"].astype(str).to_numpy(), dtype=object)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of every value of the table, in order: part of the step's key."""
+        return fingerprint([",".join(map(str, self.table.columns)),
+                            row_digests(self.table).tobytes().hex()])
+
+    def fit_digests(self) -> np.ndarray:
+        """Per row, a hash of the columns the fit reads (zeros when it reads none)."""
+        return row_digests(self.table[list(self.fit)])
+
+
+@dataclass(frozen=True)
+class Growth:
+    """Paintings added and removed since a step's outputs were written: `before` the image ids
+    its outputs hold (in their order), `after` those they must hold (the catalog's order)."""
+
+    before: pd.Index
+    after: pd.Index
+    #: The step's record before it extends (its fit and what it reported then).
+    record: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def take(self) -> np.ndarray:
+        """For each row of `after`, its row in `before`, or -1 for a painting added since."""
+        return self.before.get_indexer(self.after)
+
+    @property
+    def new(self) -> np.ndarray:
+        """Mask over `after` of the paintings added since."""
+        return self.take < 0
+
+    @property
+    def added(self) -> list[str]:
+        return [str(i) for i in self.after[self.new]]
+
+    @property
+    def removed(self) -> list[str]:
+        return [str(i) for i in self.before[~self.before.isin(self.after)]]
+
+    @property
+    def appended(self) -> bool:
+        """True when `after` is `before` less the removed rows, in order, then the new ones: an
+        index can then drop and add rows instead of being refilled."""
+        kept = self.take[~self.new]
+        n_kept = len(kept)
+        return bool(np.all(np.diff(kept) > 0) and not self.new[:n_kept].any())
+
+    def realign(self, old: np.ndarray, new_rows: np.ndarray) -> np.ndarray:
+        """Rows for `after`: the kept rows of `old` (aligned with `before`) where the painting was
+        there, `new_rows` (one per added painting, in order) where it was added."""
+        take = self.take
+        out = np.empty((len(take), *old.shape[1:]), dtype=np.result_type(old, new_rows))
+        out[take >= 0] = np.asarray(old)[take[take >= 0]]
+        out[take < 0] = new_rows
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        added, removed = self.added, self.removed
+        return {"rows": len(self.after), "added": len(added), "removed": len(removed),
+                "added_ids": added[:SHOWN_IDS], "removed_ids": removed[:SHOWN_IDS]}
+
+
+#: Image ids of added and removed paintings listed in run.json (the counts are always whole).
+SHOWN_IDS = 50
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What `Run.decide` found for a step: `keep` (up to date), `extend` (its fit still holds;
+    `growth` says what changed) or `fit`, and why. `refit`: a fit that still held is redone
+    (grown past REFIT_SHARE, its fitted paintings' labels changed, or `--refit`)."""
+
+    action: str
+    why: str
+    growth: Growth | None = None
+    record: dict[str, Any] | None = None
+    refit: bool = False
+
+
 @dataclass(frozen=True)
 class Step:
     """One unit of a stage's work and everything that changes its output.
@@ -203,7 +311,12 @@ class Step:
     extractor's `version` and preprocessing, a stage's recipe version), `inputs` fingerprints of
     what it reads (catalog columns, the keys of the steps it reads from) and `outputs` every
     file it writes: each is recorded with its size and checksum and verified before it is
-    trusted. Its `key` changes when any of `params`, `code` and `inputs` does.
+    trusted. Its `key` changes when any of `params`, `code`, `inputs` and `rows` does.
+
+    A step whose outputs are aligned with the catalog declares its `rows` (`Rows`) instead of
+    the image-id and label fingerprints: its `lineage` (params, code and inputs: what its fit
+    depends on, the `fit_key` of each step it reads) then tells a collection that grew or
+    shrank, which `Run.step` extends, from a change that must fit it again.
     """
 
     stage: str
@@ -212,11 +325,18 @@ class Step:
     code: str
     inputs: dict[str, str | None]
     outputs: tuple[Path, ...] = ()
+    rows: Rows | None = None
+
+    @property
+    def lineage(self) -> str:
+        return fingerprint([json.dumps({"params": self.params, "code": self.code,
+                                        "inputs": self.inputs}, sort_keys=True, default=str)])
 
     @property
     def key(self) -> str:
-        return fingerprint([json.dumps({"params": self.params, "code": self.code,
-                                        "inputs": self.inputs}, sort_keys=True, default=str)])
+        if self.rows is None:
+            return self.lineage
+        return fingerprint([self.lineage, self.rows.fingerprint])
 
 
 def estimator_params(estimator: Any) -> dict[str, Any]:
@@ -247,13 +367,13 @@ def module_constants(module: ModuleType) -> dict[str, Any]:
 
 def estimator_step(stage: str, name: str, estimators: dict[str, Any], module: ModuleType,
                    inputs: dict[str, str | None], outputs: tuple[Path, ...] = (),
-                   params: dict[str, Any] | None = None) -> Step:
+                   params: dict[str, Any] | None = None, rows: Rows | None = None) -> Step:
     """The Step of fitting `estimators` (none for a stage that only computes): its params are
     their `get_params()`, the stage's own `params` (what it is asked for: a feature set, a file)
     and every constant of the stage module; its code the module's `VERSION`."""
     fitted = {key: estimator_params(e) for key, e in estimators.items()}
     return Step(stage, name, {**fitted, **(params or {}), "constants": module_constants(module)},
-                module.VERSION, inputs, outputs)
+                module.VERSION, inputs, outputs, rows)
 
 
 def versions() -> dict[str, str]:
@@ -282,9 +402,14 @@ _held: dict[Path, int] = {}
 
 @dataclass(frozen=True)
 class Run:
-    """Paths inside a run directory, and the shared readers of what stages wrote there."""
+    """Paths inside a run directory, and the shared readers of what stages wrote there.
+
+    `refit`: the steps this process brings up to date are fitted again even where their fit
+    would still extend to paintings added or removed since (`--refit`).
+    """
 
     root: Path
+    refit: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).resolve())
@@ -336,6 +461,22 @@ class Run:
         record = self.step_record(stage, name)
         return record["key"] if record else None
 
+    def fit_key(self, stage: str, name: str) -> str | None:
+        """The key a finished step had when it was last fitted (its key when it never was
+        extended): what a step that extends with it reads, so that paintings added upstream
+        extend it too, and a refit upstream fits it again."""
+        record = self.step_record(stage, name)
+        if record is None:
+            return None
+        return (record.get("fit") or {}).get("key", record["key"])
+
+    def rows_path(self, step: Step) -> Path:
+        """Where the protocol keeps the image ids a step's outputs hold (steps with `rows`)."""
+        return self.root / "rows" / step.stage / f"{step.name}.parquet"
+
+    def _files(self, step: Step) -> tuple[Path, ...]:
+        return step.outputs + ((self.rows_path(step),) if step.rows is not None else ())
+
     def is_done(self, step: Step) -> bool:
         """True if run.json records this step with the same key and its outputs are intact.
 
@@ -345,14 +486,69 @@ class Run:
         record = self.step_record(step.stage, step.name)
         if record is None or record.get("key") != step.key:
             return False
+        return self._intact(step, record)
+
+    def _intact(self, step: Step, record: dict[str, Any]) -> bool:
         recorded = record.get("outputs", {})
-        for path in step.outputs:
+        for path in self._files(step):
             problem = damage(path, recorded.get(self._rel(path)))
             if problem:
                 print(f"damaged: {self._rel(path)}: {problem}; rebuilding it (as "
                       f"{rebuilt_by(step.stage, step.name, record)} does)", file=sys.stderr)
                 return False
         return True
+
+    def decide(self, step: Step, extendable: bool = True) -> Decision:
+        """Whether a step is up to date (`keep`), extends its fit to paintings added or removed
+        since (`extend`) or must be fitted (`fit`): the one place that decides.
+
+        It extends when it can (`extendable`, `rows` declared), its lineage is the one it was
+        fitted with, its outputs are intact, and, for a step that fits on its rows, the paintings
+        added and removed since its fit are at most REFIT_SHARE of those it was fitted on, no
+        fitted painting's `rows.fit` columns changed, and the run was not asked to refit.
+        """
+        record = self.step_record(step.stage, step.name)
+        fit = (record or {}).get("fit")
+        grown = bool((record or {}).get("growth"))
+        refit_asked = self.refit and step.rows is not None and step.rows.fitted and grown
+        if not refit_asked and self.is_done(step):
+            return Decision("keep", "up to date", record=record)
+        if record is None:
+            return Decision("fit", "first fit")
+        before = self._rows_before(step)
+        growth = None if before is None else Growth(
+            pd.Index(before["image_id"].astype(str).to_numpy(), dtype=object), step.rows.ids,
+            record)
+        if step.rows is None or not extendable or not fit:
+            return Decision("fit", "its settings, code or inputs changed", growth, record)
+        if fit.get("lineage") != step.lineage:
+            return Decision("fit", "its settings, code or what it reads changed", growth, record)
+        if before is None or growth is None or not self._intact(step, record):
+            return Decision("fit", "its outputs are damaged", growth, record)
+        if not step.rows.fitted:
+            return Decision("extend", "nothing is fitted on its rows", growth, record)
+        if self.refit:
+            return Decision("fit", "asked (--refit)", growth, record, refit=True)
+        take = growth.take
+        fitted = before["fitted"].to_numpy(dtype=bool)
+        both = take >= 0
+        old_digest = before["digest"].to_numpy().view(np.uint64)[take[both]]
+        changed = int((fitted[take[both]] & (old_digest != step.rows.fit_digests()[both])).sum())
+        if changed:
+            return Decision("fit", f"{', '.join(step.rows.fit)} of {changed} of the paintings "
+                                   "it was fitted on changed", growth, record, refit=True)
+        # Added since the fit (now or in an earlier extension), and fitted ones gone since.
+        n_fit = int(fit["rows"])
+        still = fitted[take[both]]
+        since = int(growth.new.sum()) + int((~still).sum()) + n_fit - int(still.sum())
+        share = since / max(n_fit, 1)
+        if share > REFIT_SHARE:
+            return Decision("fit", f"{since} paintings added or removed since its fit on "
+                                   f"{n_fit} ({share:.0%}, past REFIT_SHARE {REFIT_SHARE:.0%})",
+                            growth, record, refit=True)
+        return Decision("extend", f"{since} paintings added or removed since its fit on {n_fit} "
+                                  f"({share:.0%}, within REFIT_SHARE {REFIT_SHARE:.0%})",
+                        growth, record)
 
     def _rel(self, path: Path) -> str:
         """How run.json names a file: relative to the run when inside it."""
@@ -410,21 +606,79 @@ class Run:
         steps = self.manifest().get("steps", {})
         return [(s, n) for s in ([stage] if stage else list(steps)) for n in steps.get(s, {})]
 
-    def record(self, step: Step, **result: Any) -> dict[str, Any]:
-        """Record a finished step (its key, what made it, and what it reports) in run.json."""
-        outputs = {self._rel(p): file_digest(p) for p in step.outputs if Path(p).is_file()}
+    def _rows_before(self, step: Step) -> pd.DataFrame | None:
+        """The rows file a step wrote last (None without rows, or if it is unreadable)."""
+        if step.rows is None:
+            return None
+        try:
+            return pd.read_parquet(self.rows_path(step))
+        except (OSError, ValueError):
+            return None
+
+    def record(self, step: Step, decision: Decision | None = None,
+               **result: Any) -> dict[str, Any]:
+        """Record a finished step (its key, what made it, and what it reports) in run.json.
+
+        A step with `rows` also records its rows (RUN/rows/), its fit (the key, lineage, rows
+        and time it was fitted with, and why) and every extension since; a step that extended
+        or was refitted because paintings were added or removed is listed under that change of
+        the catalog in run.json's `changes`.
+        """
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        extra: dict[str, Any] = {}
+        change = None
+        if step.rows is not None:
+            decision = decision or Decision("fit", "first fit")
+            extra, change = self._record_rows(step, decision, now)
+        outputs = {self._rel(p): file_digest(p) for p in self._files(step) if Path(p).is_file()}
         record = {"key": step.key, "params": step.params, "code": step.code,
-                  "inputs": step.inputs, **result, "outputs": outputs, "versions": versions(),
-                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._update_steps(step, record)
+                  "inputs": step.inputs, **extra, **result, "outputs": outputs,
+                  "versions": versions(), "finished_at": now}
+        self._update_steps(step, record, change)
         return record
+
+    def _record_rows(self, step: Step, decision: Decision, now: str
+                     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Write the step's rows file; return its fit and growth entries and its catalog
+        change (None when no painting was added or removed)."""
+        rows = step.rows
+        assert rows is not None
+        growth = decision.growth
+        extended = decision.action == "extend"
+        if extended and growth is not None:
+            before = pd.read_parquet(self.rows_path(step))
+            was_fitted = before["fitted"].to_numpy(dtype=bool)
+            fitted = np.where(growth.new, False, was_fitted[np.maximum(growth.take, 0)])
+        else:
+            fitted = np.ones(len(rows.table), dtype=bool)
+        table = pd.DataFrame({"image_id": pd.array(rows.ids, dtype="string"),
+                              "digest": rows.fit_digests().view(np.int64), "fitted": fitted})
+        with atomic(self.rows_path(step)) as tmp:
+            table.to_parquet(tmp, index=False)
+        moved = growth.summary() if growth is not None else None
+        if extended:
+            old = decision.record or {}
+            fit, history = old["fit"], [*old.get("growth", []),
+                                        {"at": now, **(moved or {}), "why": decision.why}]
+        else:
+            fit = {"key": step.key, "lineage": step.lineage, "rows": len(rows.table), "at": now,
+                   "why": decision.why}
+            history = []
+        action = "extended" if extended else "fitted"
+        change = None
+        if moved and (moved["added"] or moved["removed"]):
+            change = {**moved, "catalog": fingerprint(rows.ids),
+                      "step": f"{step.stage}/{step.name}",
+                      "action": action if extended else f"refitted: {decision.why}"}
+        return {"action": action, "rows": len(rows.table), "fit": fit, "growth": history}, change
 
     def forget(self, step: Step) -> None:
         """Drop a step's record before it is rebuilt, so an interrupted rebuild is not 'done'."""
         if self.step_record(step.stage, step.name) is not None:
             self._update_steps(step, None)
 
-    def _update_steps(self, step: Step, record: dict[str, Any] | None) -> None:
+    def _update_steps(self, step: Step, record: dict[str, Any] | None,
+                      change: dict[str, Any] | None = None) -> None:
         with self.writing(step.stage):
             manifest = self.manifest()
             steps = manifest.setdefault("steps", {}).setdefault(step.stage, {})
@@ -432,6 +686,8 @@ class Run:
                 steps.pop(step.name, None)
             else:
                 steps[step.name] = record
+            if change is not None:
+                _log_change(manifest.setdefault("changes", []), change, record["finished_at"])
             write_json(self.manifest_path, manifest)
 
     @property
@@ -485,19 +741,28 @@ class Run:
         finally:
             os.close(fd)
 
-    def step(self, step: Step, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run `build` unless `step` is up to date, record it, and return its report.
+    def step(self, step: Step, build: Callable[[], dict[str, Any]],
+             extend: Callable[[Growth], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Run `build` (or `extend`) unless `step` is up to date, record it, return its report.
 
-        The report is what `build` returned (or what was recorded), with `up_to_date` and
-        `seconds`; this is the one place that decides whether a stage's work is still valid.
+        `extend(growth)`, for a step with `rows`, brings outputs made by its kept fit up to the
+        catalog's rows (paintings added, removed, reordered or relabelled); `decide` says when
+        it may. The report is what `build` or `extend` returned (or what was recorded), with
+        `up_to_date` and `seconds`; this is the one place that decides whether a stage's work
+        is still valid.
         """
         with self.writing(step.stage):
-            if self.is_done(step):
+            decision = self.decide(step, extend is not None)
+            if decision.action == "keep":
                 return {**self.step_record(step.stage, step.name), "up_to_date": True}
             self.forget(step)
             start = time.perf_counter()
-            result = build()
-            record = self.record(step, **result, seconds=round(time.perf_counter() - start, 2))
+            if decision.action == "extend" and extend and decision.growth is not None:
+                result = extend(decision.growth)
+            else:
+                result = build()
+            record = self.record(step, decision, **result,
+                                 seconds=round(time.perf_counter() - start, 2))
             return {**record, "up_to_date": False}
 
     def require(self, path: Path, stage: str) -> Path:
@@ -534,6 +799,34 @@ class Run:
 
     def features_info(self, name: str) -> dict[str, Any]:
         return read_json(self.verified(self.features_dir / f"{name}.json"))
+
+
+def keep_row_order(catalog: pd.DataFrame, previous: Path) -> pd.DataFrame:
+    """The catalog with the paintings of the run's previous catalog first, in their previous
+    order, then the others in the collection's: so a grown run's aligned files only append."""
+    try:
+        old = pd.read_parquet(previous, columns=["image_id"])["image_id"].astype(str)
+    except (OSError, ValueError, KeyError):
+        return catalog
+    position = pd.Index(old).get_indexer(catalog["image_id"].astype(str))
+    order = np.where(position >= 0, position, len(old) + np.arange(len(catalog)))
+    return catalog.iloc[np.argsort(order, kind="stable")].reset_index(drop=True)
+
+
+def _log_change(changes: list[dict[str, Any]], change: dict[str, Any], at: str) -> None:
+    """Add a step's extension or refit to the entry of its catalog in run.json's `changes`
+    (made by the first step that meets that catalog: when, how many added and removed)."""
+    entry = next((c for c in changes if c.get("catalog") == change["catalog"]), None)
+    if entry is None:
+        entry = {"at": at, **{k: change[k] for k in ("catalog", "rows", "added", "removed",
+                                                     "added_ids", "removed_ids")},
+                 "extended": [], "refitted": {}}
+        changes.append(entry)
+    if change["action"] == "extended":
+        if change["step"] not in entry["extended"]:
+            entry["extended"].append(change["step"])
+    else:
+        entry["refitted"][change["step"]] = change["action"].removeprefix("refitted: ")
 
 
 @contextmanager

@@ -43,13 +43,13 @@ from influence.estimators.heads import AutoHead, MLPHead, fit_quietly, logistic,
 from influence.plots import draw_confusion
 from influence.readers import TARGETS, head_paths, split_path
 from influence.runs import (
+    Growth,
     InfluenceError,
+    Rows,
     Run,
     Step,
     atomic,
-    column_fingerprints,
     estimator_step,
-    fingerprint,
     read_json,
     versions,
     write_json,
@@ -209,30 +209,52 @@ def seen_in_fine_tuning(run: Run, features: str, target: str, held_out: Sequence
 
 
 def run_split(run: Run, target: str, catalog: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
-    """The target's split for this run's catalog, made once and saved (image_id, part)."""
+    """The target's split for this run's catalog, made once and saved (image_id, part).
+
+    A step of the run protocol with the catalog's rows: paintings added since keep out of the
+    split (the heads predict them, never train or judge on them) and removed ones leave it,
+    until the protocol refits it (then every head of the target is fitted again).
+    """
     if target not in catalog.columns:
         raise InfluenceError(f"target '{target}' is not a catalog column "
                              f"(targets: {', '.join(TARGETS)})")
-    split, dropped = make_split(catalog["image_id"], catalog[target])
     path = split_path(run, target)
-    saved = pd.read_parquet(path) if path.exists() else None
-    if saved is None or not saved[["image_id", "part"]].equals(split[["image_id", "part"]]):
-        with run.writing("train"), atomic(path) as tmp:
+    step = Step("train", f"split-{target}", {"test_size": TEST_SIZE, "seed": SEED,
+                                             "min_per_class": MIN_PER_CLASS}, VERSION, {},
+                (path,), Rows(catalog[["image_id", target]], fit=(target,)))
+
+    def build() -> dict[str, Any]:
+        split, dropped = make_split(catalog["image_id"], catalog[target])
+        with atomic(path) as tmp:
             split[["image_id", "part"]].to_parquet(tmp, index=False)
-    return split, dropped
+        return {"dropped": dropped, "paintings": len(split)}
+
+    def extend(growth: Growth) -> dict[str, Any]:
+        saved = pd.read_parquet(run.verified(path))
+        kept = saved[saved["image_id"].isin(growth.after)]
+        with atomic(path) as tmp:
+            kept.to_parquet(tmp, index=False)
+        return {"dropped": growth.record["dropped"],
+                "paintings": len(kept)}
+
+    report = run.step(step, build, extend)
+    saved = pd.read_parquet(run.verified(path))
+    labels = catalog.set_index("image_id")[target].astype("string")
+    split = saved.assign(label=labels.loc[saved["image_id"]].to_numpy())
+    return split[["image_id", "label", "part"]].reset_index(drop=True), report["dropped"]
 
 
 def head_step(run: Run, target: str, features: str, catalog: pd.DataFrame, split: pd.DataFrame,
               head: str) -> Step:
-    """The step of one head: the head's parameters and this module's constants, its label
-    column, its split and its features' extraction."""
+    """The step of one head: the head's parameters and this module's constants, its split's
+    and its features' fits, and the split's rows (label, part): paintings added since the
+    split was made are predicted, not trained on, so they keep the head as it is."""
     return estimator_step("train", f"{target}/{features}", {"head": make_estimator(head)},
                           sys.modules[__name__],
-                          {**column_fingerprints(catalog, [target]),
-                           "split": fingerprint(split["image_id"] + "\0" + split["label"] + "\0"
-                                                + split["part"]),
-                           "features": run.step_key("extract", features)},
-                          tuple(head_paths(run, target, features).values()))
+                          {"split": run.fit_key("train", f"split-{target}"),
+                           "features": run.fit_key("extract", features)},
+                          tuple(head_paths(run, target, features).values()),
+                          rows=Rows(split[["image_id", "label", "part"]], fit=("label", "part")))
 
 
 def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | None = None,
@@ -246,8 +268,21 @@ def train_head(run: Run, target: str, features: str, catalog: pd.DataFrame | Non
                              f"{MIN_PER_CLASS} paintings each; nothing to learn")
     step = head_step(run, target, features, catalog, split, head)
     report = run.step(step, lambda: _train(run, target, features, catalog, split, dropped,
-                                           head))
+                                           head),
+                      lambda growth: _keep(run, target, features, growth))
     return {**read_json(paths["json"]), "up_to_date": report["up_to_date"]}
+
+
+def _keep(run: Run, target: str, features: str, growth: Growth) -> dict[str, Any]:
+    """Keep a head whose split lost paintings: the removed ones leave its list of wrong
+    answers; its model and held-out figures stay those of its fit."""
+    paths = head_paths(run, target, features)
+    wrong = pd.read_csv(run.verified(paths["wrong"]))
+    with atomic(paths["wrong"]) as tmp:
+        wrong[wrong["image_id"].astype(str).isin(growth.after)].to_csv(tmp, index=False)
+    info = read_json(run.verified(paths["json"]))
+    return {k: info[k] for k in ("head", "accuracy", "macro_f1", "top5_accuracy", "ece",
+                                 "n_train", "n_test", "timings")}
 
 
 def _train(run: Run, target: str, features: str, catalog: pd.DataFrame, split: pd.DataFrame,

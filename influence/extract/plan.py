@@ -24,10 +24,10 @@ from influence.extract.store import FeatureStore
 from influence.extractors import Extractor, get_extractor
 from influence.extractors.weights import file_sha256
 from influence.runs import (
+    Rows,
     Run,
     Step,
     atomic,
-    column_fingerprints,
     fingerprint,
     read_json,
     write_json,
@@ -39,17 +39,19 @@ PART_SIZE = 256
 
 def extraction_step(run: Run, name: str, weights: str | None = None) -> Step:
     """What changes features/<name>: the weights (file and checksum), the extractor's code version
-    (its weights record included), the catalog's images."""
+    (its weights record included), and the catalog's images as its rows: an extractor fitted on
+    the collection (pca, kpca) keeps its fit for paintings added or removed until the run
+    protocol refits it; a network's rows are each their own."""
     store = FeatureStore(run, name)
     extractor = get_extractor(name, weights)
     located = extractor.located_weights()
     params: dict[str, Any] = {"weights": str(located) if located else "default"}
     if isinstance(located, Path):
         params["weights_sha256"] = file_sha256(located)
-    return Step("extract", name, params, extractor.code_version(),
-                column_fingerprints(run.catalog(), ()),
+    return Step("extract", name, params, extractor.code_version(), {},
                 (store.matrix_path, store.info_path)
-                + ((store.state_path,) if extractor.needs_fit else ()))
+                + ((store.state_path,) if extractor.needs_fit else ()),
+                Rows(run.catalog()[["image_id"]], fitted=extractor.needs_fit))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from influence.extract.distributor import LocalDistributor, Outcome
 from influence.extract.plan import PART_SIZE, Plan, extraction_step, plan_extraction
 from influence.extract.reader import default_workers
 from influence.extract.store import FeatureStore
-from influence.runs import InfluenceError, Run, write_json
+from influence.runs import InfluenceError, Run, fingerprint, write_json
 
 ENGINES = ("local", "ray")
 
@@ -39,7 +39,7 @@ def finalize(plan: Plan, name: str, outcome: Outcome, engine: str) -> dict[str, 
     if weights:
         extractor.weights_used = weights[0]
     info = {**extractor.info(), "config": {"extractor": name, "weights_spec": plan.weights[name]},
-            "catalog": plan.steps[name].inputs["image_id"], "rows": len(plan.items),
+            "catalog": fingerprint(it.image_id for it in plan.items), "rows": len(plan.items),
             "new_rows": len(plan.pending[name]), "engine": engine,
             "timings": outcome.timings[name].as_dict()}
     write_json(store.info_path, info)
@@ -69,18 +69,23 @@ def extract_many(run: Run, names: Sequence[str], weights: Mapping[str, str | Non
         raise InfluenceError(f"unknown engine '{engine}' (available: {', '.join(ENGINES)})")
     weights = dict(weights or {})
     reports: dict[str, dict[str, Any] | InfluenceError] = {}
-    steps = {}
+    steps, decisions = {}, {}
     for name in names:
         try:
             step = extraction_step(run, name, weights.get(name))
         except InfluenceError as e:
             reports[name] = e
             continue
-        if run.is_done(step):
+        # The run protocol decides; a set that extends (or has no fit) extracts only the
+        # images it lacks, one it refits starts again from its fit.
+        decision = run.decide(step)
+        if decision.action == "keep":
             reports[name] = {**run.step_record(step.stage, step.name), "up_to_date": True}
-        else:
-            run.forget(step)
-            steps[name] = step
+            continue
+        if decision.refit:
+            FeatureStore(run, name).reset(f"refitting its fit ({decision.why})")
+        run.forget(step)
+        steps[name], decisions[name] = step, decision
     if not steps:
         return reports
     start = time.perf_counter()
@@ -99,7 +104,8 @@ def extract_many(run: Run, names: Sequence[str], weights: Mapping[str, str | Non
         except InfluenceError as e:
             reports[name] = e
             continue
-        record = run.record(step, **result, seconds=round(time.perf_counter() - start, 2))
+        record = run.record(step, decisions[name], **result,
+                            seconds=round(time.perf_counter() - start, 2))
         reports[name] = {**record, "up_to_date": False}
     return {n: reports[n] for n in names}
 

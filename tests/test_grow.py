@@ -1,0 +1,199 @@
+"""Paintings added to and removed from a finished run: the fits are kept and extended, every
+aligned file follows the catalog, and past REFIT_SHARE (or when asked) the fits are redone."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+
+from dash_app.data import load_run_data
+from influence.commands import (
+    cmd_cluster,
+    cmd_combine,
+    cmd_extract,
+    cmd_index,
+    cmd_influence,
+    cmd_review,
+    cmd_train,
+)
+from influence.readers import head_paths, load_clustering
+from influence.review import load_review
+from influence.runs import REFIT_SHARE, Run
+
+from .conftest import make_slice
+
+#: The run is fitted on BASE paintings; the collection holds EXTRA more to add.
+BASE = 200
+EXTRA = 52
+ADD = 20
+REMOVE = 5
+COMBINED = "pca+kpca~w16"
+TARGETS = ("artist", "style")
+#: Steps fitted on the catalog's rows, which a growing collection extends.
+FITTED = [("extract", "pca"), ("extract", "kpca"), ("extract", COMBINED), ("cluster", COMBINED),
+          ("index", COMBINED), *(("train", f"split-{t}") for t in TARGETS),
+          *(("train", f"{t}/{COMBINED}") for t in TARGETS)]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """BASE + EXTRA real paintings (42 of each conftest artist), their rows in CSV order; each
+    test writes the CSV of the rows it wants beside the shared images."""
+    folder = make_slice(tmp_path_factory.mktemp("grow-collection"), per_artist=42)
+    rows = pd.read_csv(folder / "paintings.csv", dtype=str, keep_default_na=False)
+    assert len(rows) == BASE + EXTRA
+    return rows.assign(folder=str(folder))
+
+
+def pipeline(run: Run, rows: pd.DataFrame, name: str, refit: bool = False) -> None:
+    """Write `rows` as the collection's CSV and bring every stage of the run up to date."""
+    folder = Path(rows["folder"].iat[0])
+    csv = folder / f"{name}.csv"
+    rows.drop(columns="folder").to_csv(csv, index=False)
+    root = str(run.root)
+    assert cmd_extract(run=root, metadata=str(csv), images=str(folder), extractors="pca,kpca",
+                       refit=refit, progress=False) == 0
+    assert cmd_combine(run=root, sets=COMBINED, refit=refit, progress=False) == 0
+    assert cmd_cluster(run=root, features=COMBINED, k_min=2, k_max=4, refit=refit,
+                       progress=False) == 0
+    assert cmd_index(run=root, features=COMBINED, refit=refit, progress=False) == 0
+    assert cmd_train(run=root, target=",".join(TARGETS), features=COMBINED, head="logistic",
+                     refit=refit, progress=False) == 0
+    assert cmd_influence(run=root, features=COMBINED, progress=False) == 0
+    assert cmd_review(run=root, features=COMBINED, progress=False) == 0
+
+
+@pytest.fixture(scope="module")
+def base_run(collection: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """A finished run of the first BASE paintings; treat as read-only."""
+    run = Run(tmp_path_factory.mktemp("grow") / "base")
+    pipeline(run, collection.iloc[:BASE], "base")
+    return run
+
+
+@pytest.fixture
+def run(base_run: Run, tmp_path: Path) -> Run:
+    copy = Run(tmp_path / "run")
+    shutil.copytree(base_run.root, copy.root)
+    return copy
+
+
+def steps(run: Run) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(s, n): r for s, named in run.manifest()["steps"].items() for n, r in named.items()}
+
+
+def fitted_files(run: Run) -> dict[str, bytes]:
+    """The files that hold fitted models: unchanged bytes mean nothing was fitted again."""
+    paths = [run.features_dir / f"{n}.fit.joblib" for n in ("pca", "kpca", COMBINED)]
+    paths += [run.clusters_dir / COMBINED / f for f in ("model.joblib", "sweep.csv")]
+    paths += [head_paths(run, t, COMBINED)["model"] for t in TARGETS]
+    return {str(p.relative_to(run.root)): p.read_bytes() for p in paths}
+
+
+def assert_aligned(run: Run) -> None:
+    """Every file aligned with the catalog holds exactly its paintings, in its order."""
+    ids = run.catalog()["image_id"].astype(str).tolist()
+    for name in ("pca", "kpca", COMBINED):
+        assert len(run.features(name)) == len(ids), name
+        assert run.features_info(name)["rows"] == len(ids)
+    clustering = load_clustering(run, COMBINED)
+    assert clustering.assignments["image_id"].tolist() == ids
+    assert clustering.assignments[["kmeans", "gmm", "umap_x", "umap_y"]].notna().all().all()
+    assert clustering.responsibilities_of(np.arange(len(ids))).shape[0] == len(ids)
+    assert set(clustering.typical["image_id"]) <= set(ids)
+    assert sum(clustering.summary["sizes"]["kmeans"]) == len(ids)
+    index = faiss.read_index(str(run.index_dir / f"{COMBINED}.faiss"))
+    assert index.ntotal == len(ids)
+    # The index's row i is catalog row i: each painting finds itself first.
+    x = np.asarray(run.features(COMBINED), dtype=np.float32)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert (index.search(x, 1)[1][:, 0] == np.arange(len(ids))).mean() > 0.99
+    for target in TARGETS:
+        split = pd.read_parquet(run.root / "models" / f"split-{target}.parquet")
+        assert set(split["image_id"]) <= set(ids)
+        wrong = pd.read_csv(head_paths(run, target, COMBINED)["wrong"])
+        assert set(wrong["image_id"]) <= set(ids)
+    review = load_review(run)
+    assert sorted(review.outliers["image_id"]) == sorted(ids)
+    assert set(review.labels["image_id"]) <= set(ids)
+    assert set(review.duplicates["image_id_a"]) | set(review.duplicates["image_id_b"]) <= set(ids)
+    for (stage, name), record in steps(run).items():
+        if "fit" in record and stage != "train":  # a head's rows are its split's
+            assert record["rows"] == len(ids), (stage, name)
+
+
+def test_added_paintings_extend_every_fit_and_nothing_else_is_fitted(
+        run: Run, collection: pd.DataFrame) -> None:
+    before, models = steps(run), fitted_files(run)
+    pipeline(run, collection.iloc[:BASE + ADD], "added")
+    after = steps(run)
+    for step in FITTED:
+        assert after[step]["fit"] == before[step]["fit"], step
+    for step in [s for s in FITTED if s[0] != "train" or "split" in s[1]]:
+        assert after[step]["action"] == "extended", step
+        assert after[step]["growth"][-1]["added"] == ADD
+    # Heads are kept as they were: the new paintings are in no split part, so not trained on.
+    for target in TARGETS:
+        assert after["train", f"{target}/{COMBINED}"] == before["train", f"{target}/{COMBINED}"]
+    assert fitted_files(run) == models
+    # pca extracted only the new paintings, with its kept fit.
+    assert after["extract", "pca"]["new_rows"] == ADD
+    assert_aligned(run)
+    change = run.manifest()["changes"][-1]
+    assert (change["added"], change["removed"], change["refitted"]) == (ADD, 0, {})
+    assert {f"cluster/{COMBINED}", f"index/{COMBINED}", "extract/pca"} <= set(change["extended"])
+    # The explorer reads the extended run: an added painting has neighbours and a cluster.
+    added = run.catalog()["image_id"].iat[-1]
+    data = load_run_data(run.root)
+    assert data.neighbours(added, k=5)["paintings"]
+    assert added in set(data.clusterings[COMBINED].assignments["image_id"])
+    assert len(data.catalog) == BASE + ADD
+
+
+def test_removed_paintings_leave_every_aligned_file_and_keep_the_fits(
+        run: Run, collection: pd.DataFrame) -> None:
+    before, models = steps(run), fitted_files(run)
+    gone = collection.iloc[[3, 50, 90, 130, 170]]["file"]
+    pipeline(run, collection.iloc[:BASE][~collection.iloc[:BASE]["file"].isin(gone)], "removed")
+    after = steps(run)
+    for step in FITTED:
+        assert after[step]["fit"] == before[step]["fit"], step
+        assert after[step]["action"] == "extended", step
+        assert after[step]["growth"][-1]["removed"] > 0
+    assert fitted_files(run) == models
+    assert len(run.catalog()) == BASE - REMOVE
+    assert_aligned(run)
+    change = run.manifest()["changes"][-1]
+    assert (change["added"], change["removed"], change["refitted"]) == (0, REMOVE, {})
+
+
+def test_growth_past_the_share_or_asked_refits(run: Run, collection: pd.DataFrame) -> None:
+    assert EXTRA / BASE > REFIT_SHARE > ADD / BASE
+    before = steps(run)
+    pipeline(run, collection, "grown")
+    after = steps(run)
+    for step in FITTED:
+        assert after[step]["action"] == "fitted", step
+        assert after[step]["fit"]["key"] != before[step]["fit"]["key"], step
+    assert after["cluster", COMBINED]["fit"]["rows"] == BASE + EXTRA
+    # pca's share is past REFIT_SHARE; what reads its fit is fitted again with it.
+    assert "past REFIT_SHARE" in after["extract", "pca"]["fit"]["why"]
+    assert "changed" in after["cluster", COMBINED]["fit"]["why"]
+    assert_aligned(run)
+    change = run.manifest()["changes"][-1]
+    assert change["added"] == EXTRA
+    assert f"cluster/{COMBINED}" in change["refitted"]
+    # Asked: a fit that has been extended is fitted again on the paintings it now has.
+    pipeline(run, collection.iloc[:-3], "shrunk")
+    assert steps(run)["cluster", COMBINED]["action"] == "extended"
+    assert cmd_cluster(run=str(run.root), features=COMBINED, k_min=2, k_max=4, refit=True,
+                       progress=False) == 0
+    record = steps(run)["cluster", COMBINED]
+    assert (record["action"], record["fit"]["why"], record["fit"]["rows"]) == (
+        "fitted", "asked (--refit)", BASE + EXTRA - 3)
