@@ -209,7 +209,7 @@ def row_digests(table: pd.DataFrame) -> np.ndarray:
     return pd.util.hash_pandas_object(text, index=False).to_numpy(dtype=np.uint64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rows:
     """The catalog rows a step's outputs are aligned with (image_id first, then every column it
     reads per painting), which of those columns its fit reads (`fit`), and whether it fits a
