@@ -253,7 +253,7 @@ def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarr
                          c.responsibilities_, fitted.projection.embedding_)
     with timed(timings, "write"):
         model = {"reducer": fitted.reducer.pipeline_, "kmeans": c.kmeans_, "gmm": c.gmm_,
-                 "umap": fitted.projection.umap_}
+                 "umap": portable(fitted.projection.umap_)}
         for file, write in {"sweep.csv": lambda p: c.sweep_.to_csv(p, index=False),
                             "model.joblib": lambda p: joblib.dump(model, p)}.items():
             with atomic(out / file) as tmp:
@@ -307,7 +307,7 @@ def _extend(run: Run, catalog: pd.DataFrame, x: np.ndarray, out: Path,
         centres = model["kmeans"].cluster_centers_
         resp = (model["gmm"].predict_proba(y_new).astype(np.float32) if new.any()
                 else np.empty((0, old_resp.shape[1]), np.float32))
-        placed = (model["umap"].transform(y_new).astype(np.float32) if new.any()
+        placed = (restored(model["umap"]).transform(y_new).astype(np.float32) if new.any()
                   else np.empty((0, 2), np.float32))
     kmeans = growth.realign(old["kmeans"].to_numpy(np.int32), labels)
     distance = growth.realign(old["kmeans_distance"].to_numpy(np.float32),
@@ -328,6 +328,34 @@ def _extend(run: Run, catalog: pd.DataFrame, x: np.ndarray, out: Path,
     write_json(out / "summary.json", summary)
     return {"k": summary["k"], "rows": len(catalog), "added": int(new.sum()),
             "removed": len(growth.removed)}
+
+
+#: Attributes of a fitted UMAP holding numba functions: their pickles differ from one process
+#: to the next, so model.joblib stores their names (a resumed run writes the same bytes).
+JITTED = ("_input_distance_func", "_inverse_distance_func", "_output_distance_func")
+
+
+def portable(umap: Any) -> Any:
+    """A copy of a fitted UMAP whose numba functions are stored as (module, name)."""
+    import copy
+
+    out = copy.copy(umap)
+    for attr in JITTED:
+        func = getattr(umap, attr, None)
+        if func is not None and hasattr(func, "py_func"):
+            setattr(out, attr, (func.py_func.__module__, func.py_func.__qualname__))
+    return out
+
+
+def restored(umap: Any) -> Any:
+    """The UMAP `portable` stored, with its numba functions looked up again."""
+    import importlib
+
+    for attr in JITTED:
+        value = getattr(umap, attr, None)
+        if isinstance(value, tuple):
+            setattr(umap, attr, getattr(importlib.import_module(value[0]), value[1]))
+    return umap
 
 
 @dataclass

@@ -508,13 +508,16 @@ class Run:
         fitted painting's `rows.fit` columns changed, and the run was not asked to refit.
         """
         record = self.step_record(step.stage, step.name)
-        fit = (record or {}).get("fit")
-        grown = bool((record or {}).get("growth"))
-        refit_asked = self.refit and step.rows is not None and step.rows.fitted and grown
-        if not refit_asked and self.is_done(step):
-            return Decision("keep", "up to date", record=record)
         if record is None:
             return Decision("fit", "first fit")
+        fit = record.get("fit")
+        refit_asked = (self.refit and step.rows is not None and step.rows.fitted
+                       and bool(record.get("growth")))
+        # Its files are checked (and a damaged one reported) once: when its key is the same,
+        # or when it could extend them.
+        intact = self._intact(step, record) if record.get("key") == step.key else None
+        if intact and not refit_asked:
+            return Decision("keep", "up to date", record=record)
         before = self._rows_before(step)
         growth = None if before is None else Growth(
             pd.Index(before["image_id"].astype(str).to_numpy(), dtype=object), step.rows.ids,
@@ -523,7 +526,9 @@ class Run:
             return Decision("fit", "its settings, code or inputs changed", growth, record)
         if fit.get("lineage") != step.lineage:
             return Decision("fit", "its settings, code or what it reads changed", growth, record)
-        if before is None or growth is None or not self._intact(step, record):
+        if intact is None:
+            intact = self._intact(step, record)
+        if before is None or growth is None or not intact:
             return Decision("fit", "its outputs are damaged", growth, record)
         if not step.rows.fitted:
             return Decision("extend", "nothing is fitted on its rows", growth, record)

@@ -62,6 +62,7 @@ def test_kept_while_parts_are_unchanged_and_rebuilt_when_one_changes(
     assert build_combined(run, SPEC)["up_to_date"]
     manifest = run.manifest()
     manifest["steps"]["extract"]["pca"]["key"] = "pca extracted again"
+    manifest["steps"]["extract"]["pca"]["fit"]["key"] = "pca extracted again"
     write_json(run.manifest_path, manifest)
     assert not build_combined(run, SPEC)["up_to_date"]
     assert build_combined(run, "mobilenet_v2+pca@0.50")["up_to_date"]

@@ -108,6 +108,7 @@ def test_index_is_kept_when_up_to_date_and_rebuilt_when_features_change(indexed:
     try:
         manifest = indexed.manifest()
         manifest["steps"]["extract"]["pca"]["key"] = "re-extracted"
+        manifest["steps"]["extract"]["pca"]["fit"]["key"] = "re-extracted"
         write_json(indexed.manifest_path, manifest)
         assert build_run_index(indexed, "pca")["up_to_date"] is False
     finally:
