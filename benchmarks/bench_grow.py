@@ -116,8 +116,9 @@ def main() -> None:
                 "ratio": round(grow["command_s"] / fresh["command_s"], 4),
                 "changes": changes(extended),
                 "log_tail": grow["log_tail"] if grow["status"] else []}
-        results["load_after"] = os.getloadavg()
-        save(results, ROOT / "benchmarks" / "results" / "grow.json")
+            # Saved after each share, so a run stopped early keeps what it measured.
+            results["load_after"] = os.getloadavg()
+            save(results, ROOT / "benchmarks" / "results" / "grow.json")
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
