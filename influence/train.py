@@ -459,7 +459,7 @@ def _store_test(path: Any, image_ids: Sequence[str], proba: np.ndarray,
                 classes: Sequence[str]) -> None:
     """The held-out paintings' probabilities (image_id, one column per label), so anyone can
     recompute every held-out figure."""
-    frame = pd.DataFrame(proba.astype(np.float32), columns=list(classes))
+    frame = pd.DataFrame(proba.astype(np.float64), columns=list(classes))
     frame.insert(0, "image_id", pd.array(list(image_ids), dtype="string"))
     with atomic(path) as tmp:
         frame.to_parquet(tmp, index=False)
@@ -637,7 +637,7 @@ def _train_multi(run: Run, target: Target, features: str, catalog: pd.DataFrame,
     info = {**common, **overall, "accuracy": overall["subset_accuracy"],
             "top5_accuracy": None, "ece": None,
             "n_train": len(train), "n_validation": len(validation), "classes": labels,
-            "thresholds": dict(zip(labels, thresholds.round(6).tolist(), strict=True)),
+            "thresholds": dict(zip(labels, thresholds.tolist(), strict=True)),
             "threshold_rule": rule, "target_precision": target_precision,
             "validation": ("the split's validation part" if given else
                            f"a seeded {VALIDATION_SIZE:.0%} of the training part"),
