@@ -60,7 +60,7 @@ from influence.runs import (
     versions,
     write_json,
 )
-from influence.train import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
+from influence.train import MAX_ITER, SEED, VALIDATION_SIZE, C, as_target, evaluate, run_split
 
 #: Version of this stage's recipe and of what it stores: bump it when a code change changes them.
 VERSION = "2"
@@ -229,6 +229,8 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
              progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume), judge on the held-out part, store the feature set; returns the
     report (also written to `models/<backbone>-ft-<target>.json`)."""
+    if as_target(target).multi_label:
+        raise InfluenceError(f"finetune learns one label per painting; '{target}' is multi-label")
     catalog = run.catalog()
     split, _ = run_split(run, target, catalog)
     if split.empty:

@@ -13,9 +13,11 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 from influence.catalog import Collection, artist_slug, build_catalog
 from influence.commands import cmd_extract, cmd_train
+from influence.finetune import finetune
 from influence.pipeline import main
 from influence.readers import head_paths, load_head, split_path
-from influence.runs import Run, read_json
+from influence.review import review_targets
+from influence.runs import InfluenceError, Run, read_json
 from influence.train import PR_POINTS, choose_threshold
 
 from .conftest import COLLECTION
@@ -158,6 +160,12 @@ def test_the_split_is_one_for_every_target(tagged: Run) -> None:
         assert held_out <= _ids(split, "test")
         assert not held_out & _ids(split, "train", "validation")
     assert tagged.done("train").count(("train", "split")) == 1
+
+
+def test_review_and_finetune_keep_to_single_label_targets(tagged: Run) -> None:
+    assert review_targets(tagged) == ["artist"]
+    with pytest.raises(InfluenceError, match="multi-label"):
+        finetune(tagged, "genre+style")
 
 
 def test_a_threshold_maximises_f1_or_reaches_the_precision_asked() -> None:
