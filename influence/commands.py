@@ -44,6 +44,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 extractors: str | Sequence[str] | None = None,
                 weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
                 fetch_workers: int | None = None, fetch_timeout: float | None = None,
+                labels_from_folders: str | None = None, folders_multi_label: bool = False,
                 workers: int | None = None, engine: str = "local", ray_address: str | None = None,
                 ray_actors: int | None = None, ray_batch_size: int | None = None,
                 ray_cpus_per_actor: float | None = None, progress: bool = True) -> int:
@@ -59,13 +60,16 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     if prepared:
         coll = prepared.collection
     elif collection:
-        coll = Collection.from_dir(Path(collection), columns)
-    elif metadata and images:
+        coll = Collection.from_dir(Path(collection), columns, labels_from_folders,
+                                   folders_multi_label)
+    elif images and (metadata or labels_from_folders):
         from influence.catalog import DEFAULT_COLUMNS
-        coll = Collection(Path(metadata).resolve(), Path(images).resolve(),
-                          {**DEFAULT_COLUMNS, **(columns or {})})
+        coll = Collection(Path(metadata).resolve() if metadata else None,
+                          Path(images).resolve(), {**DEFAULT_COLUMNS, **(columns or {})},
+                          labels_from_folders, folders_multi_label)
     else:
-        raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR")
+        raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR "
+                             "(or --images DIR with --labels-from-folders NAME)")
     names = _names(extractors) or available()
     unknown = sorted(n for n in names if not is_known(n))
     if unknown:
@@ -262,31 +266,41 @@ def cmd_index(run: str, features: str | Sequence[str] | None = None,
 
 
 # ------------------------------------------------------------------------------------------ train
-def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
+def cmd_train(run: str, target: str | Sequence[str] | None = None,
               features: str | Sequence[str] | None = None, head: str = "auto",
-              progress: bool = True) -> int:
-    """Classifier heads on frozen features, evaluated on a stratified held-out split."""
-    from influence.train import train_heads
+              multi_label: str | Sequence[str] | None = None, drop_small_classes: bool = False,
+              target_precision: float | None = None, progress: bool = True) -> int:
+    """Classifier heads on frozen features, evaluated on the held-out part of the run's split:
+    any catalog column (`a+b`, or `multi_label` COLUMN[:SEP], for several labels a painting)."""
+    from influence.train import parse_targets, train_heads
 
     out = Run(Path(run))
     names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
-    targets = _names(target) or []
-    infos = train_heads(out, targets, names, progress=progress, head=head)
+    targets = parse_targets(target, multi_label)
+    infos = train_heads(out, targets, names, progress=progress, head=head,
+                        drop_small_classes=drop_small_classes, target_precision=target_precision)
     for i in infos:
-        if i["dropped_classes"] and not i["up_to_date"]:
-            print(f"note: {i['target']}/{i['features']}: left out "
-                  f"{len(i['dropped_classes'])} label(s) with fewer than {i['min_per_class']} "
-                  f"paintings ({', '.join(list(i['dropped_classes'])[:5])}"
-                  f"{', ...' if len(i['dropped_classes']) > 5 else ''})")
+        dropped = list(i["dropped_classes"].items())
+        if dropped and not i["up_to_date"]:
+            print(f"note: {i['target']}/{i['features']}: left out {len(dropped)} label(s) with "
+                  f"fewer than {i['min_per_class']} paintings or none to train on "
+                  f"({', '.join(f'{k} {v}' for k, v in dropped[:5])}"
+                  f"{', ...' if len(dropped) > 5 else ''})")
     _table(["target", "features", "head", "classes", "train", "test", "accuracy", "macro F1",
             "top-5", "ECE", "this run"],
            [(i["target"], i["features"], i["head"], len(i["classes"]), i["n_train"], i["n_test"],
-             f"{i['accuracy']:.3f}", f"{i['macro_f1']:.3f}", f"{i['top5_accuracy']:.3f}",
-             f"{i['ece']:.3f}",
+             _fmt(i["accuracy"]), _fmt(i["macro_f1"]), _fmt(i["top5_accuracy"]), _fmt(i["ece"]),
              "up to date" if i["up_to_date"] else f"fitted in {i['timings']['fit_s']:.1f} s")
             for i in infos])
+    multi = [i for i in infos if i.get("multi_label")]
+    if multi:
+        print("multi-label heads (accuracy: every label right; thresholds chosen on the "
+              "validation part):")
+        _table(["target", "features", "labels", "micro F1", "macro F1", "mean AP"],
+               [(i["target"], i["features"], len(i["classes"]), _fmt(i["micro_f1"]),
+                 _fmt(i["macro_f1"]), _fmt(i["macro_average_precision"])) for i in multi])
     return 0
 
 

@@ -18,7 +18,8 @@ from sklearn.pipeline import Pipeline
 
 from influence.runs import InfluenceError, Run, read_json
 
-#: Targets a head can learn, in the order heads are listed.
+#: The default targets, in the order heads are listed (any catalog column can be one; others
+#: follow these, by name).
 TARGETS = ("style", "genre", "artist", "nationality")
 
 
@@ -88,26 +89,50 @@ def load_clustering(run: Run, features: str) -> Clustering:
 # ----------------------------------------------------------------------------------------- heads
 def head_paths(run: Run, target: str, features: str) -> dict[str, Path]:
     """The files of one head (model, JSON, per-class table, confusion table and picture, the
-    most confidently wrong paintings)."""
+    most confidently wrong paintings, the held-out paintings' probabilities)."""
     stem = run.models_dir / f"{target}-{features}"
     # Suffixes appended, not swapped: a feature set's name may hold a dot (`style@0.5`).
     return {"model": Path(f"{stem}.joblib"), "json": Path(f"{stem}.json"),
             "per_class": Path(f"{stem}-per_class.csv"), "confusion": Path(f"{stem}-confusion.csv"),
-            "picture": Path(f"{stem}-confusion.png"), "wrong": Path(f"{stem}-wrong.csv")}
+            "picture": Path(f"{stem}-confusion.png"), "wrong": Path(f"{stem}-wrong.csv"),
+            "test": Path(f"{stem}-test.parquet")}
 
 
-def split_path(run: Run, target: str) -> Path:
-    return run.models_dir / f"split-{target}.parquet"
+def head_outputs(paths: dict[str, Path], multi_label: bool) -> tuple[Path, ...]:
+    """The files a head of that kind writes: a multi-label head has no confusion picture and no
+    wrong-paintings table (its confusion table holds each label's tn, fp, fn, tp)."""
+    skip = {"picture", "wrong"} if multi_label else set()
+    return tuple(p for k, p in paths.items() if k not in skip)
+
+
+def split_path(run: Run) -> Path:
+    """The run's one split (image_id, part: train | validation | test), shared by every head
+    and by fine-tuning."""
+    return run.models_dir / "split.parquet"
 
 
 @dataclass(frozen=True)
 class Head:
-    """A trained head, loaded for prediction (read-only, safe to share between threads)."""
+    """A trained head, loaded for prediction (read-only, safe to share between threads).
+
+    A multi-label head (`thresholds` set) gives each label an independent probability and
+    predicts every label at or above its threshold."""
 
     target: str
     features: str
     pipeline: Pipeline
     classes: np.ndarray
+    thresholds: np.ndarray | None = None
+
+    @property
+    def multi_label(self) -> bool:
+        return self.thresholds is not None
+
+    def proba(self, x: np.ndarray, average: bool = False) -> np.ndarray:
+        """Probabilities (rows x `classes`); `average`: one row, the mean of all (views of one
+        image)."""
+        proba = self.pipeline.predict_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+        return proba.mean(axis=0, keepdims=True) if average else proba
 
     def top(self, x: np.ndarray, k: int = 5, average: bool = False
             ) -> list[list[dict[str, Any]]]:
@@ -115,19 +140,32 @@ class Head:
 
         `average`: one answer from the mean probabilities of all rows (views of one image).
         """
-        proba = self.pipeline.predict_proba(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
-        if average:
-            proba = proba.mean(axis=0, keepdims=True)
+        proba = self.proba(x, average)
         order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
         return [[{"label": str(self.classes[j]), "p": round(float(p[j]), 4)} for j in o]
                 for p, o in zip(proba, order, strict=True)]
+
+    def labels(self, x: np.ndarray, average: bool = False) -> list[list[dict[str, Any]]]:
+        """For each row, what the head predicts, [{label, p}], most probable first: every label
+        at or above its threshold (multi-label), else the most probable label."""
+        if not self.multi_label:
+            return self.top(x, 1, average)
+        out = []
+        for p in self.proba(x, average):
+            hit = np.flatnonzero(p >= self.thresholds)
+            hit = hit[np.argsort(-p[hit], kind="stable")]
+            out.append([{"label": str(self.classes[j]), "p": round(float(p[j]), 4)}
+                        for j in hit])
+        return out
 
 
 def load_head(run: Run, target: str, features: str) -> Head:
     path = head_paths(run, target, features)["model"]
     run.require(path, f"train --target {target} --features {features}")
     saved = joblib.load(run.verified(path))
-    return Head(target, features, saved["pipeline"], np.asarray(saved["classes"], dtype=object))
+    thresholds = saved.get("thresholds")
+    return Head(target, features, saved["pipeline"], np.asarray(saved["classes"], dtype=object),
+                None if thresholds is None else np.asarray(thresholds, dtype=np.float64))
 
 
 def trained_heads(run: Run) -> list[tuple[str, str]]:

@@ -296,10 +296,12 @@ def find_outliers(catalog: pd.DataFrame, sims: np.ndarray, rows: np.ndarray) -> 
 
 # ------------------------------------------------------------------------------------- the stage
 def review_targets(run: Run) -> list[str]:
-    """Targets with a trained head, in the heads' order (each once)."""
-    from influence.readers import trained_heads
+    """Single-label targets with a trained head, in the heads' order (each once); a multi-label
+    head has no one recorded label for the pictures to argue against."""
+    from influence.readers import head_paths, trained_heads
 
-    return list(dict.fromkeys(t for t, _ in trained_heads(run)))
+    return list(dict.fromkeys(t for t, f in trained_heads(run)
+                              if not read_json(head_paths(run, t, f)["json"]).get("multi_label")))
 
 
 def build_review(run: Run, features: str | None = None, progress: bool = True) -> dict[str, Any]:

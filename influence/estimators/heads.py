@@ -156,8 +156,9 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
 
 class AutoHead(ClassifierMixin, BaseEstimator):
-    """Fits every candidate once on a seeded, stratified part of the rows, keeps the one with
-    the best accuracy on the rest (the first on a tie), and refits only that one on all rows."""
+    """Fits every candidate once on a seeded, stratified part of the rows (or all but a given
+    validation part), keeps the one with the best accuracy on the rest (the first on a tie), and
+    refits only that one on all rows."""
 
     def __init__(self, candidates: dict[str, BaseEstimator] | None = None,
                  validation_size: float = 0.2, random_state: int = 0) -> None:
@@ -165,9 +166,15 @@ class AutoHead(ClassifierMixin, BaseEstimator):
         self.validation_size = validation_size
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> AutoHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, validation: np.ndarray | None = None
+            ) -> AutoHead:
+        """`validation`: a boolean mask of the rows to choose on (a split's own validation
+        part); by default a seeded, stratified `validation_size` of the rows."""
         y = np.asarray(y)
-        fit, val = _stratified(y, self.validation_size, self.random_state)
+        if validation is None:
+            fit, val = _stratified(y, self.validation_size, self.random_state)
+        else:
+            fit, val = np.flatnonzero(~validation), np.flatnonzero(validation)
         self.validation_accuracy_ = {}
         for kind, candidate in self.candidates.items():
             model = clone(candidate).fit(X[fit], y[fit])
@@ -222,9 +229,10 @@ def logistic(c: float, max_iter: int, seed: int) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=max_iter, random_state=seed)
 
 
-def fit_quietly(model: BaseEstimator, X: np.ndarray, y: np.ndarray) -> bool:
-    """Fit `model`; True unless scikit-learn warned that it did not converge."""
+def fit_quietly(model: BaseEstimator, X: np.ndarray, y: np.ndarray, **fit_params: Any) -> bool:
+    """Fit `model` (with `fit_params`, routed as a Pipeline routes them); True unless
+    scikit-learn warned that it did not converge."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X, y)
+        model.fit(X, y, **fit_params)
     return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
