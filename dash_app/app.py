@@ -2,6 +2,7 @@
 
 Pages are Dash Pages, registered here with their paths (`/painting/<image_id>` is a path
 template); each page module has `layout(**url_values)` and `register(app)` for its callbacks.
+The JSON API (dash_app.api, under /api/v1) is served by the same Flask server.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import dash
 from dash import Dash, Input, Output, dcc, html
 
-from dash_app import search
+from dash_app import api, search
 from dash_app.data import EXTENSION, RunData, load_run_data
 from dash_app.guard import Guard, callback_error
 from dash_app.pages import artist, clusters, graph, journey, painting, review, scores, upload
@@ -49,8 +50,9 @@ def create_app(run_dir: str | Path, data: RunData | None = None,
     # callbacks in LARGE_OUTPUTS may send that much; every other request gets the guard's cap.
     app.server.config["MAX_CONTENT_LENGTH"] = upload.MAX_REQUEST_BYTES
     Guard([o for module, *_ in PAGES for o in getattr(module, "LARGE_OUTPUTS", ())],
-          users, allowed_hosts).install(app.server)
+          users, allowed_hosts, api.LARGE_PATHS).install(app.server)
     add_routes(app.server, data)
+    api.add_api(app.server)
     for module, path, name, title in PAGES:
         dash.register_page(module.__name__, path_template=path if "<" in path else None,
                            path=None if "<" in path else path, name=name or title,

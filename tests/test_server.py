@@ -338,7 +338,8 @@ def test_auth_file_lets_in_only_its_users(data: RunData, explored_run: Run,
     host = {"Host": "explorer.example.org"}
     good = {**host, "Authorization": "Basic " + base64.b64encode(b"ada:correct horse").decode()}
     bad = {**host, "Authorization": "Basic " + base64.b64encode(b"ada:wrong").decode()}
-    for path in ("/", "/health", f"/thumbs/{data.catalog['image_id'].iat[0]}.jpg"):
+    for path in ("/", "/health", f"/thumbs/{data.catalog['image_id'].iat[0]}.jpg",
+                 "/api/v1/heads"):
         refused = client.get(path, headers=host)
         assert refused.status_code == 401
         assert "Basic" in refused.headers["WWW-Authenticate"]
