@@ -219,7 +219,7 @@ def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- cluster
 def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
-                k_max: int = 30, progress: bool = True) -> int:
+                k_max: int = 30, gmm_sweep: bool = False, progress: bool = True) -> int:
     """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP."""
     from influence.cluster import cluster_features, comparison
 
@@ -229,10 +229,13 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
         raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
     done = {}
     for name in names:
-        s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress)
+        s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress,
+                             gmm_sweep=gmm_sweep)
         done[name] = "up to date" if s["up_to_date"] else f"{s['timings']['total']:.1f} s"
-        print(f"{name}: k = {s['k']} ({done[name]}; BIC prefers {s['gmm']['bic_best_k']}, "
-              f"silhouette {s['choice']['silhouette_best_k']}; "
+        bic = s["gmm"].get("bic_best_k")
+        print(f"{name}: k = {s['k']} ({done[name]}; "
+              + (f"BIC prefers {bic}, " if bic is not None else "")
+              + f"silhouette {s['choice']['silhouette_best_k']}; "
               f"PCA {s['reduction']['input_dims']} -> {s['reduction']['pca_dims']} dims)")
     table = comparison(out)
     shown = table[table["features"].isin(names)]

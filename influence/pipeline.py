@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
     p.add_argument("--k-min", type=int, default=2, help="smallest number of clusters (default 2)")
     p.add_argument("--k-max", type=int, default=30, help="largest number of clusters (default 30)")
+    p.add_argument("--gmm-sweep", action="store_true",
+                   help="fit a GMM at every k too, for its BIC curve (default: at the chosen k)")
 
     p = sub.add_parser("index", help="build a nearest-neighbour index per feature set")
     p.add_argument("--run", required=True)
