@@ -17,7 +17,17 @@ from dash import Dash, Input, Output, dcc, html
 from dash_app import api, search
 from dash_app.data import EXTENSION, RunData, load_run_data
 from dash_app.guard import Guard, callback_error
-from dash_app.pages import artist, clusters, graph, journey, painting, review, scores, upload
+from dash_app.pages import (
+    artist,
+    clusters,
+    graph,
+    heads,
+    journey,
+    painting,
+    review,
+    scores,
+    upload,
+)
 from dash_app.pages import map as map_page
 from dash_app.routes import add_routes
 
@@ -27,6 +37,7 @@ PAGES = [
     (clusters, "/clusters", "Clusters", "Clusters"),
     (upload, "/upload", "Upload", "Upload"),
     (scores, "/scores", "Scores", "Scores"),
+    (heads, "/heads", "Heads", "Heads"),
     (graph, "/influence", "Influence", "Influence graph"),
     (journey, "/journey", "Journey", "Journey of visual families"),
     (review, "/review", "Review", "Review"),

@@ -28,7 +28,14 @@ from PIL import Image
 from influence.catalog import LABEL_FIELDS
 from influence.index import indexed_features
 from influence.influence import load_influence
-from influence.readers import clustered_features, head_paths, load_clustering, trained_heads
+from influence.readers import (
+    HeadEvaluation,
+    clustered_features,
+    head_paths,
+    load_clustering,
+    load_evaluation,
+    trained_heads,
+)
 from influence.review import load_review
 from influence.runs import InfluenceError, Run, read_json
 from influence.selections import (
@@ -72,6 +79,8 @@ class RunData:
     _search: CatalogSearch | None = None
     _choices: dict[str, frozenset[str]] = field(default_factory=dict)
     _other_explorers: dict[str, Explorer] = field(default_factory=dict)
+    _evaluations: dict[tuple[str, str], HeadEvaluation] = field(default_factory=dict)
+    _evaluation_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._row = {i: n for n, i in enumerate(self.catalog["image_id"])}
@@ -152,6 +161,18 @@ class RunData:
         """Paintings like a set of indexed ones, the set left out."""
         with self._query_lock:
             return self._explorer().like(image_ids, k=k)
+
+    def evaluation(self, target: object, features: object) -> HeadEvaluation | None:
+        """A trained head's stored held-out evaluation (read on first use, then kept); None for
+        a (target, features) the run has no head of."""
+        key = (target, features)
+        trained = {(i["target"], i["features"]) for i in self.head_info}
+        if not (isinstance(target, str) and isinstance(features, str)) or key not in trained:
+            return None
+        with self._evaluation_lock:
+            if key not in self._evaluations:
+                self._evaluations[key] = load_evaluation(self.run, *key, self.catalog)
+            return self._evaluations[key]
 
     def _explorer(self, features: str | None = None) -> Explorer:
         """The search features' Explorer, or another indexed set's (loaded once; the caller

@@ -60,7 +60,9 @@ SCHEMAS: dict[str, Any] = {
                                                        "similarities among the nearest"),
                           "paintings": described("integer", "the artist's paintings among "
                                                             "the nearest pool")}),
-    "Prediction": obj({"label": STRING, "p": {"type": "number", "minimum": 0, "maximum": 1}}),
+    "Prediction": obj({"label": STRING, "p": {"type": "number", "minimum": 0, "maximum": 1}},
+                      {"threshold": described("number", "a multi-label head's threshold for "
+                                                        "this label (p is at or above it)")}),
     "ClusterMembership": obj({"cluster": INTEGER,
                               "p": {"type": "number", "minimum": 0, "maximum": 1}}),
     "Similar": obj({
@@ -70,7 +72,9 @@ SCHEMAS: dict[str, Any] = {
         "paintings": array(ref("SimilarPainting"), "the k nearest paintings, best first"),
         "artists": array(ref("SimilarArtist"), "similar artists, best first (at most k)"),
         "predictions": {"type": "object", "description": "per target of the heads trained on "
-                        "these features: the 5 most probable labels",
+                        "these features: a single-label head's 5 most probable labels; a "
+                        "multi-label head's labels at or above their thresholds (each with its "
+                        "threshold; possibly none)",
                         "additionalProperties": array(ref("Prediction"))},
         "clusters": array(ref("ClusterMembership"),
                           "GMM responsibilities of at least 0.01, largest first"),

@@ -409,7 +409,10 @@ def _print_answer(answer: dict[str, Any]) -> None:
            [(n, f"{a['score']:.3f}", a["artist"], a["paintings"])
             for n, a in enumerate(answer["artists"], 1)])
     for target, top in answer["predictions"].items():
-        print(f"{target}: " + ", ".join(f"{t['label']} {t['p']:.2f}" for t in top))
+        # A multi-label head lists its labels above their thresholds (possibly none).
+        above = not top or "threshold" in top[0]
+        print(f"{target}{' (above its thresholds)' * above}: "
+              + (", ".join(f"{t['label']} {t['p']:.2f}" for t in top) or "none"))
     if answer["clusters"]:
         print("clusters: " + ", ".join(f"{c['cluster']} ({c['p']:.2f})"
                                        for c in answer["clusters"]))

@@ -206,7 +206,7 @@ class Explorer:
                       "score": round(float(s), 4)} for s, r in zip(scores[:k], rows[:k],
                                                                      strict=True)]
         artists = rank_artists(scores[:ARTIST_POOL], self._artists[rows[:ARTIST_POOL]])[:k]
-        predictions = {h.target: h.top(x, average=True)[0] for h in self._heads}
+        predictions = {h.target: h.predict(x, average=True)[0] for h in self._heads}
         listed = []
         if clusters is not None:
             order = np.argsort(-clusters, kind="stable")

@@ -19,7 +19,8 @@ is refitted on all of it. A multi-label head (`make_multi_label_estimator`) is t
 reduction then one class-balanced logistic regression per label (one-vs-rest), fitted on the
 training part; each label's threshold is chosen on the validation part (the one with the best F1,
 or the lowest that reaches a target precision) and its held-out precision, recall, F1, average
-precision and precision-recall curve are recorded with the held-out probabilities.
+precision and precision-recall curve are recorded with the held-out probabilities and the most
+confidently wrong held-out paintings.
 
 Rows without the target label are left out, not guessed. Labels with fewer than `MIN_PER_CLASS`
 labelled paintings (or none in the training part) are too small: `train` names them with their
@@ -61,7 +62,7 @@ from tqdm.auto import tqdm
 from influence.catalog import LABEL_SEPARATOR
 from influence.estimators.heads import AutoHead, MLPHead, fit_quietly, logistic, make_head
 from influence.plots import draw_confusion
-from influence.readers import TARGETS, head_outputs, head_paths, split_path
+from influence.readers import JOIN, TARGETS, catalog_labels, head_outputs, head_paths, split_path
 from influence.runs import (
     InfluenceError,
     Run,
@@ -124,8 +125,6 @@ PR_POINTS = 200
 DEFAULT_THRESHOLD = 0.5
 #: The parts a painting can be in (a catalog `split` column uses the same words).
 PARTS = ("train", "validation", "test")
-#: How a multi-label row's labels are joined in a split's `label` column (never in a label).
-JOIN = "\n"
 
 
 @dataclass(frozen=True)
@@ -244,16 +243,7 @@ def shared_split(run: Run, catalog: pd.DataFrame, first: Target | None = None) -
 def target_labels(catalog: pd.DataFrame, target: Target) -> pd.Series:
     """Each painting's label (single-label) or sorted labels joined by `JOIN` (multi-label), NA
     where it has none."""
-    if not target.multi_label:
-        return catalog[target.columns[0]].astype("string").reset_index(drop=True)
-    sets: list[set[str]] = [set() for _ in range(len(catalog))]
-    for column in target.columns:
-        for i, cell in enumerate(catalog[column].astype("string").to_numpy(dtype=object,
-                                                                           na_value=None)):
-            if cell is not None:
-                sets[i].update(v.strip() for v in cell.split(target.separator) if v.strip())
-    return pd.Series(pd.array([JOIN.join(sorted(s)) if s else pd.NA for s in sets],
-                              dtype="string"))
+    return catalog_labels(catalog, target.describe())
 
 
 def label_sets(labels: Sequence[str]) -> list[list[str]]:
@@ -593,7 +583,7 @@ def _train_multi(run: Run, target: Target, features: str, catalog: pd.DataFrame,
     """Fit one-vs-rest heads on the training part, choose each label's threshold on the
     validation part, judge on the held-out part, write; returns what run.json records."""
     paths = head_paths(run, target.name, features)
-    x, _rows, common = _common(run, target, features, catalog, split, dropped)
+    x, rows, common = _common(run, target, features, catalog, split, dropped)
     binarizer = MultiLabelBinarizer()
     y = binarizer.fit_transform(label_sets(split["label"]))
     labels = [str(c) for c in binarizer.classes_]
@@ -630,6 +620,9 @@ def _train_multi(run: Run, target: Target, features: str, catalog: pd.DataFrame,
         per_label.to_csv(tmp, index=False)
     with atomic(paths["confusion"]) as tmp:
         confusion.to_csv(tmp, index=False)
+    with atomic(paths["wrong"]) as tmp:
+        _wrong_multi(catalog, rows[test], y[test], proba, thresholds, labels,
+                     target.name).to_csv(tmp, index=False)
     _store_test(paths["test"], split["image_id"].iloc[test], proba, labels)
     rule = ("the best F1 on the validation part" if target_precision is None else
             f"the lowest reaching precision {target_precision} on the validation part "
@@ -669,6 +662,36 @@ def _wrong(catalog: pd.DataFrame, rows: np.ndarray, truth: np.ndarray, proba: np
                          f"true_{target}": truth[order],
                          "predicted": np.asarray(classes, dtype=object)[best[order]],
                          "p_predicted": p_pred[order].round(4), "p_true": p_true[order].round(4)})
+
+
+def _wrong_multi(catalog: pd.DataFrame, rows: np.ndarray, truth: np.ndarray, proba: np.ndarray,
+                 thresholds: np.ndarray, labels: list[str], target: str) -> pd.DataFrame:
+    """The held-out paintings a multi-label head got wrong with the most confidence: each
+    painting's worst label decision (a label predicted that it does not have, by its
+    probability; one it has but not predicted, by one minus it), most confident first."""
+    predicted = proba >= thresholds
+    confidence = np.where(truth.astype(bool) & ~predicted, 1 - proba,
+                          np.where(~truth.astype(bool) & predicted, proba, -1.0))
+    worst = confidence.argmax(axis=1)
+    sure = confidence[np.arange(len(worst)), worst]
+    wrong = np.flatnonzero(sure >= 0)
+    order = wrong[np.argsort(-sure[wrong], kind="stable")][:WRONG_ROWS]
+    meta = catalog.iloc[rows[order]]
+    names = np.asarray(labels, dtype=object)
+
+    def joined(mask: np.ndarray) -> list[str]:
+        return [f"{LABEL_SEPARATOR} ".join(names[m]) for m in mask]
+
+    label = names[worst[order]]
+    return pd.DataFrame({"image_id": meta["image_id"].to_numpy(), "file": meta["file"].to_numpy(),
+                         "title": meta["title"].to_numpy(), "artist": meta["artist"].to_numpy(),
+                         f"true_{target}": joined(truth[order].astype(bool)),
+                         "predicted": joined(predicted[order]), "label": label,
+                         "mistake": np.where(truth[order, worst[order]].astype(bool),
+                                             "missed", "wrongly predicted"),
+                         "p": proba[order, worst[order]].round(4),
+                         "threshold": thresholds[worst[order]].round(4),
+                         "confidence": sure[order].round(4)})
 
 
 def train_heads(run: Run, targets: Sequence[str | Target], features: Sequence[str],

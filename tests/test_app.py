@@ -21,10 +21,13 @@ from werkzeug.serving import make_server
 
 from dash_app.app import create_app
 from dash_app.data import RunData, load_run_data
-from dash_app.pages.upload import MAX_BASE64_CHARS
-from influence.runs import Run
+from dash_app.pages.upload import MAX_BASE64_CHARS, open_upload
+from influence.commands import cmd_train
+from influence.readers import head_paths
+from influence.runs import Run, read_json
 
 FEATURES = "mobilenet_v2"
+MULTI = "genre+style"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 CHROME_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -37,8 +40,13 @@ RETRY = (StaleElementReferenceException, NoSuchElementException)
 
 # ------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def built(explored_run: Run) -> Run:
-    return explored_run
+def built(explored_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """The explored run with a multi-label head too (genre and style as one tag list)."""
+    dest = tmp_path_factory.mktemp("app-run")
+    shutil.copytree(explored_run.root, dest, dirs_exist_ok=True)
+    assert cmd_train(run=str(dest), target=MULTI, features=FEATURES, drop_small_classes=True,
+                     progress=False) == 0
+    return Run(dest)
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +307,18 @@ def test_upload_in_the_page_finds_the_painting_itself(browser, base_url: str, da
     assert nearest[0] == data.catalog["image_id"].iat[row]
     wait_for(browser, "#upload-predict-style .js-plotly-plot")
     wait_for(browser, "#upload-artists .js-plotly-plot")
+    # The multi-label head lists its labels above their thresholds (the page's own decoding).
+    raw = "data:image/jpeg;base64," + base64.b64encode(path.read_bytes()).decode()
+    above = data.query(open_upload(raw))["predictions"][MULTI]
+    assert all(p["p"] >= p["threshold"] for p in above)
+    shown = wait_for(browser, "#upload-predict-genre\\+style")[0]
+    if above:
+        bars = WebDriverWait(browser, WAIT).until(lambda d: d.execute_script("""
+            const g = document.querySelector('#upload-predict-genre\\\\+style .js-plotly-plot');
+            return g && g.data && g.data[0].y;"""))
+        assert bars[::-1] == [p["label"] for p in above]
+    else:
+        assert "No label is above its threshold" in shown.text
     wait_for(browser, "#upload-parquet")[0].click()
     table = pd.read_parquet(downloaded(downloads, f"*_similar-to-{Path(path).stem}_*.parquet"))
     assert list(table["image_id"]) == nearest
@@ -320,15 +340,101 @@ def test_scores_table_and_sweep_plots(browser, base_url: str, data: RunData) -> 
     rows = wait_for(browser, "#scores-table .ag-center-cols-container .ag-row",
                     len(data.comparison))
     assert len(rows) == len(data.comparison)              # one per (features, method)
-    assert len(wait_for(browser, "#heads-table .ag-center-cols-container .ag-row", 2)) == 2
+    assert len(wait_for(browser, "#heads-table .ag-center-cols-container .ag-row", 3)) == 3
     plots = wait_for(browser, "img.score-plot", 2)
     assert all(browser.execute_script("return arguments[0].naturalWidth", p) > 0 for p in plots)
+
+
+def click_cell(browser, x: str, y: str) -> None:
+    """A click on the heads page's confusion matrix cell (x, y), as Plotly reports one, once
+    the matrix is drawn."""
+    WebDriverWait(browser, WAIT).until(lambda d: d.execute_script("""
+        const g = document.querySelector('#heads-confusion .js-plotly-plot');
+        if (!g || !g.emit || !g.data) { return false; }
+        g.emit('plotly_click', {points: [{curveNumber: 0, x: arguments[0], y: arguments[1]}]});
+        return true;""", x, y))
+
+
+def test_head_page_metrics_confusion_cells_losses_and_thresholds(
+        browser, base_url: str, built: Run) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from sklearn.metrics import precision_score, recall_score
+
+    catalog = built.catalog().set_index("image_id")
+    paths = head_paths(built, "style", FEATURES)
+    info = read_json(paths["json"])
+    browser.get(base_url + f"/heads?target=style&features={FEATURES}")
+    tiles = [t.text for t in wait_for(browser, "#heads-metrics .metric", 6)]
+    assert tiles[0] == f"{info['accuracy']:.1%}\naccuracy"
+    assert tiles[3] == f"{info['macro_f1']:.1%}\nmacro F1"
+    rows = wait_for(browser, "#heads-per-class .ag-center-cols-container .ag-row",
+                    len(info["classes"]))
+    assert len(rows) == len(info["classes"])
+    # A cell's paintings: the held-out ones of that true style the stored probabilities put
+    # in that predicted style (recomputed here from the stored test predictions).
+    test = pd.read_parquet(paths["test"])
+    truth = catalog.loc[test["image_id"], "style"].to_numpy()
+    predicted = test[info["classes"]].idxmax(axis=1).to_numpy()
+    pairs = pd.Series(list(zip(truth, predicted, strict=True))).value_counts()
+    off = [pair for pair in pairs.index if pair[0] != pair[1]]
+    true, guess = off[0] if off else pairs.index[0]
+    expected = set(test["image_id"][(truth == true) & (predicted == guess)])
+    stored = pd.read_csv(paths["confusion"], index_col=0)
+    assert stored.loc[true, guess] == len(expected) > 0
+    click_cell(browser, guess, true)
+    wait_text(browser, "#heads-cell-title", rf"^True {re.escape(true)}, predicted "
+              rf"{re.escape(guess)}: {len(expected)} held-out painting")
+    assert set(painting_ids(wait_for(browser, "#heads-cell-gallery a", len(expected)))) == \
+        expected
+    wrong = pd.read_csv(paths["wrong"])
+    assert painting_ids(wait_for(browser, "#heads-wrong a", min(len(wrong), 24))) == \
+        list(wrong["image_id"][:24])
+    # The multi-label head: its missed paintings of a label, and the threshold sliders.
+    paths = head_paths(built, MULTI, FEATURES)
+    info = read_json(paths["json"])
+    test = pd.read_parquet(paths["test"])
+    tags = [{v for v in catalog.loc[i, ["genre", "style"]] if not pd.isna(v)}
+            for i in test["image_id"]]
+    browser.get(base_url + "/heads?target=genre%2Bstyle&features=" + FEATURES)
+    sliders = wait_for(browser, "#heads-thresholds .threshold-row", len(info["classes"]))
+    label = next(c for c in info["classes"]
+                 if info["pr_curves"][c] and len(info["pr_curves"][c]["threshold"]) >= 4)
+    j = info["classes"].index(label)
+    missed = {i for i, t, p in zip(test["image_id"], tags, test[label], strict=True)
+              if label in t and p < info["thresholds"][label]}
+    click_cell(browser, "missed (false negative)", label)
+    wait_text(browser, "#heads-cell-title", rf"^{re.escape(label)}: missed .*: "
+              rf"{len(missed)} held-out painting")
+    if missed:
+        assert set(painting_ids(wait_for(browser, "#heads-cell-gallery a", len(missed)))) == \
+            missed
+    row = sliders[j]
+    assert row.find_element(By.CSS_SELECTOR, ".threshold-label").text == label
+    chosen = info["per_label"][j]
+    readout = row.find_element(By.CSS_SELECTOR, ".threshold-readout")
+    assert readout.text == (f"at {info['thresholds'][label]:.3f}: precision "
+                            f"{chosen['precision']:.2f} · recall {chosen['recall']:.2f}")
+    # Halfway between two stored thresholds the readout is what scikit-learn computes there.
+    curve = info["pr_curves"][label]["threshold"]
+    gap = int(np.argmax(np.diff(curve)))
+    at = round((curve[gap] + curve[gap + 1]) / 2, 3)
+    assert curve[gap] < at < curve[gap + 1]
+    truth = np.array([label in t for t in tags])
+    given = test[label].to_numpy() >= at
+    box = row.find_element(By.CSS_SELECTOR, "input")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(at), Keys.ENTER)
+    wait_text(browser, f"#heads-thresholds .threshold-row:nth-child({j + 1}) .threshold-readout",
+              rf"^at {at:.3f}: precision {precision_score(truth, given):.2f} · recall "
+              rf"{recall_score(truth, given):.2f}$")
 
 
 def test_a_run_with_only_features_says_what_to_run(small_run: Run) -> None:
     client = create_app(small_run.root).server.test_client()
     for path, stage in (("/", "cluster"), ("/clusters", "cluster"), ("/upload", "index"),
-                        ("/scores", "cluster"), (f"/painting/{'0' * 16}", "No painting"),
+                        ("/scores", "cluster"), ("/heads", "train"),
+                        (f"/painting/{'0' * 16}", "No painting"),
                         ("/artist/claude-monet", "influence"), ("/influence", "influence"),
                         ("/journey", "influence"), ("/nowhere", "404")):
         body = {"output": ".._pages_content.children..._pages_store.data..",

@@ -3,6 +3,8 @@ a split column, and one split shared by every target."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 from influence.catalog import Collection, artist_slug, build_catalog
-from influence.commands import cmd_extract, cmd_train
+from influence.commands import cmd_extract, cmd_index, cmd_train
 from influence.finetune import finetune
 from influence.pipeline import main
 from influence.readers import head_paths, load_head, split_path
@@ -148,6 +150,52 @@ def test_a_multi_label_head_predicts_every_label_above_its_threshold(tagged: Run
     artist = load_head(tagged, "artist", "mobilenet_v2")
     assert not artist.multi_label
     assert artist.labels(x[:4]) == artist.top(x[:4], k=1)
+
+
+def test_a_multi_label_heads_most_confidently_wrong_paintings(tagged: Run) -> None:
+    paths = head_paths(tagged, "genre+style", "mobilenet_v2")
+    info = read_json(paths["json"])
+    wrong = pd.read_csv(paths["wrong"])
+    stored = pd.read_parquet(paths["test"]).set_index("image_id")
+    truth = pd.DataFrame(_truth(tagged.catalog(), stored.index, info["classes"]),
+                         index=stored.index, columns=info["classes"]).astype(bool)
+    given = stored[info["classes"]] >= pd.Series(info["thresholds"])
+    errors = (truth != given).any(axis=1)
+    assert len(wrong) == min(int(errors.sum()), 50) > 0
+    assert wrong["confidence"].is_monotonic_decreasing
+    for row in wrong.itertuples():
+        p, has = stored.loc[row.image_id, row.label], truth.loc[row.image_id, row.label]
+        assert row.threshold == pytest.approx(info["thresholds"][row.label], abs=1e-4)
+        assert row.mistake == ("missed" if has else "wrongly predicted")
+        assert (p < row.threshold) if has else (p >= row.threshold)
+        assert row.confidence == pytest.approx(1 - p if has else p, abs=1e-4)
+        assert set(row.predicted.split("; ") if isinstance(row.predicted, str) else []) == \
+            set(given.columns[given.loc[row.image_id]])
+
+
+def test_similar_lists_a_multi_label_heads_labels_above_their_thresholds(
+        tagged: Run, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = Run(shutil.copytree(tagged.root, tmp_path / "run"))
+    assert cmd_index(run=str(run.root), features="mobilenet_v2", progress=False) == 0
+    head = load_head(run, "genre+style", "mobilenet_v2")
+    proba = head.proba(np.asarray(run.features("mobilenet_v2")))
+    # A painting no label of which is near its threshold, so float noise cannot move one.
+    row = int(np.argmax(np.abs(proba - head.thresholds).min(axis=1)))
+    expected = set(head.classes[proba[row] >= head.thresholds])
+    image = run.image_path(run.catalog()["file"].iat[row])
+    capsys.readouterr()
+    assert main(["similar", "--run", str(run.root), str(image), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    listed = answer["predictions"]["genre+style"]
+    assert {p["label"] for p in listed} == expected
+    thresholds = dict(zip(head.classes, head.thresholds, strict=True))
+    assert all(p["threshold"] == pytest.approx(thresholds[p["label"]], abs=1e-4)
+               and p["p"] >= p["threshold"] for p in listed)
+    assert len(answer["predictions"]["artist"]) == 5  # a single-label head: its top 5
+    assert "threshold" not in answer["predictions"]["artist"][0]
+    assert main(["similar", "--run", str(run.root), str(image)]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^genre\+style \(above its thresholds\): ", printed, re.M)
 
 
 def test_the_split_is_one_for_every_target(tagged: Run) -> None:

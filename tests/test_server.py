@@ -239,6 +239,7 @@ def test_hostile_requests_get_a_4xx_or_a_message_and_the_server_stays_well(
         for pathname, search_text in (("/", "?year_from=inf&year_to=nan&box=1,2,3"),
                                       ("/", "?lasso=" + ",".join(["1"] * 9001)),
                                       ("/clusters", "?min_p=nan&cluster=1e400&method=x"),
+                                      ("/heads", "?target=../../run.json&features=%00"),
                                       ("/influence", "?links=99&by=..&group=x"),
                                       ("/painting/../../run.json", ""), ("/artist/%00", ""),
                                       ("/journey", "?dimension=[]&measure=1")):

@@ -31,6 +31,7 @@ from dash_app.components import (
     similar_artists,
 )
 from dash_app.data import RunData, current
+from dash_app.pages.heads import head_href
 from influence.export import answer_export
 from influence.images import BadImage, ImageLimits, open_rgb
 from influence.runs import InfluenceError
@@ -137,10 +138,21 @@ def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds:
     ]
     columns = [html.Div([html.H3("Similar artists"),
                          *similar_artists(artists, "upload-artists")])]
+    multi = {i["target"] for i in data.head_info
+             if i.get("multi_label") and i["features"] == answer.get("features")}
     for target, labels in answer.get("predictions", {}).items():
-        columns.append(html.Div([html.H3(f"Predicted {target}"), chart(hbar(
-            [p["label"] for p in labels], [p["p"] for p in labels]),
-            id=f"upload-predict-{target}")]))
+        title = html.H3([f"{target}: labels above their thresholds" if target in multi
+                         else f"Predicted {target}", " ",
+                         dcc.Link("(how good?)", href=head_href(target, answer["features"]),
+                                  className="hint")])
+        if target in multi and not labels:
+            shown = message("No label is above its threshold.", id=f"upload-predict-{target}")
+        else:
+            shown = chart(hbar([p["label"] for p in labels], [p["p"] for p in labels],
+                               hover=[f"threshold {p['threshold']:.2f}" if "threshold" in p
+                                      else "" for p in labels]),
+                          id=f"upload-predict-{target}")
+        columns.append(html.Div([title, shown]))
     clusters = answer.get("clusters", [])[:8]
     if clusters:
         columns.append(html.Div([
