@@ -142,6 +142,11 @@ class RunData:
         with self._query_lock:
             return self._explorer().like(image_ids, k=k)
 
+    def closest_pairs(self, a: list[str], b: list[str], k: int = 6) -> list[dict[str, Any]]:
+        """The most alike pairs of paintings between two sets, one painting of each."""
+        with self._query_lock:
+            return self._explorer().closest_pairs(a, b, k=k)
+
     def _explorer(self) -> Explorer:
         if self.explorer is None:
             raise InfluenceError(self.explorer_error or "no search index in this run")

@@ -74,8 +74,9 @@ TYPICAL = 12
 METHODS = ("kmeans", "gmm")
 FIELDS = LABEL_FIELDS
 SCORES = ("silhouette", "davies_bouldin", "calinski_harabasz")
-#: Version of this stage's recipe: bump it when a code change changes the clusters.
-VERSION = "1"
+#: Version of this stage's recipe: bump it when a code change changes the clusters or what is
+#: stored of them (2: the fitted UMAP projection is kept, to place new images on the map).
+VERSION = "2"
 
 
 # ------------------------------------------------------------------------------------- the recipe
@@ -261,7 +262,8 @@ def _cluster(run: Run, name: str, step: Step, catalog: pd.DataFrame, x: np.ndarr
             "gmm": c.gmm_labels_, "gmm_p": c.responsibilities_.max(axis=1),
             "umap_x": embedding[:, 0], "umap_y": embedding[:, 1],
         })
-        model = {"reducer": fitted.reducer.pipeline_, "kmeans": c.kmeans_, "gmm": c.gmm_}
+        model = {"reducer": fitted.reducer.pipeline_, "kmeans": c.kmeans_, "gmm": c.gmm_,
+                 "projection": fitted.projection}
         writers = {"sweep.csv": lambda p: c.sweep_.to_csv(p, index=False),
                    "assignments.parquet": lambda p: assignments.to_parquet(p, index=False),
                    "responsibilities.npy": lambda p: np.save(p, c.responsibilities_),

@@ -66,6 +66,12 @@ class Clustering:
         """GMM soft membership of new raw feature rows, each row summing to one."""
         return self._model["gmm"].predict_proba(self._reduce(x)).astype(np.float32)
 
+    def place(self, x: np.ndarray) -> np.ndarray | None:
+        """Map positions (n, 2) of new raw feature rows, by the stored UMAP's transform; None
+        for a clustering stored before the projection was kept (run `cluster` again)."""
+        projection = self._model.get("projection")
+        return None if projection is None else projection.transform(self._reduce(x))
+
 
 def load_clustering(run: Run, features: str) -> Clustering:
     """The stored clustering of one feature set; InfluenceError if it has not been clustered."""
