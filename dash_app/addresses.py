@@ -49,7 +49,12 @@ class Addresses:
             return "There is no page at this address."
         module, values = found
         check = getattr(module, "problem", None)
-        return check(data, **query, **values) if check is not None else None
+        if check is None:
+            return None
+        # As Dash Pages hands them to the layout: the query over the path's values (and no
+        # value may pose as the run itself).
+        asked = {k: v for k, v in {**values, **query}.items() if k != "data"}
+        return check(data, **asked)
 
     def install(self, server: Flask, data: RunData) -> None:
         """Answer Dash's HTML page with a 404 status where the address is wrong."""
