@@ -15,14 +15,18 @@ import dash
 from dash import Dash, Input, Output, dcc, html
 
 from dash_app import api, search
+from dash_app.addresses import Addresses
 from dash_app.data import EXTENSION, RunData, load_run_data
 from dash_app.guard import Guard, callback_error
 from dash_app.pages import (
     artist,
     clusters,
+    compare,
     graph,
     heads,
+    home,
     journey,
+    not_found_404,
     painting,
     review,
     scores,
@@ -33,8 +37,10 @@ from dash_app.routes import add_routes
 
 #: (module, path or path template, name in the menu or None, page title).
 PAGES = [
-    (map_page, "/", "Map", "Map"),
-    (clusters, "/clusters", "Clusters", "Clusters"),
+    (home, "/", None, "Start"),
+    (map_page, "/map", "Map", "Map"),
+    (clusters, "/clusters", "Families", "Visual families"),
+    (compare, "/compare", "Compare", "Compare two artists"),
     (upload, "/upload", "Upload", "Upload"),
     (scores, "/scores", "Scores", "Scores"),
     (heads, "/heads", "Heads", "Heads"),
@@ -64,10 +70,16 @@ def create_app(run_dir: str | Path, data: RunData | None = None,
           users, allowed_hosts, api.LARGE_PATHS).install(app.server)
     add_routes(app.server, data)
     api.add_api(app.server)
+    # Dash's page shell, with the page's language declared (screen readers, hyphenation).
+    app.index_string = app.index_string.replace("<html>", '<html lang="en">', 1)
     for module, path, name, title in PAGES:
         dash.register_page(module.__name__, path_template=path if "<" in path else None,
                            path=None if "<" in path else path, name=name or title,
                            title=f"{title} · influence", layout=module.layout)
+    # Dash Pages shows this page's layout for any address no page has.
+    dash.register_page(not_found_404.__name__, path="/404", name="Not found",
+                       title="Not found · influence", layout=not_found_404.layout)
+    Addresses([(module, path) for module, path, *_ in PAGES]).install(app.server, data)
     app.layout = html.Div([
         dcc.Location(id="url", refresh="callback-nav"),
         dcc.Store(id="view-state"),

@@ -174,6 +174,11 @@ class RunData:
                 self._evaluations[key] = load_evaluation(self.run, *key, self.catalog)
             return self._evaluations[key]
 
+    def closest_pairs(self, a: list[str], b: list[str], k: int = 6) -> list[dict[str, Any]]:
+        """The most alike pairs of paintings between two sets, one painting of each."""
+        with self._query_lock:
+            return self._explorer().closest_pairs(a, b, k=k)
+
     def _explorer(self, features: str | None = None) -> Explorer:
         """The search features' Explorer, or another indexed set's (loaded once; the caller
         holds the query lock)."""

@@ -77,7 +77,9 @@ TYPICAL = 12
 METHODS = ("kmeans", "gmm")
 FIELDS = LABEL_FIELDS
 SCORES = ("silhouette", "davies_bouldin", "calinski_harabasz")
-#: Version of this stage's recipe: bump it when a code change changes the clusters.
+#: Version of this stage's recipe: bump it when a code change changes the clusters or what is
+#: stored of them (2: the projection is kept, to place new images on the map, and UMAP runs on exact
+#: neighbours; the GMM is fitted at the chosen k only).
 VERSION = "2"
 
 

@@ -67,13 +67,15 @@ class Clustering:
         """KMeans cluster of new raw feature rows."""
         return self._model["kmeans"].predict(self._reduce(x)).astype(np.int32)
 
-    def place(self, x: np.ndarray) -> np.ndarray:
-        """Map positions (n, 2) of new raw feature rows, beside their nearest paintings."""
-        return self._model["projection"].transform(self._reduce(x))
-
     def responsibilities(self, x: np.ndarray) -> np.ndarray:
         """GMM soft membership of new raw feature rows, each row summing to one."""
         return self._model["gmm"].predict_proba(self._reduce(x)).astype(np.float32)
+
+    def place(self, x: np.ndarray) -> np.ndarray | None:
+        """Map positions (n, 2) of new raw feature rows, beside their nearest paintings; None
+        for a clustering stored before the projection was kept (run `cluster` again)."""
+        projection = self._model.get("projection")
+        return None if projection is None else projection.transform(self._reduce(x))
 
 
 def load_clustering(run: Run, features: str) -> Clustering:

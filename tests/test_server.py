@@ -236,8 +236,10 @@ def test_hostile_requests_get_a_4xx_or_a_message_and_the_server_stays_well(
             assert response.status_code in (200, 400, 404), path
             assert b"root:" not in response.content
             assert b"catalog" not in response.content[:200]
-        for pathname, search_text in (("/", "?year_from=inf&year_to=nan&box=1,2,3"),
-                                      ("/", "?lasso=" + ",".join(["1"] * 9001)),
+        for pathname, search_text in (("/map", "?year_from=inf&year_to=nan&box=1,2,3"),
+                                      ("/map", "?lasso=" + ",".join(["1"] * 9001)),
+                                      ("/map", "?focus=..&at=nan,inf&data=x"),
+                                      ("/compare", "?a=%00&b=[]"), ("/", "?x=1"),
                                       ("/clusters", "?min_p=nan&cluster=1e400&method=x"),
                                       ("/heads", "?target=../../run.json&features=%00"),
                                       ("/influence", "?links=99&by=..&group=x"),
