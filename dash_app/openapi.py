@@ -79,7 +79,12 @@ SCHEMAS: dict[str, Any] = {
         "clusters": array(ref("ClusterMembership"),
                           "GMM responsibilities of at least 0.01, largest first"),
         "seconds": described("number", "the search's own time"),
-    }, description="What `similar IMAGE --json` prints for the image."),
+    }, {"position": {**nullable({"type": "array", "items": {"type": "number"},
+                                 "minItems": 2, "maxItems": 2}),
+                     "description": "where an uploaded image lands on the feature set's map "
+                                    "(x, y); null for a run clustered before the projection "
+                                    "was kept"}},
+        description="What `similar IMAGE --json` prints for the image."),
     "Painting": obj({
         "image_id": IMAGE_ID,
         "metadata": {"type": "object", "description": "the painting's catalog row: every "

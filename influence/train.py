@@ -77,7 +77,7 @@ from influence.runs import (
 )
 
 #: Version of this stage's recipe: bump it when a code change changes the heads.
-VERSION = "4"
+VERSION = "5"
 TEST_SIZE = 0.2
 SEED = 0
 #: Labels with fewer labelled paintings than this (or none in the training part) are too small
@@ -95,7 +95,8 @@ TOP_K = 5
 HEADS = ("logistic", "mlp")
 #: Most training rows a head is fitted on; a larger training part is sampled (stratified, seeded).
 TRAIN_MAX = 10_000
-#: Share of the training part held back to choose the head kind.
+#: Share of the training part a multi-label head's thresholds are chosen on (the head kind is
+#: chosen on the MLP's own early-stopping slice, `MLP_VALIDATION`).
 VALIDATION_SIZE = 0.2
 #: The MLP: hidden units, L2 penalty, epochs without a better validation accuracy before a member
 #: stops, most epochs, minibatch, Adam's learning rate, and the share of its rows it stops on.
@@ -295,7 +296,7 @@ def make_estimator(kind: str = "logistic") -> Pipeline:
               "mlp": MLPHead(MLP_HIDDEN, MLP_ALPHA, MLP_SEEDS, MLP_PATIENCE, MLP_EPOCHS,
                              MLP_BATCH, MLP_LEARNING_RATE, MLP_VALIDATION, THREADS, SEED)}
     if kind == "auto":
-        return make_head(AutoHead(models, VALIDATION_SIZE, SEED), DIMS, SEED)
+        return make_head(AutoHead(models, MLP_VALIDATION, SEED), DIMS, SEED)
     if kind not in models:
         raise InfluenceError(f"unknown head '{kind}' (heads: {', '.join(HEADS)}, auto)")
     return make_head(models[kind], DIMS, SEED)
@@ -511,7 +512,7 @@ def _train(run: Run, target: Target, features: str, catalog: pd.DataFrame, split
                                                          if fit_params else
                                                          "a seeded, stratified slice of the "
                                                          "training part"),
-                                          "validation_size": VALIDATION_SIZE},
+                                          "validation_size": MLP_VALIDATION},
             "test_predictions": paths["test"].name,
             "model": repr(model), "converged": converged,
             "components": int(model[-2].n_components_) if len(model) > 3 else None,

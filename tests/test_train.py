@@ -318,7 +318,22 @@ def test_auto_head_fits_each_kind_once_on_a_slice_and_keeps_the_better(chosen: R
     assert scores == auto.validation_accuracy_
     assert set(scores) == set(HEADS)
     assert info["head"] == auto.kind_ == max(scores, key=scores.get)
-    # The chosen head is that kind refitted on the whole training part: same test results.
+    # The chosen head is that kind's own head: an MLP kept as fitted stops on the same slice a
+    # fixed MLP head holds out for itself; another kind is refitted on the whole training part.
     same = read_json(chosen.models_dir / f"{auto.kind_}-artist-mobilenet_v2.json")
     assert info["accuracy"] == same["accuracy"]
     assert info["ece"] == same["ece"]
+
+
+def test_an_auto_chosen_mlp_is_the_mlp_head_itself_without_a_refit() -> None:
+    from sklearn.datasets import make_classification
+
+    from influence.estimators.heads import AutoHead, MLPHead
+
+    x, y = make_classification(n_samples=300, n_features=12, n_informative=8, n_classes=3,
+                               random_state=0)
+    x = x.astype(np.float32)
+    auto = AutoHead({"mlp": MLPHead(hidden=32, max_epochs=30)}, 0.1, 0).fit(x, y)
+    assert auto.kind_ == "mlp"
+    alone = MLPHead(hidden=32, max_epochs=30).fit(x, y)
+    np.testing.assert_array_equal(auto.predict_proba(x), alone.predict_proba(x))

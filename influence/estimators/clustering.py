@@ -304,6 +304,9 @@ class Projection(TransformerMixin, BaseEstimator):
     Learnt: `embedding_` (every row), `fitted_` (the rows fitted on) and `placed_` (their places).
     """
 
+    #: Mean-shift steps of a new row's place (it settles in a few).
+    SHIFTS = 5
+
     def __init__(self, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = 200,
                  fit_sample: int = 20_000, random_state: int = 0) -> None:
         self.n_neighbors = n_neighbors
@@ -334,6 +337,8 @@ class Projection(TransformerMixin, BaseEstimator):
             warnings.filterwarnings("ignore", message="precomputed_knn")
             placed = model.fit_transform(fit).astype(np.float32)
         self.fitted_, self.placed_ = fit, placed
+        self.bandwidth_ = float(np.median(np.linalg.norm(placed[rows[:, 1:]] - placed[:, None],
+                                                         axis=2))) or 1.0
         if sample is None:
             self.embedding_ = placed
         else:
@@ -371,5 +376,10 @@ class Projection(TransformerMixin, BaseEstimator):
         rows, dists = self._neighbours(x, self.fitted_, k - 1)
         sigmas, rhos = smooth_knn_dist(dists, float(k), local_connectivity=1.0)
         weights = np.exp(-np.maximum(dists - rhos[:, None], 0) / sigmas[:, None])
-        weights /= weights.sum(axis=1, keepdims=True)
-        return np.einsum("nk,nkd->nd", weights, self.placed_[rows]).astype(np.float32)
+        places = self.placed_[rows]
+        at = places[:, 0]
+        for _ in range(self.SHIFTS):
+            near = np.exp(-((places - at[:, None]) ** 2).sum(axis=2) / (2 * self.bandwidth_ ** 2))
+            w = weights * near
+            at = np.einsum("nk,nkd->nd", w / w.sum(axis=1, keepdims=True), places)
+        return at.astype(np.float32)
