@@ -55,7 +55,8 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--no-first-run", "--window-size=1400,1000", "--hide-scrollbars")
 #: Each view, and what shows it is ready.
-VIEWS = {"map": ("/", "#map-graph .legendtext"),
+VIEWS = {"start": ("/", "#home-families .family-tile"),
+         "map": ("/map", "#map-graph .legendtext"),
          "clusters": ("/clusters", "#cluster-gallery img"),
          "scores": ("/scores", "#scores-table .ag-row"),
          "upload": ("/upload", ".dropzone")}
@@ -162,7 +163,7 @@ def select_region(driver: webdriver.Chrome, base: str, data: object,
     centre = a.groupby("kmeans")[["umap_x", "umap_y"]].median().iloc[0].to_numpy()
     radius = 0.08 * float(np.ptp(a["umap_x"]))
     angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
-    driver.get(f"{base}/?colour=style")
+    driver.get(f"{base}/map?colour=style")
     WebDriverWait(driver, 300).until(
         lambda d: d.find_elements(By.CSS_SELECTOR, "#map-graph .legendtext"))
     start = time.perf_counter()
@@ -339,7 +340,7 @@ def soak_request(kind: str, base: str, session: requests.Session, catalog: objec
     if kind == "map":
         answer = callback(session, base, [("_pages_content", "children"),
                                           ("_pages_store", "data")],
-                          [("_pages_location", "pathname", "/"),
+                          [("_pages_location", "pathname", "/map"),
                            ("_pages_location", "search", "?colour=style")])
         return '"map-graph"' in json.dumps(answer)
     title, artist = catalog["title"].iat[row], catalog["artist"].iat[row]

@@ -88,7 +88,7 @@ def one(run_dir: str, head: str, recipe: str) -> None:
     row = {image: i for i, image in enumerate(catalog["image_id"])}
     x = np.asarray(run.features(features), dtype=np.float32)[[row[i] for i in split["image_id"]]]
     labels = split["label"].to_numpy(dtype=object)
-    train = np.flatnonzero((split["part"] == "train").to_numpy())
+    train = np.flatnonzero((split["part"] != "test").to_numpy())
     train = train[fit_sample(labels[train])]
     test = (split["part"] == "test").to_numpy()
     before = load()
@@ -114,7 +114,7 @@ def whole(run_dir: str, features: list[str]) -> None:
     run = Run(Path(run_dir))
     before = load()
     start = time.perf_counter()
-    heads = train_heads(run, TARGETS, features, progress=False)
+    heads = train_heads(run, TARGETS, features, progress=False, drop_small_classes=True)
     seconds = time.perf_counter() - start
     print(json.dumps({"heads": len(heads), "seconds": round(seconds, 1), "load_before": before,
                       "load_after": load(),

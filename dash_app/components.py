@@ -106,8 +106,29 @@ def tidy(fig: go.Figure, title: str | None, height: int, tick_format: str = "") 
     return fig
 
 
+#: The one configuration of every interactive chart: no Plotly logo and no "share" button,
+#: which would upload the chart's data (the collection's) to a third-party service.
+GRAPH_CONFIG = {"displaylogo": False, "showSendToCloud": False, "showEditInChartStudio": False,
+                "modeBarButtonsToRemove": ["sendChartToCloud", "sendDataToCloud"]}
+#: Room above a full-size chart's plot for its toolbar, so the legend starts below it.
+TOOLBAR_PX = 36
+
+
+def graph(config: dict | None = None, **kwargs: object) -> dcc.Graph:
+    """An interactive chart (toolbar shown) with GRAPH_CONFIG and any extra settings."""
+    return dcc.Graph(config={**GRAPH_CONFIG, **(config or {})}, **kwargs)
+
+
 def chart(fig: go.Figure, **kwargs: object) -> dcc.Graph:
-    return dcc.Graph(figure=fig, config={"displayModeBar": False}, **kwargs)
+    """A small static chart: no toolbar at all."""
+    return dcc.Graph(figure=fig, config={**GRAPH_CONFIG, "displayModeBar": False}, **kwargs)
+
+
+def below_toolbar(fig: go.Figure) -> go.Figure:
+    """A full-size chart's legend (a vertical one, right of the plot) starts below the toolbar
+    rather than under it."""
+    top = max(fig.layout.margin.t or 0, TOOLBAR_PX)
+    return fig.update_layout(margin={"t": top}, legend={"y": 1, "yanchor": "top"})
 
 
 def profile_chart(rows: pd.DataFrame, field: str, what: str, bars: int = 8) -> go.Figure | None:
@@ -179,6 +200,36 @@ def send(export: Export) -> dict:
 
 
 def needs(stage: str, data: RunData) -> html.Div:
-    """What to run when a view has no data yet."""
-    return message(f"This run has no {stage} results yet: run "
-                   f"`python -m influence.pipeline {stage} --run {data.run.root}` first.")
+    """What to run when a view has no data yet (the run by its name: a page never shows a path
+    on the server)."""
+    return message(f"This run has no {stage} results yet: run `python -m influence.pipeline "
+                   f"{stage} --run RUN` first, RUN being the directory of the run "
+                   f"'{data.name}'.")
+
+
+#: Where a newcomer can start: (path, name, what it shows).
+START = (
+    ("/map", "Map", "every painting placed by visual resemblance; hover, zoom, select"),
+    ("/clusters", "Visual families", "groups of paintings that look alike, with who and what "
+                                     "is in each"),
+    ("/influence", "Influence graph", "who resembles whom, from earlier to later"),
+    ("/compare", "Compare", "two artists side by side, with their closest painting pairs"),
+    ("/upload", "Upload", "which paintings and artists an image of yours resembles"),
+    ("/journey", "Journey", "where each family's paintings come from, across eras"),
+    ("/review", "Review", "possible duplicates, misattributions and outliers"),
+    ("/scores", "Scores", "how the feature sets compare"),
+)
+
+
+def start_links() -> html.Ul:
+    """The START list as links with a line each."""
+    return html.Ul([html.Li([dcc.Link(name, href=path), f": {what}"])
+                    for path, name, what in START], className="start-links")
+
+
+def problem_note(problem: str | None, instead: str = "") -> html.Div | None:
+    """A wrong address said at the top of the page (see dash_app.addresses), with what is shown
+    instead; None when the address is fine."""
+    if problem is None:
+        return None
+    return message(f"{problem}{' ' + instead if instead else ''}", "error", id="address-problem")

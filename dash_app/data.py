@@ -8,7 +8,9 @@ no path inside the run itself.
 The shared query object: one `influence.similar.Explorer` per process, loaded with the run and
 never changed after. Its extractor (a torch model, one thread) is the one part that is not
 obviously safe to share, so every use of it goes through RunData's `query`, `neighbours` and
-`like`, which take turns behind one lock; pages never call the Explorer directly.
+`like`, which take turns behind one lock; pages never call the Explorer directly. A query that
+names another indexed feature set (the JSON API's `features`) loads that set's Explorer on first
+use, behind the same lock, and keeps it: at most one per indexed set.
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ from flask import current_app
 from PIL import Image
 
 from influence.catalog import LABEL_FIELDS
+from influence.index import indexed_features
 from influence.influence import load_influence
-from influence.readers import clustered_features, head_paths, load_clustering, trained_heads
+from influence.readers import (
+    HeadEvaluation,
+    clustered_features,
+    head_paths,
+    load_clustering,
+    load_evaluation,
+    trained_heads,
+)
 from influence.review import load_review
 from influence.runs import InfluenceError, Run, read_json
 from influence.selections import (
@@ -60,10 +70,17 @@ class RunData:
     review: Any | None = None
     #: The process's resident memory before and after loading the run (MB): what the run costs.
     memory_mb: dict[str, float] = field(default_factory=dict)
+    #: Feature sets with a search index, any of which a query may name.
+    indexed: list[str] = field(default_factory=list)
+    #: Every trained head's JSON (target, features, held-out metrics...), in trained_heads order.
+    head_info: list[dict[str, Any]] = field(default_factory=list)
     _row: dict[str, int] = field(default_factory=dict)
     _query_lock: threading.Lock = field(default_factory=threading.Lock)
     _search: CatalogSearch | None = None
     _choices: dict[str, frozenset[str]] = field(default_factory=dict)
+    _other_explorers: dict[str, Explorer] = field(default_factory=dict)
+    _evaluations: dict[tuple[str, str], HeadEvaluation] = field(default_factory=dict)
+    _evaluation_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         self._row = {i: n for n, i in enumerate(self.catalog["image_id"])}
@@ -127,25 +144,53 @@ class RunData:
         return (plot_paths(self.run, features)
                 if isinstance(features, str) and features in self.clusterings else {})
 
-    def query(self, image: Image.Image, k: int = 12) -> dict[str, Any]:
-        """Search with one uploaded image (the Explorer's answer; see the module doc on turns)."""
+    def query(self, image: Image.Image, k: int = 12, features: str | None = None
+              ) -> dict[str, Any]:
+        """Search with one uploaded image (the Explorer's answer; see the module doc on turns),
+        with the search features or another indexed set."""
         with self._query_lock:
-            return self._explorer().query(image, k=k)
+            return self._explorer(features).query(image, k=k)
 
-    def neighbours(self, image_id: str, k: int = 12) -> dict[str, Any]:
+    def neighbours(self, image_id: str, k: int = 12, features: str | None = None
+                   ) -> dict[str, Any]:
         """The nearest paintings and artists of an indexed painting, itself left out."""
         with self._query_lock:
-            return self._explorer().neighbours_of(image_id, k=k)
+            return self._explorer(features).neighbours_of(image_id, k=k)
 
     def like(self, image_ids: list[str], k: int = 12) -> list[dict[str, Any]]:
         """Paintings like a set of indexed ones, the set left out."""
         with self._query_lock:
             return self._explorer().like(image_ids, k=k)
 
-    def _explorer(self) -> Explorer:
+    def evaluation(self, target: object, features: object) -> HeadEvaluation | None:
+        """A trained head's stored held-out evaluation (read on first use, then kept); None for
+        a (target, features) the run has no head of."""
+        key = (target, features)
+        trained = {(i["target"], i["features"]) for i in self.head_info}
+        if not (isinstance(target, str) and isinstance(features, str)) or key not in trained:
+            return None
+        with self._evaluation_lock:
+            if key not in self._evaluations:
+                self._evaluations[key] = load_evaluation(self.run, *key, self.catalog)
+            return self._evaluations[key]
+
+    def closest_pairs(self, a: list[str], b: list[str], k: int = 6) -> list[dict[str, Any]]:
+        """The most alike pairs of paintings between two sets, one painting of each."""
+        with self._query_lock:
+            return self._explorer().closest_pairs(a, b, k=k)
+
+    def _explorer(self, features: str | None = None) -> Explorer:
+        """The search features' Explorer, or another indexed set's (loaded once; the caller
+        holds the query lock)."""
         if self.explorer is None:
             raise InfluenceError(self.explorer_error or "no search index in this run")
-        return self.explorer
+        if features is None or features == self.explorer.features:
+            return self.explorer
+        if features not in self.indexed:
+            raise InfluenceError(f"feature set '{features}' is not indexed in this run")
+        if features not in self._other_explorers:
+            self._other_explorers[features] = Explorer(self.run, features)
+        return self._other_explorers[features]
 
 
 def _heads(run: Run) -> pd.DataFrame | None:
@@ -157,6 +202,12 @@ def _heads(run: Run) -> pd.DataFrame | None:
                      **{k: info.get(k) for k in ("accuracy", "macro_f1", "top5_accuracy",
                                                  "ece", "n_train", "n_test")}})
     return pd.DataFrame(rows) if rows else None
+
+
+def _head_info(run: Run) -> list[dict[str, Any]]:
+    """Every trained head's JSON as `train` wrote it."""
+    return [read_json(head_paths(run, target, features)["json"])
+            for target, features in trained_heads(run)]
 
 
 def current() -> RunData:
@@ -197,4 +248,5 @@ def load_run_data(run_dir: str | Path) -> RunData:
         review = None
     return RunData(run, catalog, clusterings, explorer, explorer_error, read_comparison(run),
                    _heads(run), influence, review,
-                   {"before_load": before, "loaded": memory_mb()["rss"]})
+                   {"before_load": before, "loaded": memory_mb()["rss"]},
+                   indexed=indexed_features(run), head_info=_head_info(run))

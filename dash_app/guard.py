@@ -2,7 +2,8 @@
 
 - Size: every request body is capped at SMALL_REQUEST_BYTES, except a callback request for one
   of the few outputs that need more (an upload, a map selection's points), up to the app's
-  MAX_CONTENT_LENGTH; waitress refuses anything larger before the app sees it.
+  MAX_CONTENT_LENGTH, and the few paths given their own cap (the JSON API's upload);
+  waitress refuses anything larger before the app sees it.
 - Headers: `X-Content-Type-Options`, `X-Frame-Options` with CSP `frame-ancestors`, and
   `Referrer-Policy` on every response.
 - Hosts: an optional allow-list of Host headers (Flask's TRUSTED_HOSTS; others get a 400).
@@ -21,7 +22,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 from dash.exceptions import DependencyException
@@ -86,8 +87,12 @@ class Guard:
     """The request checks of one app (see the module doc)."""
 
     def __init__(self, large_outputs: Collection[str], users: dict[str, str] | None = None,
-                 allowed_hosts: Collection[str] | None = None) -> None:
+                 allowed_hosts: Collection[str] | None = None,
+                 large_paths: Mapping[str, int] | None = None) -> None:
         self.large_outputs = frozenset(large_outputs)
+        #: Paths whose bodies may be larger than SMALL_REQUEST_BYTES, with their own cap (at
+        #: most the app's MAX_CONTENT_LENGTH, which werkzeug enforces as the body is read).
+        self.large_paths = dict(large_paths or {})
         self.users = users
         self.allowed_hosts = list(allowed_hosts) if allowed_hosts else None
         # Password hashes are slow on purpose; a header once verified is remembered by its
@@ -105,10 +110,13 @@ class Guard:
     def check(self) -> Response | None:
         """Before any view: the user, then the body's size."""
         if self.users is not None and not self.authorised():
-            return Response("authentication required\n", 401, {"WWW-Authenticate": REALM})
+            refused = jsonify({"error": "authentication required"})
+            refused.status_code = 401
+            refused.headers["WWW-Authenticate"] = REALM
+            return refused
         size = request.content_length or 0
         if request.path != DISPATCH:
-            if size > SMALL_REQUEST_BYTES:
+            if size > self.large_paths.get(request.path, SMALL_REQUEST_BYTES):
                 abort(413)
             return None
         body = request.get_json(silent=True)

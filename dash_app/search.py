@@ -1,4 +1,5 @@
-"""The search box in the header: type part of an artist's name or a title, pick a suggestion."""
+"""The search box in the header: type part of an artist's name or a title, pick a suggestion
+with the mouse or the keyboard (arrows, Enter; Escape or a click elsewhere closes them)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ SUGGESTIONS = 12
 
 
 def box() -> html.Div:
+    """The box and its suggestions; the keys are handled in the browser (assets/keys.js)."""
     return html.Div([
-        dcc.Input(id="search", type="search", placeholder="Find an artist or a title…",
-                  debounce=0.25, autoComplete="off", className="search-input",
-                  maxLength=MAX_TEXT),
+        html.Label([html.Span("Find an artist or a title", className="sr-only"),
+                    dcc.Input(id="search", type="search", placeholder="Find an artist or a title…",
+                              debounce=0.25, autoComplete="off", className="search-input",
+                              maxLength=MAX_TEXT)]),
         html.Div(id="search-suggestions", className="search-suggestions"),
     ], className="search")
 
@@ -27,7 +30,7 @@ def href(match: dict[str, str]) -> str:
     to the artist when the run has no influence stage)."""
     if match["kind"] == "painting":
         return painting_href(match["value"])
-    return artist_href(match["value"]) or "/?" + urlencode({"artist": match["value"]})
+    return artist_href(match["value"]) or "/map?" + urlencode({"artist": match["value"]})
 
 
 def register(app: Dash) -> None:

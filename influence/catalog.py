@@ -1,7 +1,10 @@
 """The catalog: read a collection, validate every row and image, and keep one row per image.
 
-A collection is a folder of images and a metadata CSV. Every unique image gets a stable
-content-hash id; rows that cannot be used go to `rejected.csv` with a reason, never silently.
+A collection is a folder of images and a metadata CSV, or a folder of images in one folder per
+label (`labels_from_folders`), or both. Every unique image gets a stable content-hash id; rows
+that cannot be used go to `rejected.csv` with a reason, never silently. The known columns
+(`DEFAULT_COLUMNS`) keep their meaning; every other column of the CSV is kept as text, so any
+of them can be a head's target. An optional `split` column fixes a painting's part.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from influence.runs import (
     atomic,
     column_fingerprints,
     file_fingerprint,
+    fingerprint,
     keep_row_order,
     write_json,
 )
@@ -38,15 +42,23 @@ from influence.runs import (
 DEFAULT_COLUMNS: dict[str, str] = {
     "file": "file", "title": "title", "artist": "artist", "nationality": "nationality",
     "birth_year": "birth_year", "death_year": "death_year", "year": "year",
-    "style": "style", "genre": "genre",
+    "style": "style", "genre": "genre", "split": "split",
 }
+#: Known fields a CSV may leave out without a note, and that the catalog then does not hold.
+OPTIONAL_FIELDS = ("split",)
 TEXT_FIELDS = ("title", "artist", "nationality", "style", "genre")
 YEAR_FIELDS = ("year", "birth_year", "death_year")
 LABEL_FIELDS = ("artist", "nationality", "era", "genre", "style")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif"}
 ERA_WIDTH = 50
+#: Columns the catalog makes itself: a CSV column of one of these names is kept as `<name>_csv`.
+MADE_COLUMNS = ("image_id", "era", "era_year", "era_source", "width", "height", "mode", "bytes",
+                "row")
+#: What a `split` cell may say (any case), and the part each means.
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "validation",
+               "valid": "validation", "val": "validation", "test": "test", "testing": "test"}
 #: Version of the catalog's rules (validation, era): bump it when a change alters the catalog.
-VERSION = "1"
+VERSION = "2"
 REJECTED_COLUMNS = ["row", "file", "reason", "detail", *TEXT_FIELDS]
 
 
@@ -59,27 +71,90 @@ def artist_slug(name: str) -> str:
 
 @dataclass(frozen=True)
 class Collection:
-    """Where a collection lives: the metadata CSV, the folder its `file` column is relative to,
-    and how its columns are named."""
+    """Where a collection lives: the metadata CSV (None: the images' folders are the labels),
+    the folder its `file` column is relative to, and how its columns are named.
 
-    metadata: Path
+    `labels_from_folders` names the column an image's folder fills (`images/DAIM/x.jpg` ->
+    "DAIM", nested folders -> "a/b"; with `folders_multi_label` each folder is a label of its
+    own, joined by `LABEL_SEPARATOR`); the CSV's value wins where both have one.
+    """
+
+    metadata: Path | None
     images: Path
     columns: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_COLUMNS))
+    labels_from_folders: str | None = None
+    folders_multi_label: bool = False
+
+    def __post_init__(self) -> None:
+        if self.metadata is None and not self.labels_from_folders:
+            raise InfluenceError(f"{self.images}: no metadata CSV; give one, or read the labels "
+                                 "from the folders with --labels-from-folders NAME")
+        if self.labels_from_folders in MADE_COLUMNS or self.labels_from_folders == "file":
+            raise InfluenceError(f"--labels-from-folders {self.labels_from_folders}: the catalog "
+                                 "makes that column itself; name the label column otherwise")
+        if self.folders_multi_label and not self.labels_from_folders:
+            raise InfluenceError("several labels from folders need --labels-from-folders NAME")
 
     @classmethod
-    def from_dir(cls, folder: Path, columns: dict[str, str] | None = None) -> Collection:
+    def from_dir(cls, folder: Path, columns: dict[str, str] | None = None,
+                 labels_from_folders: str | None = None,
+                 folders_multi_label: bool = False) -> Collection:
+        """The collection in `folder`: its paintings.csv (or single .csv), or none when the
+        labels come from the folders."""
         folder = Path(folder)
         csvs = sorted(folder.glob("*.csv"))
-        metadata = folder / "paintings.csv"
+        metadata: Path | None = folder / "paintings.csv"
         if not metadata.exists():
-            if len(csvs) != 1:
+            if len(csvs) == 1:
+                metadata = csvs[0]
+            elif not csvs and labels_from_folders:
+                metadata = None
+            else:
                 raise InfluenceError(f"{folder}: expected paintings.csv (or a single .csv) in the "
-                                     "collection folder; give --metadata CSV --images DIR instead")
-            metadata = csvs[0]
-        return cls(metadata.resolve(), folder.resolve(), {**DEFAULT_COLUMNS, **(columns or {})})
+                                     "collection folder; give --metadata CSV --images DIR instead"
+                                     " (or --labels-from-folders NAME for one folder per label)")
+        return cls(metadata.resolve() if metadata else None, folder.resolve(),
+                   {**DEFAULT_COLUMNS, **(columns or {})}, labels_from_folders,
+                   folders_multi_label)
 
     def describe(self) -> dict[str, object]:
-        return {"metadata": str(self.metadata), "images": str(self.images), "columns": self.columns}
+        out: dict[str, object] = {"metadata": str(self.metadata) if self.metadata else None,
+                                  "images": str(self.images), "columns": self.columns}
+        if self.labels_from_folders:
+            out.update(labels_from_folders=self.labels_from_folders,
+                       folders_multi_label=self.folders_multi_label)
+        return out
+
+    def label_root(self) -> Path:
+        """The folder whose subfolders are labels: `images/` inside the collection if there is
+        one, else the collection folder itself."""
+        inner = self.images / "images"
+        return inner if inner.is_dir() else self.images
+
+
+#: How several labels of one painting are joined in one cell (folders, multi-label columns).
+LABEL_SEPARATOR = ";"
+
+
+def folder_label(collection: Collection, file: str) -> str | None:
+    """The label an image's folder gives it ("a/b" for nested folders, "a;b" when each folder is
+    a label of its own), None for an image directly in the label root or outside it."""
+    path = (collection.images / file).resolve().parent
+    root = collection.label_root().resolve()
+    if path == root or not path.is_relative_to(root):
+        return None
+    parts = path.relative_to(root).parts
+    return (LABEL_SEPARATOR if collection.folders_multi_label else "/").join(parts)
+
+
+def image_files(folder: Path) -> list[str]:
+    """Every image file under `folder` (hidden files and folders skipped), relative, sorted."""
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in rel.parts):
+            found.append(rel.as_posix())
+    return found
 
 
 def read_metadata(
@@ -91,6 +166,8 @@ def read_metadata(
     optional columns are left empty; only an unreadable file or a missing `file` column is fatal.
     """
     path = collection.metadata
+    if path is None:
+        return _folder_rows(collection), [], []
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -108,10 +185,20 @@ def read_metadata(
             f"metadata {path} has no '{wanted['file']}' column (columns: {', '.join(df.columns)}); "
             f"name it with --columns file=COLUMN")
     for name, column in wanted.items():
-        if column not in df.columns:
+        if column not in df.columns and name not in OPTIONAL_FIELDS:
             notes.append(f"column '{column}' ({name}) is not in the CSV; it is left empty")
             df[column] = ""
-    out = pd.DataFrame({name: df[column].str.strip() for name, column in wanted.items()})
+    fields = {name: column for name, column in wanted.items() if column in df.columns}
+    out = pd.DataFrame({name: df[column].str.strip() for name, column in fields.items()})
+    # Every other column is kept as text under its own name (one the catalog makes: `_csv`).
+    taken = {*fields, *MADE_COLUMNS}
+    for column in df.columns:
+        if column not in fields.values():
+            name = f"{column}_csv" if column in taken else column
+            if name != column:
+                notes.append(f"column '{column}' is a name the catalog uses; kept as '{name}'")
+            out[name] = df[column].str.strip()
+            taken.add(name)
     out = out.replace("", pd.NA)
     # The CSV line each record starts on (the header is line 1), so a person can find the row.
     out.insert(0, "row", np.asarray(lines, dtype=np.int64))
@@ -126,7 +213,37 @@ def read_metadata(
     if swapped.any():
         notes.append(f"{int(swapped.sum())} rows with death before birth: lifespan left empty")
         out.loc[swapped, ["birth_year", "death_year"]] = pd.NA
+    if "split" in out:
+        out["split"], bad = _parts(out["split"])
+        for at, value in bad:
+            rejected.append({"row": int(out.at[at, "row"]), "file": out.at[at, "file"],
+                             "reason": "unknown split",
+                             "detail": f"split '{value}' is none of train, validation, test; "
+                                       "the painting is split with the unassigned ones"})
     return out, rejected, notes
+
+
+def _parts(values: pd.Series) -> tuple[pd.Series, list[tuple[object, str]]]:
+    """The `split` column as train / validation / test (NA where empty or unknown), and the
+    (index, value) of each unknown value."""
+    parts = values.str.lower().map(SPLIT_NAMES, na_action="ignore")
+    bad = values.notna() & parts.isna()
+    return parts.astype("string"), [(at, str(v)) for at, v in
+                                    zip(values.index[bad], values[bad], strict=True)]
+
+
+def _folder_rows(collection: Collection) -> pd.DataFrame:
+    """The rows of a collection without a CSV: one per image file, every field empty (its
+    folder label is added by `build_catalog`); `row` 0 says no CSV line made it."""
+    files = image_files(collection.images)
+    out = pd.DataFrame({name: pd.Series([pd.NA] * len(files), dtype=object)
+                        for name, column in collection.columns.items()
+                        if name not in OPTIONAL_FIELDS})
+    out["file"] = files
+    out.insert(0, "row", np.zeros(len(files), dtype=np.int64))
+    for name in YEAR_FIELDS:
+        out[name] = out[name].astype("Int64")
+    return out
 
 
 def read_records(text: str) -> tuple[list[str] | None, list[int], list[list[str]],
@@ -327,32 +444,38 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     resolved_root = root.resolve()
 
     no_file = rows["file"].isna()
-    for r in rows[no_file].itertuples():
+    for r in _records(rows[no_file]):
         rejected.append(_reject(r, "no file name", "the file cell is empty"))
     rows = rows[~no_file]
     paths = [(root / f).resolve() for f in rows["file"]]
     outside = np.array([not p.is_relative_to(resolved_root) for p in paths], dtype=bool)
-    for r in rows[outside].itertuples():
-        rejected.append(_reject(r, "path outside the collection", str(r.file)))
+    for r in _records(rows[outside]):
+        rejected.append(_reject(r, "path outside the collection", str(r["file"])))
     rows = rows[~outside]
-    paths = [p for p, o in zip(paths, outside, strict=True) if not o]
+    if collection.labels_from_folders and collection.metadata is not None:
+        rows = _with_folder_labels(collection, rows, rejected)
+    elif collection.labels_from_folders:
+        rows = rows.assign(**{collection.labels_from_folders: [
+            folder_label(collection, f) for f in rows["file"]]})
+    paths = [(root / f).resolve() for f in rows["file"]]
 
     checks = _checks(paths, run.root / ".cache" / "files.parquet", limits, progress)
     info = pd.DataFrame([c.__dict__ for c in checks], index=rows.index,
                         columns=list(FileCheck.__dataclass_fields__))
     bad = info["error"].notna()
-    for r, err in zip(rows[bad].itertuples(), info.loc[bad, "error"], strict=True):
+    for r, err in zip(_records(rows[bad]), info.loc[bad, "error"], strict=True):
         reason = "missing file" if err == "file not found" else "unusable image"
         rejected.append(_reject(r, reason, err))
     rows = pd.concat([rows[~bad], info.loc[~bad].drop(columns="error")], axis=1)
 
+    made = ("row", "file", *FileCheck.__dataclass_fields__)
+    compared = [c for c in rows.columns if c not in made]
     dup = rows.duplicated("image_id", keep="first")
     first = rows[~dup].set_index("image_id")
-    for r in rows[dup].itertuples():
-        kept = first.loc[r.image_id]
-        conflicts = [f"{name}: {_show(getattr(r, name))} vs kept {_show(kept[name])}"
-                     for name in (*TEXT_FIELDS, *YEAR_FIELDS)
-                     if not _same(getattr(r, name), kept[name])]
+    for r in _records(rows[dup]):
+        kept = first.loc[r["image_id"]]
+        conflicts = [f"{name}: {_show(r[name])} vs kept {_show(kept[name])}"
+                     for name in compared if not _same(r[name], kept[name])]
         detail = f"same content as {kept['file']} (row {kept['row']})"
         if conflicts:
             detail += "; conflicting " + "; ".join(conflicts)
@@ -366,9 +489,11 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
                              "reason": "not in metadata", "detail": "image file with no CSV row"})
 
     catalog = derive_era(rows).rename(columns={"nbytes": "bytes"})
-    catalog = catalog[["image_id", "file", *TEXT_FIELDS, *YEAR_FIELDS, "era", "era_year",
-                       "era_source", "width", "height", "mode", "bytes", "row"]]
-    for name in TEXT_FIELDS:
+    base = ["image_id", "file", *TEXT_FIELDS, *YEAR_FIELDS, "era", "era_year", "era_source",
+            "width", "height", "mode", "bytes", "row"]
+    extra = [c for c in catalog.columns if c not in base]
+    catalog = catalog[base + extra]
+    for name in (*TEXT_FIELDS, *extra):
         catalog[name] = catalog[name].astype("string")
     catalog = catalog.astype({"width": "int32", "height": "int32", "bytes": "int64",
                               "row": "int64", "mode": "string", "image_id": "string",
@@ -379,7 +504,8 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     # Always made again (checking unchanged files is cached), but written and recorded only when
     # it differs from the run's intact copy: a second `extract` leaves the run as it was.
     step = Step("catalog", "catalog", collection.describe(), VERSION,
-                {"metadata": file_fingerprint(collection.metadata),
+                {"metadata": (file_fingerprint(collection.metadata) if collection.metadata
+                              else fingerprint(catalog["file"])),
                  **column_fingerprints(catalog, LABEL_FIELDS)},
                 (run.catalog_path, run.rejected_path))
     table = io.BytesIO()
@@ -400,6 +526,34 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     return CatalogResult(catalog, rejected_df, notes)
 
 
+def _with_folder_labels(collection: Collection, rows: pd.DataFrame,
+                        rejected: list[dict[str, object]]) -> pd.DataFrame:
+    """The CSV's rows with their folders' labels where the CSV has none, and a row for each image
+    the CSV does not list; each disagreement is kept as the CSV says and listed in `rejected`."""
+    name = collection.labels_from_folders
+    listed = {(collection.images / f).resolve() for f in rows["file"]}
+    unlisted = [f for f in image_files(collection.images)
+                if (collection.images / f).resolve() not in listed]
+    extra = pd.DataFrame({"row": np.zeros(len(unlisted), dtype=np.int64), "file": unlisted})
+    rows = pd.concat([rows, extra], ignore_index=True)
+    for column in YEAR_FIELDS:
+        rows[column] = rows[column].astype("Int64")
+    from_folder = pd.Series([folder_label(collection, f) for f in rows["file"]],
+                            index=rows.index, dtype="string")
+    recorded = (rows[name].astype("string") if name in rows
+                else pd.Series(pd.NA, index=rows.index, dtype="string"))
+    conflict = (recorded.notna() & from_folder.notna() & (recorded != from_folder)).fillna(False)
+    for r, folder in zip(_records(rows[conflict]), from_folder[conflict], strict=True):
+        rejected.append(_reject(r, "label conflict",
+                                f"{name}: the folder says '{folder}', the CSV says "
+                                f"'{r[name]}'; kept the CSV's"))
+    return rows.assign(**{name: recorded.fillna(from_folder)})
+
+
+def _records(rows: pd.DataFrame) -> list[dict[str, object]]:
+    return rows.to_dict("records")
+
+
 def _same(a: object, b: object) -> bool:
     return (pd.isna(a) and pd.isna(b)) or (not pd.isna(a) and not pd.isna(b) and a == b)
 
@@ -408,7 +562,7 @@ def _show(value: object) -> str:
     return "(empty)" if pd.isna(value) else f"'{value}'"
 
 
-def _reject(row: object, reason: str, detail: str) -> dict[str, object]:
-    rec = {"row": row.row, "file": row.file, "reason": reason, "detail": detail}
-    rec.update({name: getattr(row, name) for name in TEXT_FIELDS})
+def _reject(row: dict[str, object], reason: str, detail: str) -> dict[str, object]:
+    rec = {"row": row["row"] or "", "file": row["file"], "reason": reason, "detail": detail}
+    rec.update({name: row.get(name) for name in TEXT_FIELDS})
     return rec

@@ -44,6 +44,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 extractors: str | Sequence[str] | None = None,
                 weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
                 fetch_workers: int | None = None, fetch_timeout: float | None = None,
+                labels_from_folders: str | None = None, folders_multi_label: bool = False,
                 workers: int | None = None, engine: str = "local", ray_address: str | None = None,
                 ray_actors: int | None = None, ray_batch_size: int | None = None,
                 ray_cpus_per_actor: float | None = None, refit: bool = False,
@@ -61,13 +62,16 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     if prepared:
         coll = prepared.collection
     elif collection:
-        coll = Collection.from_dir(Path(collection), columns)
-    elif metadata and images:
+        coll = Collection.from_dir(Path(collection), columns, labels_from_folders,
+                                   folders_multi_label)
+    elif images and (metadata or labels_from_folders):
         from influence.catalog import DEFAULT_COLUMNS
-        coll = Collection(Path(metadata).resolve(), Path(images).resolve(),
-                          {**DEFAULT_COLUMNS, **(columns or {})})
+        coll = Collection(Path(metadata).resolve() if metadata else None,
+                          Path(images).resolve(), {**DEFAULT_COLUMNS, **(columns or {})},
+                          labels_from_folders, folders_multi_label)
     else:
-        raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR")
+        raise InfluenceError("give --collection DIR, or --metadata CSV and --images DIR "
+                             "(or --images DIR with --labels-from-folders NAME)")
     names = _names(extractors) or available()
     unknown = sorted(n for n in names if not is_known(n))
     if unknown:
@@ -219,7 +223,8 @@ def _feature_sets(out: Run, features: str | Sequence[str] | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- cluster
 def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: int = 2,
-                k_max: int = 30, refit: bool = False, progress: bool = True) -> int:
+                k_max: int = 30, gmm_sweep: bool = False, refit: bool = False,
+                progress: bool = True) -> int:
     """KMeans (elbow-selected k) and GMM per feature set, scores, label agreement and UMAP;
     paintings added since a fit are assigned and placed by it (`refit` fits again)."""
     from influence.cluster import cluster_features, comparison
@@ -230,13 +235,16 @@ def cmd_cluster(run: str, features: str | Sequence[str] | None = None, k_min: in
         raise InfluenceError(f"no extracted features in run {out.root}: run `extract` first")
     done = {}
     for name in names:
-        s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress)
+        s = cluster_features(out, name, k_min=k_min, k_max=k_max, progress=progress,
+                             gmm_sweep=gmm_sweep)
         made = out.step_record("cluster", name) or {}
         done[name] = ("up to date" if s["up_to_date"] else
                       f"extended: {made['added']} added, {made['removed']} removed"
                       if made.get("action") == "extended" else f"{s['timings']['total']:.1f} s")
-        print(f"{name}: k = {s['k']} ({done[name]}; BIC prefers {s['gmm']['bic_best_k']}, "
-              f"silhouette {s['choice']['silhouette_best_k']}; "
+        bic = s["gmm"].get("bic_best_k")
+        print(f"{name}: k = {s['k']} ({done[name]}; "
+              + (f"BIC prefers {bic}, " if bic is not None else "")
+              + f"silhouette {s['choice']['silhouette_best_k']}; "
               f"PCA {s['reduction']['input_dims']} -> {s['reduction']['pca_dims']} dims)")
     table = comparison(out)
     shown = table[table["features"].isin(names)]
@@ -274,32 +282,44 @@ def cmd_index(run: str, features: str | Sequence[str] | None = None, refit: bool
 
 
 # ------------------------------------------------------------------------------------------ train
-def cmd_train(run: str, target: str | Sequence[str] = ("style", "genre", "artist", "nationality"),
+def cmd_train(run: str, target: str | Sequence[str] | None = None,
               features: str | Sequence[str] | None = None, head: str = "auto",
-              refit: bool = False, progress: bool = True) -> int:
-    """Classifier heads on frozen features, evaluated on a stratified held-out split (kept for
-    paintings added since, which they predict; `refit` splits and trains again)."""
-    from influence.train import train_heads
+              multi_label: str | Sequence[str] | None = None, drop_small_classes: bool = False,
+              target_precision: float | None = None, refit: bool = False,
+              progress: bool = True) -> int:
+    """Classifier heads on frozen features, evaluated on the held-out part of the run's split:
+    any catalog column (`a+b`, or `multi_label` COLUMN[:SEP], for several labels a painting).
+    Paintings added since the split are predicted, not trained on; `refit` splits and trains
+    again."""
+    from influence.train import parse_targets, train_heads
 
     out = Run(Path(run), refit=refit)
     names = _feature_sets(out, features)
     if not names:
         raise InfluenceError(f"run {out.root} has no features: run `extract` first")
-    targets = _names(target) or []
-    infos = train_heads(out, targets, names, progress=progress, head=head)
+    targets = parse_targets(target, multi_label)
+    infos = train_heads(out, targets, names, progress=progress, head=head,
+                        drop_small_classes=drop_small_classes, target_precision=target_precision)
     for i in infos:
-        if i["dropped_classes"] and not i["up_to_date"]:
-            print(f"note: {i['target']}/{i['features']}: left out "
-                  f"{len(i['dropped_classes'])} label(s) with fewer than {i['min_per_class']} "
-                  f"paintings ({', '.join(list(i['dropped_classes'])[:5])}"
-                  f"{', ...' if len(i['dropped_classes']) > 5 else ''})")
+        dropped = list(i["dropped_classes"].items())
+        if dropped and not i["up_to_date"]:
+            print(f"note: {i['target']}/{i['features']}: left out {len(dropped)} label(s) with "
+                  f"fewer than {i['min_per_class']} paintings or none to train on "
+                  f"({', '.join(f'{k} {v}' for k, v in dropped[:5])}"
+                  f"{', ...' if len(dropped) > 5 else ''})")
     _table(["target", "features", "head", "classes", "train", "test", "accuracy", "macro F1",
             "top-5", "ECE", "this run"],
            [(i["target"], i["features"], i["head"], len(i["classes"]), i["n_train"], i["n_test"],
-             f"{i['accuracy']:.3f}", f"{i['macro_f1']:.3f}", f"{i['top5_accuracy']:.3f}",
-             f"{i['ece']:.3f}",
+             _fmt(i["accuracy"]), _fmt(i["macro_f1"]), _fmt(i["top5_accuracy"]), _fmt(i["ece"]),
              "up to date" if i["up_to_date"] else f"fitted in {i['timings']['fit_s']:.1f} s")
             for i in infos])
+    multi = [i for i in infos if i.get("multi_label")]
+    if multi:
+        print("multi-label heads (accuracy: every label right; thresholds chosen on the "
+              "validation part):")
+        _table(["target", "features", "labels", "micro F1", "macro F1", "mean AP"],
+               [(i["target"], i["features"], len(i["classes"]), _fmt(i["micro_f1"]),
+                 _fmt(i["macro_f1"]), _fmt(i["macro_average_precision"])) for i in multi])
     return 0
 
 
@@ -405,7 +425,10 @@ def _print_answer(answer: dict[str, Any]) -> None:
            [(n, f"{a['score']:.3f}", a["artist"], a["paintings"])
             for n, a in enumerate(answer["artists"], 1)])
     for target, top in answer["predictions"].items():
-        print(f"{target}: " + ", ".join(f"{t['label']} {t['p']:.2f}" for t in top))
+        # A multi-label head lists its labels above their thresholds (possibly none).
+        above = not top or "threshold" in top[0]
+        print(f"{target}{' (above its thresholds)' * above}: "
+              + (", ".join(f"{t['label']} {t['p']:.2f}" for t in top) or "none"))
     if answer["clusters"]:
         print("clusters: " + ", ".join(f"{c['cluster']} ({c['p']:.2f})"
                                        for c in answer["clusters"]))

@@ -1,7 +1,8 @@
 """Fine-tuning a backbone with its head for one target, as the works this project grew from do.
 
-`finetune` trains torchvision's MobileNetV2 with a new linear head on the target's recorded split
-(`models/split-<target>.parquet`):
+`finetune` trains torchvision's MobileNetV2 with a new linear head on the target's labelled
+paintings in the run's one split (`models/split.parquet`, shared with every head, so no head's
+held-out painting was a fine-tuning picture); labels with too few paintings are left out:
 
 1. a linear probe: the head alone, fitted as a class-balanced logistic regression on the frozen
    backbone's pooled features (standardisation folded into the layer). Fine-tuning from a
@@ -11,14 +12,15 @@
 2. the whole net, batch norms frozen, with lower learning rates for earlier layers (`LAYER_LR`),
 
 with random crops and left-right flips as augmentation and class-balanced cross-entropy. Early
-stopping watches accuracy on a seeded validation slice of the training part (the held-out part is
-only used once, at the end). A checkpoint is written after every epoch, so a killed run resumes
-at the next one; `budget_s` bounds the training time over all resumptions. It runs on CUDA when
-there is a GPU, else on the CPU. Its starting weights are, unless given, those the run's own frozen
-extractor of the same name used (`starting_weights`), else the extractors' documented order; it
-never falls back to random ones. The best epoch's backbone is saved as `models/<name>.pth`, its
-penultimate (pooled) features become the feature set `<backbone>-ft-<target>`, and the network's
-own head is judged on the held-out part with the same metrics as the other heads.
+stopping watches accuracy on the split's validation part, else a seeded validation slice of the
+training part (the held-out part is only used once, at the end). A checkpoint is written after
+every epoch, so a killed run resumes at the next one; `budget_s` bounds the training time over all
+resumptions. It runs on CUDA when there is a GPU, else on the CPU. Its starting weights are, unless
+given, those the run's own frozen extractor of the same name used (`starting_weights`), else the
+extractors' documented order; it never falls back to random ones. The best epoch's backbone is
+saved as `models/<name>.pth`, its penultimate (pooled) features become the feature set
+`<backbone>-ft-<target>`, and the network's own head is judged on the held-out part with the same
+metrics as the other heads.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from influence.runs import (
     versions,
     write_json,
 )
-from influence.train import MAX_ITER, SEED, VALIDATION_SIZE, C, evaluate, run_split
+from influence.train import MAX_ITER, SEED, VALIDATION_SIZE, C, as_target, evaluate, run_split
 
 #: Version of this stage's recipe and of what it stores: bump it when a code change changes them.
 VERSION = "2"
@@ -227,6 +229,8 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
              progress: bool = True) -> dict[str, Any]:
     """Fine-tune (or resume), judge on the held-out part, store the feature set; returns the
     report (also written to `models/<backbone>-ft-<target>.json`)."""
+    if as_target(target).multi_label:
+        raise InfluenceError(f"finetune learns one label per painting; '{target}' is multi-label")
     catalog = run.catalog()
     split, _ = run_split(run, target, catalog)
     if split.empty:
@@ -236,10 +240,13 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     files = catalog.set_index("image_id")["file"]
     paths = np.asarray([run.image_path(f) for f in files.loc[split["image_id"]]], dtype=object)
     y = split["label"].map(index).to_numpy()
-    train_rows = np.flatnonzero((split["part"] == "train").to_numpy())
-    test_rows = np.flatnonzero((split["part"] == "test").to_numpy())
-    fit_rows, val_rows = train_test_split(train_rows, test_size=VALIDATION_SIZE,
-                                          random_state=SEED, stratify=y[train_rows])
+    part = split["part"].to_numpy(dtype=object)
+    train_rows, test_rows = np.flatnonzero(part == "train"), np.flatnonzero(part == "test")
+    # The split's own validation part if it has one, else a seeded, stratified slice.
+    fit_rows, val_rows = (
+        (train_rows, np.flatnonzero(part == "validation")) if (part == "validation").any()
+        else train_test_split(train_rows, test_size=VALIDATION_SIZE, random_state=SEED,
+                              stratify=y[train_rows]))
     workers = default_workers() if workers is None else workers
     dev = device()
     torch.manual_seed(SEED)

@@ -636,6 +636,12 @@ class Influence:
         mine = self.pairs[(self.pairs["artist"] == name) & self.pairs["offered"]]
         return mine[mine["relation"] == "undated"].nlargest(n, "score")
 
+    def strongest(self, n: int = 5) -> pd.DataFrame:
+        """The run's n strongest offered pairs in time (dated on both sides), best first."""
+        dated = self.pairs[self.pairs["offered"] & (self.pairs["relation"] != "undated")]
+        return dated.sort_values(["score", "artist"], ascending=[False, True],
+                                 kind="stable").head(n)
+
     def edges(self, per_artist: int = GRAPH_PER_ARTIST) -> pd.DataFrame:
         """The strongest links for a graph: each artist's best `per_artist` offered candidates."""
         shown = self.pairs[(self.pairs["rank"] <= per_artist) & self.pairs["offered"]]

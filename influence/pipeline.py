@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parallel image downloads (default 8)")
     p.add_argument("--fetch-timeout", type=float, metavar="SECONDS",
                    help="seconds one download may wait for the server (default 30)")
+    p.add_argument("--labels-from-folders", metavar="NAME",
+                   help="fill catalog column NAME from each image's folder (one folder per "
+                        "label; nested folders give 'a/b'); the CSV, if any, wins")
+    p.add_argument("--multi-label-folders", dest="folders_multi_label", action="store_true",
+                   help="with --labels-from-folders: each nested folder is a label of its own "
+                        "(joined by ';', for train --multi-label NAME)")
     p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="run extraction in this process (default) or on Ray Data")
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
     p.add_argument("--k-min", type=int, default=2, help="smallest number of clusters (default 2)")
     p.add_argument("--k-max", type=int, default=30, help="largest number of clusters (default 30)")
+    p.add_argument("--gmm-sweep", action="store_true",
+                   help="fit a GMM at every k too, for its BIC curve (default: at the chosen k)")
 
     p = sub.add_parser("index", help="build a nearest-neighbour index per feature set")
     p.add_argument("--run", required=True)
@@ -82,8 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train classifier heads on frozen features")
     p.add_argument("--run", required=True)
-    p.add_argument("--target", default="style,genre,artist,nationality",
-                   help="comma-separated: style, genre, artist, nationality (default: all)")
+    p.add_argument("--target",
+                   help="comma-separated catalog columns; 'a+b' is one multi-label target of "
+                        "both columns (default: style, genre, artist, nationality)")
+    p.add_argument("--multi-label", action="append", metavar="COLUMN[:SEP]",
+                   help="train COLUMN as multi-label, its cells split at SEP (default ';'); "
+                        "repeatable")
+    p.add_argument("--drop-small-classes", action="store_true",
+                   help="leave out labels with too few paintings instead of stopping")
+    p.add_argument("--target-precision", type=float, metavar="P",
+                   help="multi-label thresholds: the lowest reaching precision P on the "
+                        "validation part (default: the best F1)")
     p.add_argument("--features", help="comma-separated feature sets (default: all extracted)")
     p.add_argument("--head", default="auto", choices=["auto", "logistic", "mlp"],
                    help="head kind; auto: chosen per target on a validation slice (default)")

@@ -188,6 +188,29 @@ def top_label(clustering: Clustering, method: str, cluster: int, field: str) -> 
     return f"{best['value']} {best['share']:.0%}"
 
 
+#: A family's label is chosen among the values making at least this share of its paintings.
+LABEL_SHARE = 0.2
+#: The fields a family's label may come from.
+FAMILY_LABEL_FIELDS = ("artist", "style", "era")
+
+
+def family_label(clustering: Clustering, method: str, cluster: int,
+                 fields: Sequence[str] = FAMILY_LABEL_FIELDS,
+                 min_share: float = LABEL_SHARE) -> dict[str, Any] | None:
+    """What sets a cluster apart: among its values of `fields` that make at least `min_share`
+    of it, the most over-represented against the collection (largest lift), as
+    {field, value, share, lift}; None when no value is that common."""
+    p = clustering.profiles
+    rows = p[(p["method"] == method) & (p["cluster"] == cluster) & p["field"].isin(fields)
+             & (p["share"] >= min_share)]
+    if rows.empty:
+        return None
+    best = rows.sort_values(["lift", "count", "value"], ascending=[False, False, True],
+                            kind="stable").iloc[0]
+    return {"field": str(best["field"]), "value": str(best["value"]),
+            "share": float(best["share"]), "lift": float(best["lift"])}
+
+
 def typical_members(clustering: Clustering, method: str, cluster: int) -> list[str]:
     """A cluster's stored most typical paintings, most typical first."""
     t = clustering.typical

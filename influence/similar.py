@@ -99,6 +99,8 @@ class NoExtractor(InfluenceError):
     """A feature set that can answer for its indexed paintings but cannot embed a new image."""
 
 
+#: Paintings of each set a closest-pairs comparison reads (an artist rarely has more).
+MAX_PAIR_SET = 1000
 def _load_clustering(run: Run, features: str) -> Clustering | None:
     """The run's clustering of this feature set, or None when it is not clustered."""
     try:
@@ -165,9 +167,16 @@ class Explorer:
             return {"query": label, "error": str(e)}
         views = [picture, ImageOps.mirror(picture)] if self.flip else [picture]
         x = self._extractor.embed(views)
+        mean = x.mean(axis=0, keepdims=True)
         clusters = (None if self._clustering is None
-                    else self._clustering.responsibilities(x.mean(axis=0, keepdims=True))[0])
-        return self._answer(label, x, k, None, clusters, start)
+                    else self._clustering.responsibilities(mean)[0])
+        placed = None if self._clustering is None else self._clustering.place(mean)
+        answer = self._answer(label, x, k, None, clusters, start)
+        # Where the image lands on the feature set's map (None: the run's clustering is older).
+        answer["position"] = (None if placed is None
+                              else [round(float(v), 4) for v in placed[0]])
+        answer["seconds"] = round(time.perf_counter() - start, 4)
+        return answer
 
     def neighbours_of(self, image_id: str, k: int = 10) -> dict[str, Any]:
         """The same answer for an indexed painting, the painting itself left out."""
@@ -193,6 +202,30 @@ class Explorer:
                 for s, r in zip(scores[0], found[0], strict=True)
                 if r >= 0 and r not in chosen][:k]
 
+    def closest_pairs(self, a: Sequence[str], b: Sequence[str], k: int = 6
+                      ) -> list[dict[str, Any]]:
+        """The k most alike pairs of paintings, one of `a` and one of `b` (cosine of their
+        features), each painting in one pair at most, best first: [{"a", "b", "score"}].
+        Each set is cut to its first MAX_PAIR_SET known paintings."""
+        rows_a = [self._row[i] for i in a if i in self._row][:MAX_PAIR_SET]
+        rows_b = [self._row[i] for i in b if i in self._row][:MAX_PAIR_SET]
+        if not rows_a or not rows_b:
+            return []
+        sims = (normalise(np.asarray(self._x[rows_a], dtype=np.float32))
+                @ normalise(np.asarray(self._x[rows_b], dtype=np.float32)).T)
+        used_a, used_b, out = set(), set(), []
+        for flat in np.argsort(-sims, axis=None, kind="stable"):
+            i, j = divmod(int(flat), len(rows_b))
+            if i in used_a or j in used_b or rows_a[i] == rows_b[j]:
+                continue
+            used_a.add(i)
+            used_b.add(j)
+            out.append({"a": self._ids[rows_a[i]], "b": self._ids[rows_b[j]],
+                        "score": round(float(sims[i, j]), 4)})
+            if len(out) == k:
+                break
+        return out
+
     def _answer(self, label: str, x: np.ndarray, k: int, exclude: int | None,
                 clusters: np.ndarray | None, start: float) -> dict[str, Any]:
         if k < 1:
@@ -206,7 +239,7 @@ class Explorer:
                       "score": round(float(s), 4)} for s, r in zip(scores[:k], rows[:k],
                                                                      strict=True)]
         artists = rank_artists(scores[:ARTIST_POOL], self._artists[rows[:ARTIST_POOL]])[:k]
-        predictions = {h.target: h.top(x, average=True)[0] for h in self._heads}
+        predictions = {h.target: h.predict(x, average=True)[0] for h in self._heads}
         listed = []
         if clusters is not None:
             order = np.argsort(-clusters, kind="stable")

@@ -86,7 +86,7 @@ def test_kneedle_reports_no_elbow_on_straight_flat_or_concave_curves() -> None:
 def test_five_well_separated_blobs_give_five_clusters_by_every_rule() -> None:
     x, truth = make_blobs(n_samples=200, centers=5, n_features=8, cluster_std=0.6,
                           center_box=(-10, 10), random_state=0)
-    result = fit_clustering(x, 2, 10, progress=False)
+    result = fit_clustering(x, 2, 10, progress=False, gmm_sweep=True)
     assert result.clusters.k_ == 5
     assert result.clusters.choice_["method"].startswith("kneedle")
     assert result.clusters.choice_["silhouette_best_k"] == 5
@@ -97,6 +97,21 @@ def test_five_well_separated_blobs_give_five_clusters_by_every_rule() -> None:
     embedding = result.projection.embedding_
     assert embedding.shape == (200, 2)
     assert np.isfinite(embedding).all()
+    # New rows are placed among their nearest fitted rows: each blob's rows, placed again, land
+    # nearest to their own blob's centre on the map.
+    placed = result.projection.transform(result.reduced)
+    centres = np.stack([embedding[truth == b].mean(axis=0) for b in range(5)])
+    nearest = np.linalg.norm(placed[:, None] - centres[None], axis=2).argmin(axis=1)
+    assert (nearest == truth).all()
+
+    # By default the mixture is fitted at the chosen k only: the same memberships, no BIC curve.
+    default = fit_clustering(x, 2, 10, progress=False)
+    assert default.clusters.k_ == 5
+    assert "gmm_bic_best_k" not in default.clusters.choice_
+    bic = default.clusters.sweep_.set_index("k")["gmm_bic"]
+    assert np.isfinite(bic[5])
+    assert bic.drop(5).isna().all()
+    assert adjusted_rand_score(default.clusters.gmm_labels_, result.clusters.gmm_labels_) == 1.0
 
 
 def test_fit_clustering_refuses_bad_input_in_one_clear_line() -> None:
@@ -210,7 +225,8 @@ def test_a_mixture_component_that_collapses_is_refitted_not_fatal(tmp_path: Path
     run = tmp_path / "run"
     assert cmd_extract(run=str(run), collection=str(tmp_path), extractors="pca",
                        progress=False) == 0
-    assert cmd_cluster(run=str(run), features="pca", k_min=27, k_max=29, progress=False) == 0
+    assert cmd_cluster(run=str(run), features="pca", k_min=27, k_max=29, gmm_sweep=True,
+                       progress=False) == 0
     sweep = load_clustering(Run(run), "pca").sweep
     assert list(sweep["k"]) == [27, 28, 29]
     assert np.isfinite(sweep["gmm_bic"]).all()

@@ -22,7 +22,7 @@ from influence.commands import (
     cmd_review,
     cmd_train,
 )
-from influence.readers import head_paths, load_clustering
+from influence.readers import head_paths, load_clustering, split_path
 from influence.review import load_review
 from influence.runs import REFIT_SHARE, Run
 
@@ -37,7 +37,7 @@ COMBINED = "pca+kpca~w16"
 TARGETS = ("artist", "style")
 #: Steps fitted on the catalog's rows, which a growing collection extends.
 FITTED = [("extract", "pca"), ("extract", "kpca"), ("extract", COMBINED), ("cluster", COMBINED),
-          ("index", COMBINED), *(("train", f"split-{t}") for t in TARGETS),
+          ("index", COMBINED), ("train", "split"),
           *(("train", f"{t}/{COMBINED}") for t in TARGETS)]
 
 
@@ -114,11 +114,13 @@ def assert_aligned(run: Run) -> None:
     x = np.asarray(run.features(COMBINED), dtype=np.float32)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     assert (index.search(x, 1)[1][:, 0] == np.arange(len(ids))).mean() > 0.99
+    split = pd.read_parquet(split_path(run))
+    assert set(split["image_id"]) <= set(ids)
     for target in TARGETS:
-        split = pd.read_parquet(run.root / "models" / f"split-{target}.parquet")
-        assert set(split["image_id"]) <= set(ids)
-        wrong = pd.read_csv(head_paths(run, target, COMBINED)["wrong"])
-        assert set(wrong["image_id"]) <= set(ids)
+        for file in ("wrong", "test"):
+            path = head_paths(run, target, COMBINED)[file]
+            table = pd.read_csv(path) if file == "wrong" else pd.read_parquet(path)
+            assert set(table["image_id"]) <= set(split["image_id"]), (target, file)
     review = load_review(run)
     assert sorted(review.outliers["image_id"]) == sorted(ids)
     assert set(review.labels["image_id"]) <= set(ids)
@@ -138,7 +140,11 @@ def test_added_paintings_extend_every_fit_and_nothing_else_is_fitted(
     for step in [s for s in FITTED if s[0] != "train" or "split" in s[1]]:
         assert after[step]["action"] == "extended", step
         assert after[step]["growth"][-1]["added"] == ADD
-    # Heads are kept as they were: the new paintings are in no split part, so not trained on.
+    # Heads are kept as they were: the new paintings are in no part of the run's one split, so
+    # not trained on.
+    added_ids = set(run.catalog()["image_id"].iloc[BASE:])
+    assert len(added_ids) == ADD
+    assert not added_ids & set(pd.read_parquet(split_path(run))["image_id"])
     for target in TARGETS:
         assert after["train", f"{target}/{COMBINED}"] == before["train", f"{target}/{COMBINED}"]
     assert fitted_files(run) == models

@@ -236,9 +236,12 @@ def test_hostile_requests_get_a_4xx_or_a_message_and_the_server_stays_well(
             assert response.status_code in (200, 400, 404), path
             assert b"root:" not in response.content
             assert b"catalog" not in response.content[:200]
-        for pathname, search_text in (("/", "?year_from=inf&year_to=nan&box=1,2,3"),
-                                      ("/", "?lasso=" + ",".join(["1"] * 9001)),
+        for pathname, search_text in (("/map", "?year_from=inf&year_to=nan&box=1,2,3"),
+                                      ("/map", "?lasso=" + ",".join(["1"] * 9001)),
+                                      ("/map", "?focus=..&at=nan,inf&data=x"),
+                                      ("/compare", "?a=%00&b=[]"), ("/", "?x=1"),
                                       ("/clusters", "?min_p=nan&cluster=1e400&method=x"),
+                                      ("/heads", "?target=../../run.json&features=%00"),
                                       ("/influence", "?links=99&by=..&group=x"),
                                       ("/painting/../../run.json", ""), ("/artist/%00", ""),
                                       ("/journey", "?dimension=[]&measure=1")):
@@ -338,7 +341,8 @@ def test_auth_file_lets_in_only_its_users(data: RunData, explored_run: Run,
     host = {"Host": "explorer.example.org"}
     good = {**host, "Authorization": "Basic " + base64.b64encode(b"ada:correct horse").decode()}
     bad = {**host, "Authorization": "Basic " + base64.b64encode(b"ada:wrong").decode()}
-    for path in ("/", "/health", f"/thumbs/{data.catalog['image_id'].iat[0]}.jpg"):
+    for path in ("/", "/health", f"/thumbs/{data.catalog['image_id'].iat[0]}.jpg",
+                 "/api/v1/heads"):
         refused = client.get(path, headers=host)
         assert refused.status_code == 401
         assert "Basic" in refused.headers["WWW-Authenticate"]

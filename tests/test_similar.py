@@ -23,7 +23,8 @@ from influence.similar import Explorer
 
 from .test_index import copy_run
 
-ANSWER_KEYS = {"query", "features", "paintings", "artists", "predictions", "clusters", "seconds"}
+ANSWER_KEYS = {"query", "features", "paintings", "artists", "predictions", "clusters", "seconds",
+               "position"}
 PAINTING_KEYS = {"image_id", "file", "artist", "title", "score"}
 
 
@@ -162,6 +163,13 @@ def test_json_output_is_one_object_per_line_in_the_design_schema(
         expected = clustering.responsibilities(stored)[0]
         assert clusters[0]["cluster"] == int(np.argmax(expected))
         assert clusters[0]["p"] == pytest.approx(float(expected.max()), abs=0.01)
+        # It lands on the map near the stored painting (UMAP's transform of its twin is an
+        # approximation: about 7% of the map apart on this slice).
+        a = clustering.assignments
+        own = a.iloc[row[image_id]]
+        span = max(np.ptp(a["umap_x"]), np.ptp(a["umap_y"]))
+        assert np.hypot(answer["position"][0] - own["umap_x"],
+                        answer["position"][1] - own["umap_y"]) < 0.15 * span
 
 
 def test_bad_queries_each_get_one_line_and_the_good_ones_still_answer(

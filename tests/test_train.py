@@ -45,7 +45,7 @@ def trained(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
     imbalanced)."""
     run = copy_run(small_run, tmp_path_factory.mktemp("trained"))
     assert cmd_train(run=str(run.root), target=TARGETS, features=FEATURES, head="logistic",
-                     progress=False) == 0
+                     drop_small_classes=True, progress=False) == 0
     return run
 
 
@@ -54,7 +54,8 @@ def _saved(run: Run, target: str, features: str) -> tuple[dict, pd.DataFrame, np
     """The head's JSON, its labelled split (catalog order), the features of those rows, labels."""
     info = read_json(head_paths(run, target, features)["json"])
     catalog = run.catalog()
-    split = pd.read_parquet(split_path(run, target))
+    split, _ = run_split(run, target, catalog)
+    split = split[["image_id", "part"]]
     rows = catalog.reset_index().set_index("image_id").loc[split["image_id"], "index"].to_numpy()
     labels = catalog[target].to_numpy(dtype=object)[rows]
     return info, split, np.asarray(run.features(features))[rows], labels
@@ -62,9 +63,12 @@ def _saved(run: Run, target: str, features: str) -> tuple[dict, pd.DataFrame, np
 
 def test_split_is_stratified_recorded_and_the_same_on_a_fresh_run(
         trained: Run, small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> None:
-    split = pd.read_parquet(split_path(trained, "artist"))
+    split = pd.read_parquet(split_path(trained))
     assert list(split.columns) == ["image_id", "part"]
     assert set(split["part"]) == {"train", "test"}
+    # One split of every painting, stratified by the first target asked for (artist).
+    assert split["image_id"].tolist() == trained.catalog()["image_id"].tolist()
+    assert trained.step_record("train", "split")["stratified_by"] == "artist"
     artists = trained.catalog().set_index("image_id").loc[split["image_id"], "artist"].to_numpy()
     per_artist = pd.crosstab(artists, split["part"].to_numpy())
     assert len(per_artist) == 6
@@ -73,11 +77,11 @@ def test_split_is_stratified_recorded_and_the_same_on_a_fresh_run(
     # Both feature sets were judged on the same held-out paintings.
     infos = [read_json(head_paths(trained, "artist", f)["json"]) for f in FEATURES.split(",")]
     assert {i["n_test"] for i in infos} == {int((split["part"] == "test").sum())}
-    assert all(i["split"]["file"] == split_path(trained, "artist").name for i in infos)
+    assert all(i["split"]["file"] == split_path(trained).name for i in infos)
     # Seeded: a fresh copy of the run splits the same way.
     fresh = copy_run(small_run, tmp_path_factory.mktemp("fresh"))
     run_split(fresh, "artist", fresh.catalog())
-    pd.testing.assert_frame_equal(pd.read_parquet(split_path(fresh, "artist")), split)
+    pd.testing.assert_frame_equal(pd.read_parquet(split_path(fresh)), split)
 
 
 def test_unlabelled_paintings_and_rare_labels_are_left_out_and_reported(trained: Run) -> None:
@@ -180,7 +184,7 @@ def test_second_train_is_up_to_date(trained: Run, capsys: pytest.CaptureFixture)
     before = model.stat().st_mtime_ns
     capsys.readouterr()
     assert cmd_train(run=str(trained.root), target=TARGETS, features=FEATURES, head="logistic",
-                     progress=False) == 0
+                     drop_small_classes=True, progress=False) == 0
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.split()[:1] in (["artist"], ["genre"])]
     assert len(rows) == 4
@@ -200,14 +204,14 @@ def test_a_changed_label_makes_the_head_train_again(
     info = read_json(head_paths(run, "artist", "pca")["json"])
     assert info["unlabelled"] == 1
     assert info["n_train"] + info["n_test"] == len(catalog) - 1
-    assert gone not in set(pd.read_parquet(split_path(run, "artist"))["image_id"])
+    assert gone not in set(run_split(run, "artist", run.catalog())[0]["image_id"])
 
 
 def test_unknown_target_is_a_clear_error(trained: Run, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--run", str(trained.root), "--target", "colour"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "unknown target(s) colour" in err
+    assert "unknown target(s) colour (catalog columns: file, title, artist," in err
 
 
 def test_a_target_with_nothing_to_learn_is_skipped_unless_it_is_all_there_is(
@@ -314,7 +318,22 @@ def test_auto_head_fits_each_kind_once_on_a_slice_and_keeps_the_better(chosen: R
     assert scores == auto.validation_accuracy_
     assert set(scores) == set(HEADS)
     assert info["head"] == auto.kind_ == max(scores, key=scores.get)
-    # The chosen head is that kind refitted on the whole training part: same test results.
+    # The chosen head is that kind's own head: an MLP kept as fitted stops on the same slice a
+    # fixed MLP head holds out for itself; another kind is refitted on the whole training part.
     same = read_json(chosen.models_dir / f"{auto.kind_}-artist-mobilenet_v2.json")
     assert info["accuracy"] == same["accuracy"]
     assert info["ece"] == same["ece"]
+
+
+def test_an_auto_chosen_mlp_is_the_mlp_head_itself_without_a_refit() -> None:
+    from sklearn.datasets import make_classification
+
+    from influence.estimators.heads import AutoHead, MLPHead
+
+    x, y = make_classification(n_samples=300, n_features=12, n_informative=8, n_classes=3,
+                               random_state=0)
+    x = x.astype(np.float32)
+    auto = AutoHead({"mlp": MLPHead(hidden=32, max_epochs=30)}, 0.1, 0).fit(x, y)
+    assert auto.kind_ == "mlp"
+    alone = MLPHead(hidden=32, max_epochs=30).fit(x, y)
+    np.testing.assert_array_equal(auto.predict_proba(x), alone.predict_proba(x))

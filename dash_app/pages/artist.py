@@ -9,7 +9,15 @@ from urllib.parse import urlencode
 import pandas as pd
 from dash import Dash, dcc, html
 
-from dash_app.components import cluster_href, gallery, message, needs, painting_card, text
+from dash_app.components import (
+    cluster_href,
+    gallery,
+    message,
+    needs,
+    painting_card,
+    start_links,
+    text,
+)
 from dash_app.data import RunData, current
 
 PAINTINGS_SHOWN = 24
@@ -37,7 +45,15 @@ def _when(pair: dict, kind: str) -> str:
     return pair["relation"] + years
 
 
-def candidate(data: RunData, pair: dict, other: str, kind: str) -> html.Div:
+def problem(data: RunData, artist_id: str | None = None, **_: str) -> str | None:
+    """What in the artist page's address names nothing in the run (a run without the influence
+    stage has no artist pages yet: that is said, not a wrong address)."""
+    if data.influence is None or data.influence.artist(artist_id or "") is not None:
+        return None
+    return f"There is no artist '{artist_id}' in this run."
+
+
+def candidate(data: RunData, pair: dict, other: str, kind: str, me: str) -> html.Div:
     """One candidate artist with its standing and its evidence: earlier painting, later one."""
     inf = data.influence
     other_row = inf.artists[inf.artists["artist"] == other].iloc[0]
@@ -56,23 +72,28 @@ def candidate(data: RunData, pair: dict, other: str, kind: str) -> html.Div:
             f" · {_when(pair, kind)}",
             html.Span("recorded influence", className="chip on") if pair.get("recorded")
             else None,
+            " · ",
+            dcc.Link("compare", href="/compare?" + urlencode({"a": other_row["artist_id"],
+                                                               "b": me})),
         ]),
         html.Div(pairs, className="evidence"),
     ], className=f"candidate {kind}")
 
 
-def _candidates(data: RunData, pairs: list[dict], other: str, kind: str) -> list:
-    return ([candidate(data, p, p[other], kind) for p in pairs]
+def _candidates(data: RunData, pairs: list[dict], other: str, kind: str, me: str) -> list:
+    return ([candidate(data, p, p[other], kind, me) for p in pairs]
             or [html.P("None in this run.", className="hint")])
 
 
 def layout(artist_id: str | None = None, **_: str) -> html.Div:
     data = current()
     if data.influence is None:
-        return needs("influence", data)
+        return html.Div([html.H1("Artist"), needs("influence", data)])
     row = data.influence.artist(artist_id or "")
     if row is None:
-        return message("No artist with this id in the run.", "error")
+        return html.Div([html.H1("No such artist"),
+                         message(problem(data, artist_id), "error", id="address-problem"),
+                         html.P("Search for an artist above, or start from:"), start_links()])
     name = row["artist"]
     features = data.influence.features
     ids = data.catalog.loc[data.catalog["artist"] == name, "image_id"]
@@ -84,7 +105,7 @@ def layout(artist_id: str | None = None, **_: str) -> html.Div:
     undated = data.influence.undated(name, CANDIDATES).to_dict("records")
     recorded = data.influence.evaluation is not None
     return html.Div([
-        html.H2(name, id="artist-name"),
+        html.H1(name, id="artist-name"),
         html.Table([html.Tr([html.Th(k), html.Td(v)]) for k, v in (
             ("nationality", text(row.get("nationality"), "—")),
             ("life", _years(row, "birth_year", "death_year")),
@@ -93,9 +114,9 @@ def layout(artist_id: str | None = None, **_: str) -> html.Div:
             ("paintings", f"{row['paintings']:,}"),
             ("styles", _mix(row["styles"])), ("genres", _mix(row["genres"])))],
             className="meta"),
-        html.Div(["Visual families (", features, " KMeans clusters): ", *families],
+        html.Div(["Visual families (KMeans, ", features, " features): ", *families],
                  className="hint"),
-        html.H3(["Paintings ", dcc.Link("(all on the map)", href="/?" + urlencode(
+        html.H3(["Paintings ", dcc.Link("(all on the map)", href="/map?" + urlencode(
             {"artist": name}))]),
         gallery(data, ids[:PAINTINGS_SHOWN], id="artist-paintings"),
         html.P("Who this artist's work most resembles, ordered by time: a candidate is active "
@@ -109,15 +130,16 @@ def layout(artist_id: str | None = None, **_: str) -> html.Div:
                   else ""), className="hint"),
         html.Div([
             html.Div([html.H3("Earlier: possible influences"),
-                      *_candidates(data, earlier, "influenced_by", "earlier")],
+                      *_candidates(data, earlier, "influenced_by", "earlier", artist_id)],
                      id="artist-earlier"),
             html.Div([html.H3("Later: possibly influenced"),
-                      *_candidates(data, later, "artist", "later")], id="artist-later"),
+                      *_candidates(data, later, "artist", "later", artist_id)],
+                     id="artist-later"),
         ], className="two-columns"),
         html.Div([html.H3("Undated: resemblance only"),
                   html.P("Look-alikes where one of the two has no known years: no order in "
                          "time can be read from them.", className="hint"),
-                  *_candidates(data, undated, "influenced_by", "undated")],
+                  *_candidates(data, undated, "influenced_by", "undated", artist_id)],
                  id="artist-undated") if undated else None,
     ])
 

@@ -1,4 +1,5 @@
-"""Clusters: for a feature set and method, every cluster at a glance, then one in detail."""
+"""Visual families (the clusters of a feature set): for a feature set and method, every family at
+a glance, then one in detail. The page says "family" throughout; the path stays /clusters."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ from urllib.parse import urlencode
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from dash_app import checks, filters
-from dash_app.components import PROFILE_NOTE, chart, downloads, gallery, needs, profile_chart, send
-from dash_app.data import METHODS, current
+from dash_app.addresses import unknown_features
+from dash_app.components import (
+    PROFILE_NOTE,
+    chart,
+    downloads,
+    gallery,
+    needs,
+    problem_note,
+    profile_chart,
+    send,
+)
+from dash_app.data import METHODS, RunData, current
 from dash_app.routes import thumb_url
 from influence.catalog import LABEL_FIELDS
 from influence.export import cluster_export
@@ -41,15 +52,39 @@ def _shown(sizes: dict[int, int], cluster: object) -> int:
                                                                                key=sizes.get)
 
 
+def problem(data: RunData, features: str | None = None, method: str | None = None,
+            cluster: str | None = None, **_: str) -> str | None:
+    """What in the page's address names nothing in the run (see dash_app.addresses)."""
+    if not data.clusterings:
+        return None
+    if unknown_features(data, features):
+        return unknown_features(data, features)
+    if method is not None and method not in METHODS:
+        return f"There is no method '{method}' (there are {', '.join(METHODS)})."
+    if cluster is not None:
+        sizes = cluster_sizes(data.clusterings[data.default_features(features)],
+                              checks.one_of(method, METHODS, "kmeans"))
+        if checks.integer(cluster, 0, 10_000, None) not in sizes:
+            return (f"There is no family '{cluster}' here (the families are numbered "
+                    f"{min(sizes)} to {max(sizes)}).")
+    return None
+
+
 def layout(features: str | None = None, method: str | None = None, cluster: str | None = None,
            min_p: str | None = None, **query: str) -> html.Div:
     data = current()
     where = filters.from_url(query)
+    wrong = problem(data, features, method, cluster)
     features = data.default_features(features)
     if features is None:
-        return needs("cluster", data)
+        return html.Div([html.H1("Visual families"), needs("cluster", data)])
     method = checks.one_of(method, METHODS, "kmeans")
     return html.Div([
+        html.H1("Visual families"),
+        problem_note(wrong, "Showing what the run has instead."),
+        html.P("Groups of paintings whose pictures look alike, found from the features alone "
+               "(not from their labels). KMeans puts each painting in one family; GMM gives each "
+               "a share of membership in every family.", className="hint"),
         dcc.Store(id="clusters-selected", data=checks.integer(cluster, 0, 10_000, None)),
         html.Div([
             html.Label(["Feature set", dcc.Dropdown(data.features, features,
@@ -62,17 +97,25 @@ def layout(features: str | None = None, method: str | None = None, cluster: str 
         html.Div(id="clusters-overview", className="cluster-grid"),
         filters.controls(data, where, "clusters"),
         html.Div([
-            html.Label(["GMM soft members: responsibility at least",
+            # A step of 0.01 so the default (MIN_P) and any two-decimal value are valid.
+            html.Label(["GMM soft members: membership at least",
                         dcc.Input(id="clusters-min-p", type="number", min=0.01, max=1,
-                                  step=0.05, value=_min_p(min_p),
-                                  debounce=True)], className="inline"),
-            downloads("cluster", "this cluster's members"),
+                                  step=0.01, value=_min_p(min_p), debounce=True)],
+                       className="inline", id="clusters-min-p-label",
+                       hidden=method != "gmm"),
+            downloads("cluster", "this family's members"),
         ], className="controls"),
         dcc.Loading(html.Div(id="clusters-detail"), delay_show=300),
     ])
 
 
 def register(app: Dash) -> None:
+    @app.callback(Output("clusters-min-p-label", "hidden"), Input("clusters-method", "value"),
+                  prevent_initial_call=True)
+    def threshold_shown(method: object) -> bool:
+        """The soft-membership threshold only means something for GMM."""
+        return checks.one_of(method, METHODS, "kmeans") != "gmm"
+
     @app.callback(Output("clusters-selected", "data"),
                   Input({"type": "cluster-pick", "index": ALL}, "n_clicks"),
                   prevent_initial_call=True)
@@ -104,14 +147,14 @@ def register(app: Dash) -> None:
                 html.Div([html.Img(src=thumb_url(i), alt="") for i in
                           typical_members(clustering, method, c)[:OVERVIEW_THUMBS]],
                          className="mini-thumbs"),
-                html.Div([html.B(f"Cluster {c}"), f" · {n:,}"]),
+                html.Div([html.B(f"Family {c}"), f" · {n:,}"]),
                 html.Div(" · ".join(labels), className="card-note"),
             ], id={"type": "cluster-pick", "index": c},
                 className="cluster-tile selected" if c == cluster else "cluster-tile"))
-        summary = (f"{len(sizes)} clusters ({METHODS[method]}) over {sum(sizes.values()):,} "
-                   "paintings; click one to see it.")
+        summary = (f"{len(sizes)} visual families ({METHODS[method]}) over "
+                   f"{sum(sizes.values()):,} paintings; click one to see it.")
         charts = [chart(fig) for fig in (profile_chart(cluster_profile(
-            clustering, method, cluster, f), f, "this cluster") for f in LABEL_FIELDS)
+            clustering, method, cluster, f), f, "this family") for f in LABEL_FIELDS)
             if fig is not None]
         members = members_passing(clustering, data.catalog, method, cluster, min_p, where)
         soft = int((members["member"] == "soft").sum())
@@ -123,12 +166,12 @@ def register(app: Dash) -> None:
             shown = html.H3("Most typical paintings")
             ids = typical_members(clustering, method, cluster)[:TYPICAL_SHOWN]
         detail = html.Div([
-            html.H2(f"Cluster {cluster}: {sizes[cluster]:,} paintings "
+            html.H2(f"Family {cluster}: {sizes[cluster]:,} paintings "
                     f"({sizes[cluster] / sum(sizes.values()):.1%} of the collection)",
                     id="cluster-title"),
             html.P(f"The download lists {len(members):,} paintings"
-                   + (f", {soft:,} of them soft members (responsibility ≥ {min_p or MIN_P:g} "
-                      "without the assignment)" if method == "gmm" else "")
+                   + (f", {soft:,} of them soft members (membership ≥ {min_p or MIN_P:g} "
+                      "without being assigned)" if method == "gmm" else "")
                    + ", most central first, with their scores.", className="hint",
                    id="cluster-members"),
             shown,

@@ -1,5 +1,7 @@
 """The influence graph: artists placed by time (the middle of their active years), in bands by
-nationality or style, with each artist's strongest earlier candidates drawn as links.
+nationality or style, with each artist's strongest earlier candidates drawn as links, each with an
+arrow from the earlier artist to the later one. The most linked artists are named; zoomed in to
+few enough, every artist in view is. An unknown nationality or style counts as "other".
 
 Plotly rather than dash-cytoscape: the x axis must be time, which a Plotly scatter gives with
 a real year axis, zoom and hover for free, while cytoscape's layouts place nodes by the graph's
@@ -13,15 +15,22 @@ from urllib.parse import urlencode
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, dcc, html, no_update
+from dash import Dash, Input, Output, ctx, dcc, html, no_update
 from plotly.colors import qualitative
 
 from dash_app import checks
-from dash_app.components import needs
+from dash_app.components import below_toolbar, graph, needs
 from dash_app.data import current
+from influence.influence import Influence
 
 #: Groups (nationalities or styles) given a band of their own; the rest share "other".
 BANDS = 12
+OTHER = "other"
+#: Artists named in the whole view (the most linked), and the most named when zoomed in.
+NAMED = 12
+NAMED_ZOOMED = 40
+#: Where along a link its arrow sits (0: the earlier artist, 1: the later one).
+ARROW_AT = 0.8
 COLOURS = qualitative.Dark24
 BY = {"nationality": "nationality", "style": "main style"}
 
@@ -34,10 +43,10 @@ def layout(by: str | None = None, links: str | None = None, group: str | None = 
            **_: str) -> html.Div:
     data = current()
     if data.influence is None:
-        return needs("influence", data)
+        return html.Div([html.H1("Who resembles whom, earlier to later"), needs("influence", data)])
     by = checks.one_of(by, BY, "nationality")
     return html.Div([
-        html.H2("Who resembles whom, earlier to later"),
+        html.H1("Who resembles whom, earlier to later"),
         html.Div([
             html.Label(["Bands and colours by", dcc.Dropdown(
                 [{"label": v, "value": k} for k, v in BY.items()], by, id="graph-by",
@@ -48,27 +57,55 @@ def layout(by: str | None = None, links: str | None = None, group: str | None = 
             html.Label(["Links per artist", dcc.Slider(
                 *LINKS, 1, value=checks.integer(links, *LINKS, 2), id="graph-links")]),
         ], className="controls"),
-        html.P("Each artist sits at the middle of their active years; a line joins an artist to "
-               "their strongest earlier or contemporary look-alikes (darker = stronger). Click "
-               "an artist to open their page.", className="hint"),
-        dcc.Graph(id="graph-figure", config={"displaylogo": False}, className="map-graph"),
+        html.P("Each artist sits at the middle of their active years; an arrow runs from an "
+               "earlier or contemporary artist to a later one whose work resembles theirs "
+               "(darker = stronger). The most linked artists are named; zoom in to name all. "
+               "Click an artist to open their page.", className="hint"),
+        graph(id="graph-figure", className="map-graph"),
     ])
 
 
 def _groups(artists: pd.DataFrame, by: str) -> pd.Series:
+    """Each artist's group; an unknown one is OTHER, not a band of its own."""
     if by == "style":
-        return artists["styles"].map(lambda s: s[0]["label"] if len(s) else "unknown")
-    return artists["nationality"].fillna("unknown").astype(str)
+        return artists["styles"].map(lambda s: s[0]["label"] if len(s) else OTHER)
+    return artists["nationality"].astype("object").where(artists["nationality"].notna(),
+                                                         OTHER).astype(str)
 
 
-def figure(by: str, per_artist: int, chosen: list[str]) -> tuple[go.Figure, list[str]]:
-    """The graph, and every group's name (commonest first) for the filter menu."""
-    inf = current().influence
+def parse_view(relayout: object) -> tuple[float, float, float, float] | None:
+    """The x and y ranges of a zoomed view from Plotly's relayout event, else None."""
+    relayout = checks.mapping(relayout)
+    keys = ("xaxis.range[0]", "xaxis.range[1]", "yaxis.range[0]", "yaxis.range[1]")
+    found = checks.numbers([relayout.get(k) for k in keys], 4)
+    return None if found is None else tuple(found)
+
+
+def named(strength: pd.Series, x: np.ndarray, y: np.ndarray,
+          view: tuple[float, float, float, float] | None) -> np.ndarray:
+    """Which artists get their name drawn: the NAMED most linked; in a zoomed view holding at
+    most NAMED_ZOOMED artists, every one in it."""
+    if view is not None:
+        x0, x1, y0, y1 = view
+        inside = ((x >= min(x0, x1)) & (x <= max(x0, x1)) & (y >= min(y0, y1))
+                  & (y <= max(y0, y1)))
+        if inside.sum() <= NAMED_ZOOMED:
+            return inside
+    top = strength.sort_values(ascending=False, kind="stable").index[:NAMED]
+    return np.isin(np.arange(len(strength)), top) & (strength.to_numpy() > 0)
+
+
+def figure(inf: Influence, by: str, per_artist: int, chosen: list[str],
+           view: tuple[float, float, float, float] | None = None
+           ) -> tuple[go.Figure, list[str]]:
+    """The graph, and every group's name (commonest first, OTHER last) for the filter menu."""
     artists = inf.artists.dropna(subset=["active_mid"]).reset_index(drop=True)
     groups = _groups(artists, by)
-    order = list(groups.value_counts().index)
-    banded = groups.where(groups.isin(order[:BANDS]), "other")
-    bands = order[:BANDS] + (["other"] if len(order) > BANDS else [])
+    counts = groups.value_counts()
+    order = [g for g in counts.index if g != OTHER] + ([OTHER] if OTHER in counts else [])
+    own = [g for g in order if g != OTHER][:BANDS]
+    banded = groups.where(groups.isin(own), OTHER)
+    bands = own + ([OTHER] if (banded == OTHER).any() else [])
     chosen = [c for c in chosen if c in order]
     keep = groups.isin(chosen).to_numpy() if chosen else np.ones(len(artists), dtype=bool)
     # Within a band, artists are spread by rank in time, alternating up and down.
@@ -86,22 +123,35 @@ def figure(by: str, per_artist: int, chosen: list[str]) -> tuple[go.Figure, list
         strength = edges["score"].rank(pct=True).to_numpy()
         for level, (low, high) in enumerate(((0, 0.5), (0.5, 0.8), (0.8, 1.01))):
             part = edges[(strength >= low) & (strength < high)]
-            xs, ys = [], []
+            # Each link: the earlier artist, its arrow (pointing along the link), the later one.
+            xs, ys, sizes = [], [], []
             for a, b in zip(part["artist"], part["influenced_by"], strict=True):
-                xs += [at[b][0], at[a][0], None]
-                ys += [at[b][1], at[a][1], None]
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip",
-                                     showlegend=False, line={"width": 0.6 + level * 0.8,
-                                     "color": f"rgba(60,60,60,{0.15 + 0.25 * level})"}))
+                (xb, yb), (xa, ya) = at[b], at[a]
+                xs += [xb, xb + ARROW_AT * (xa - xb), xa, None]
+                ys += [yb, yb + ARROW_AT * (ya - yb), ya, None]
+                sizes += [0, 12 + 3 * level, 0, 0]
+            colour = f"rgba(60,60,60,{0.2 + 0.25 * level})"
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", hoverinfo="skip",
+                                     showlegend=False, name="links",
+                                     line={"width": 0.6 + level * 0.8, "color": colour},
+                                     marker={"symbol": "arrow", "angleref": "previous",
+                                             "size": sizes, "color": colour}))
+    linked = pd.concat([edges["artist"], edges["influenced_by"]]).value_counts()
+    strength = artists["artist"].map(linked).fillna(0).where(keep, 0)
+    names = named(strength, artists["active_mid"].to_numpy(dtype=float), y, view)
     for n, band in enumerate(bands):
         rows = np.flatnonzero((banded.to_numpy() == band) & keep)
         if not len(rows):
             continue
         part = artists.iloc[rows]
         fig.add_trace(go.Scatter(
-            x=part["active_mid"], y=y[rows], mode="markers", name=f"{band} ({len(rows)})",
-            customdata=part["artist_id"], text=part["artist"],
-            hovertemplate="%{text}<br>active around %{x:.0f}<extra></extra>",
+            # Plain lists: the browser's events and the tests read them point by point.
+            x=part["active_mid"].tolist(), y=y[rows].tolist(), mode="markers+text",
+            name=f"{band} ({len(rows)})", customdata=part["artist_id"].tolist(),
+            hovertext=part["artist"].tolist(),
+            text=[a if n else "" for a, n in zip(part["artist"], names[rows], strict=True)],
+            textposition="top center", textfont={"size": 11, "color": "#1f2630"},
+            hovertemplate="%{hovertext}<br>active around %{x:.0f}<extra></extra>",
             marker={"size": 6 + 10 * np.sqrt(part["paintings"] / artists["paintings"].max()),
                     "color": COLOURS[n % len(COLOURS)], "line": {"width": 0.5,
                                                                  "color": "white"}}))
@@ -110,18 +160,25 @@ def figure(by: str, per_artist: int, chosen: list[str]) -> tuple[go.Figure, list
                       yaxis={"tickvals": list(range(len(bands))), "ticktext": bands,
                              "zeroline": False},
                       legend={"itemsizing": "constant"}, uirevision=by)
-    return fig, order
+    return below_toolbar(fig), order
 
 
 def register(app: Dash) -> None:
     @app.callback(Output("graph-figure", "figure"), Output("graph-group", "options"),
                   Output("view-state", "data", allow_duplicate=True),
                   Input("graph-by", "value"), Input("graph-links", "value"),
-                  Input("graph-group", "value"), prevent_initial_call="initial_duplicate")
-    def show(by: object, per_artist: object, chosen: object) -> tuple:
+                  Input("graph-group", "value"), Input("graph-figure", "relayoutData"),
+                  prevent_initial_call="initial_duplicate")
+    def show(by: object, per_artist: object, chosen: object, relayout: object) -> tuple:
         by, per_artist = checks.one_of(by, BY, "nationality"), checks.integer(per_artist, *LINKS, 2)
         chosen = checks.chosen(chosen)
-        fig, order = figure(by, per_artist, chosen)
+        view = parse_view(relayout)
+        # A relayout that is neither a zoom nor a reset (the first draw's autosize) changes
+        # nothing drawn.
+        if (ctx.triggered_id == "graph-figure" and view is None
+                and checks.mapping(relayout).get("xaxis.autorange") is not True):
+            return no_update, no_update, no_update
+        fig, order = figure(current().influence, by, per_artist, chosen, view)
         query = {"by": by, "links": per_artist, **({"group": "|".join(chosen)} if chosen
                                                      else {})}
         return fig, order, urlencode(query)

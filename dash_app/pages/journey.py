@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from dash import Dash, Input, Output, dcc, html, no_update
 
 from dash_app import checks
-from dash_app.components import cluster_href, needs
+from dash_app.components import cluster_href, graph, needs
 from dash_app.data import current
 
 #: Nationalities shown (the commonest); eras are all shown.
@@ -22,9 +22,9 @@ MEASURES = {"share": "share of the family's paintings",
 def layout(dimension: str | None = None, measure: str | None = None, **_: str) -> html.Div:
     data = current()
     if data.influence is None:
-        return needs("influence", data)
+        return html.Div([html.H1("The journey of visual families"), needs("influence", data)])
     return html.Div([
-        html.H2("The journey of visual families"),
+        html.H1("The journey of visual families"),
         html.Div([
             html.Label(["Across", dcc.Dropdown(
                 [{"label": "eras", "value": "era"},
@@ -36,10 +36,10 @@ def layout(dimension: str | None = None, measure: str | None = None, **_: str) -
                 checks.one_of(measure, MEASURES, "share"), id="journey-measure",
                 clearable=False)]),
         ], className="controls"),
-        html.P("One row per visual family (KMeans clusters of the "
+        html.P("One row per visual family (KMeans, on the "
                f"{data.influence.features} features): where its paintings fall. Click a cell to "
                "open the family.", className="hint"),
-        dcc.Graph(id="journey-figure", config={"displaylogo": False}),
+        graph(id="journey-figure"),
     ])
 
 

@@ -1,5 +1,8 @@
-"""The map: every painting on the UMAP plane of a feature set, coloured by cluster or metadata,
-narrowed by filters; a box or lasso selection opens a panel with what it holds."""
+"""The map: every painting on the UMAP plane of a feature set, coloured by visual family or
+metadata, narrowed by filters; a box or lasso selection opens a panel with what it holds. The
+default view spans the 1st to 99th percentile of the points (a few outliers would otherwise
+squeeze the rest into a corner); `focus=IMAGE_ID` marks and centres one painting, `at=X,Y` a
+place (where an upload lands)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,18 @@ from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 from plotly.colors import qualitative
 
 from dash_app import checks, filters
+from dash_app.addresses import unknown_features
 from dash_app.components import (
     PROFILE_NOTE,
+    below_toolbar,
     chart,
     downloads,
     gallery,
+    graph,
     message,
     needs,
     painting_href,
+    problem_note,
     profile_chart,
     send,
     text,
@@ -27,7 +34,7 @@ from dash_app.data import METHODS, RunData, current
 from dash_app.routes import thumb_url
 from influence.catalog import LABEL_FIELDS
 from influence.export import filter_export, selection_export
-from influence.selections import Filter, label_shares, region_rows
+from influence.selections import Filter, family_label, label_shares, region_rows
 
 #: Categories shown in the legend before the rest are pooled as "other".
 MAX_GROUPS = 20
@@ -46,10 +53,15 @@ LARGE_OUTPUTS = ("map-region.data",)
 
 #: The keys of a hover point's bounding box that the tooltip uses.
 BBOX = frozenset({"x0", "x1", "y0", "y1"})
+#: The default view: this percentile range of the points, widened by MARGIN of it each side.
+VIEW_PERCENTILES = (1, 99)
+MARGIN = 0.08
+#: A marked painting or place is shown in a view this share of the default one.
+CLOSE_UP = 0.35
 
 
 def colour_options() -> list[dict[str, str]]:
-    return ([{"label": f"cluster ({label})", "value": m} for m, label in METHODS.items()]
+    return ([{"label": f"visual family ({label})", "value": m} for m, label in METHODS.items()]
             + [{"label": name, "value": name} for name in LABEL_FIELDS])
 
 
@@ -78,6 +90,28 @@ def parse_region(box: str | None = None, lasso: str | None = None) -> dict | Non
     return None
 
 
+def parse_at(at: object) -> list[float] | None:
+    """A place on the map from the URL: at=x,y (two finite numbers), else None."""
+    if not isinstance(at, str) or at.count(",") != 1:
+        return None
+    try:
+        return checks.numbers([float(v) for v in at.split(",")], 2)
+    except ValueError:
+        return None
+
+
+def problem(data: RunData, features: str | None = None, focus: str | None = None,
+            at: str | None = None, **_: str) -> str | None:
+    """What in the map's address names nothing in the run (see dash_app.addresses)."""
+    if unknown_features(data, features):
+        return unknown_features(data, features)
+    if focus is not None and data.row_of(focus) is None:
+        return f"There is no painting '{focus}' in this run."
+    if at is not None and parse_at(at) is None:
+        return f"'{at}' is not a place on the map (two numbers: at=x,y)."
+    return None
+
+
 def region_query(region: dict | None) -> dict[str, str]:
     if not region:
         return {}
@@ -101,30 +135,40 @@ def region_of(selected: dict | None) -> dict | None:
 
 
 def layout(features: str | None = None, colour: str | None = None, box: str | None = None,
-           lasso: str | None = None, **query: str) -> html.Div:
+           lasso: str | None = None, focus: str | None = None, at: str | None = None,
+           **query: str) -> html.Div:
     data = current()
+    wrong = problem(data, features, focus, at)
     features = data.default_features(features)
     if features is None:
-        return needs("cluster", data)
+        return html.Div([html.H1("Map of the collection"), needs("cluster", data)])
     colour = colouring(colour)
     where = filters.from_url(query)
+    marks = {"focus": focus if data.row_of(focus) is not None else None, "at": parse_at(at)}
     return html.Div([
+        html.H1("Map of the collection"),
+        problem_note(wrong, f"Showing the {features} map instead."),
         dcc.Store(id="map-region", data=parse_region(box, lasso)),
+        dcc.Store(id="map-marks", data=marks),
         html.Div([
             html.Label(["Feature set", dcc.Dropdown(data.features, features, id="map-features",
                                                     clearable=False)]),
             html.Label(["Colour by", dcc.Dropdown(colour_options(), colour, id="map-colour",
                                                   clearable=False)]),
-            html.Span("Hover a point to see the painting, click to open it; box or lasso "
-                      "select (toolbar) to see what a region holds.", className="hint"),
+            html.Span("Paintings that look alike lie close together. Hover a point to see the "
+                      "painting, click to open it; box or lasso select (toolbar) to see what a "
+                      "region holds; double-click to see every point.", className="hint"),
         ], className="controls"),
         filters.controls(data, where, "map"),
         html.Div([html.Span(id="map-count"), downloads("map", "these paintings")],
                  className="controls"),
-        dcc.Loading(dcc.Graph(id="map-graph", clear_on_unhover=True, className="map-graph",
-                              config={"displaylogo": False, "scrollZoom": True}),
-                    delay_show=300),
-        dcc.Tooltip(id="map-tooltip", direction="right"),
+        # The tooltip is placed by the hovered point's box, which is relative to the chart:
+        # the two share a positioned parent.
+        html.Div([
+            dcc.Loading(graph(id="map-graph", clear_on_unhover=True, className="map-graph",
+                              config={"scrollZoom": True}), delay_show=300),
+            dcc.Tooltip(id="map-tooltip", direction="right"),
+        ], className="map-wrap"),
         html.Div(id="selection-panel"),
     ])
 
@@ -161,15 +205,42 @@ def thumbnails(data: RunData, features: str, rows: np.ndarray,
              "layer": "above"} for i, px, py in zip(ids, x, y, strict=True)]
 
 
+def default_view(x: np.ndarray, y: np.ndarray) -> tuple[list[float], list[float]] | None:
+    """The x and y ranges of the default view: the VIEW_PERCENTILES range of the points,
+    widened by MARGIN; None without points."""
+    if not len(x):
+        return None
+    ranges = []
+    for v in (x, y):
+        low, high = (float(q) for q in np.percentile(v, VIEW_PERCENTILES))
+        pad = max(high - low, 1e-3) * MARGIN
+        ranges.append([low - pad, high + pad])
+    return ranges[0], ranges[1]
+
+
+def close_up(point: tuple[float, float], view: tuple[list[float], list[float]]
+             ) -> tuple[list[float], list[float]]:
+    """A view CLOSE_UP the size of `view`, centred on a point."""
+    return tuple([c - (v[1] - v[0]) * CLOSE_UP / 2, c + (v[1] - v[0]) * CLOSE_UP / 2]
+                 for c, v in zip(point, view, strict=True))
+
+
+def family_name(data: RunData, features: str, method: str, cluster: int) -> str:
+    """'family 3 · Rembrandt': a family and what it holds most often against the collection."""
+    label = family_label(data.clusterings[features], method, cluster)
+    return f"family {cluster}" + (f" · {label['value']}" if label else "")
+
+
 def figure(data: RunData, features: str, colour: str, where: Filter,
-           region: dict | None) -> go.Figure:
-    """The scatter of the paintings the filter keeps, one trace per colour group."""
+           region: dict | None, marks: dict | None = None) -> go.Figure:
+    """The scatter of the paintings the filter keeps, one trace per colour group; families
+    labelled at their middle; a marked painting or place (see the module doc) as a star."""
     assignments = data.clusterings[features].assignments
     rows = shown_rows(data, where)
     if colour in METHODS:
         groups = assignments[colour].astype(int)
         order = list(groups.value_counts().index)
-        names = {g: f"cluster {g}" for g in order}
+        names = {g: family_name(data, features, colour, g) for g in order}
     else:
         groups = data.catalog[colour].fillna("unknown")
         counts = groups.value_counts()
@@ -181,10 +252,16 @@ def figure(data: RunData, features: str, colour: str, where: Filter,
     groups = groups.to_numpy()[rows]
     x, y = assignments["umap_x"].to_numpy()[rows], assignments["umap_y"].to_numpy()[rows]
     fig = go.Figure()
+    labels = []
     for n, group in enumerate(order):
         mask = groups == group
         if not mask.any():
             continue
+        if colour in METHODS:
+            labels.append({"x": float(np.median(x[mask])), "y": float(np.median(y[mask])),
+                           "text": names[group].replace(" · ", "<br>"), "showarrow": False,
+                           "font": {"size": 12, "color": "#1f2630"},
+                           "bgcolor": "rgba(255,255,255,0.8)", "borderpad": 2})
         fig.add_trace(go.Scattergl(
             x=x[mask], y=y[mask], mode="markers", name=f"{names[group]} ({mask.sum():,})",
             # Row numbers, not ids: 100k ids are 2 MB of text. A plain list, not an array: plotly
@@ -192,11 +269,29 @@ def figure(data: RunData, features: str, colour: str, where: Filter,
             customdata=rows[mask].tolist(), hoverinfo="none",
             marker={"size": 5 if len(rows) > THUMBS else 9, "opacity": 0.8,
                     "color": OTHER if group == "other" else COLOURS[n % len(COLOURS)]}))
+    view = default_view(x, y)
+    marks = checks.mapping(marks)
+    marked = []
+    focus = data.row_of(marks.get("focus"))
+    if focus is not None:
+        marked.append(("this painting", float(assignments["umap_x"].iat[focus]),
+                       float(assignments["umap_y"].iat[focus])))
+    at = checks.numbers(marks.get("at"), 2)
+    if at is not None:
+        marked.append(("your image", *at))
+    for name, px, py in marked:
+        fig.add_trace(go.Scatter(x=[px], y=[py], mode="markers", name=name, hoverinfo="skip",
+                                 marker={"symbol": "star", "size": 22, "color": "#111",
+                                         "line": {"width": 2, "color": "#fff"}}))
+    if marked and view is not None:
+        view = close_up(marked[-1][1:], view)
     fig.update_layout(template="plotly_white", height=680, margin={"l": 0, "r": 0, "t": 10,
                       "b": 0}, legend={"itemsizing": "constant", "font": {"size": 11}},
-                      xaxis={"visible": False}, yaxis={"visible": False},
-                      dragmode="pan", uirevision=f"{features}|{where}",
-                      images=thumbnails(data, features, rows))
+                      xaxis={"visible": False, **({"range": view[0]} if view else {})},
+                      yaxis={"visible": False, **({"range": view[1]} if view else {})},
+                      dragmode="pan", uirevision=f"{features}|{where}|{marks}",
+                      images=thumbnails(data, features, rows), annotations=labels)
+    below_toolbar(fig)
     if region and "lasso_x" in region:
         path = "M" + "L".join(f"{a},{b}" for a, b in zip(region["lasso_x"], region["lasso_y"],
                                                          strict=True)) + "Z"
@@ -242,9 +337,9 @@ def selection_panel(data: RunData, features: str, where: Filter, region: dict | 
 def register(app: Dash) -> None:
     @app.callback(Output("map-graph", "figure"), Output("map-count", "children"),
                   Input("map-features", "value"), Input("map-colour", "value"),
-                  *filters.inputs("map"), State("map-region", "data"))
+                  *filters.inputs("map"), State("map-region", "data"), State("map-marks", "data"))
     def show(features: object, colour: object, *values: object) -> tuple:
-        *values, region = values
+        *values, region, marks = values
         data = current()
         where = filters.read(data, *values)
         features, colour = data.default_features(features), colouring(colour)
@@ -252,7 +347,7 @@ def register(app: Dash) -> None:
         shown = int(where.mask(data.catalog).sum())
         count = (f"{shown:,} of {len(data.catalog):,} paintings" if where
                  else f"all {shown:,} paintings")
-        return figure(data, features, colour, where, region), count
+        return figure(data, features, colour, where, region, marks), count
 
     @app.callback(Output("map-graph", "figure", allow_duplicate=True),
                   Input("map-graph", "relayoutData"), State("map-features", "value"),
@@ -291,14 +386,19 @@ def register(app: Dash) -> None:
 
     @app.callback(Output("view-state", "data", allow_duplicate=True),
                   Input("map-features", "value"), Input("map-colour", "value"),
-                  *filters.inputs("map"), Input("map-region", "data"), prevent_initial_call=True)
+                  *filters.inputs("map"), Input("map-region", "data"),
+                  State("map-marks", "data"), prevent_initial_call=True)
     def state(features: object, colour: object, *values: object) -> str:
-        *values, region = values
+        *values, region, marks = values
         data = current()
         where = filters.read(data, *values)
+        marks = checks.mapping(marks)
+        focus, at = data.id_at(data.row_of(marks.get("focus"))), checks.numbers(marks.get("at"), 2)
         return urlencode({"features": data.default_features(features),
                           "colour": colouring(colour), **where.to_query(),
-                          **region_query(checks.region(region))})
+                          **region_query(checks.region(region)),
+                          **({"focus": focus} if focus else {}),
+                          **({"at": f"{at[0]:.4f},{at[1]:.4f}"} if at else {})})
 
     @app.callback(Output("selection-download", "data"), Input("selection-csv", "n_clicks"),
                   Input("selection-parquet", "n_clicks"), State("map-region", "data"),
@@ -339,7 +439,8 @@ def register(app: Dash) -> None:
         bbox = {k: v for k, v in bbox.items() if k in BBOX
                 and checks.number(v, -1e6, 1e6, None) is not None} or no_update
         return True, bbox, html.Div([
-            html.Img(src=thumb_url(row["image_id"]), className="tooltip-thumb"),
+            html.Img(src=thumb_url(row["image_id"]), className="tooltip-thumb",
+                     alt=f"{text(row['title'], 'untitled')} by {text(row['artist'])}"),
             html.Div(text(row["title"], "untitled"), className="card-title"),
             html.Div(f"{text(row['artist'])}{', ' + year if year else ''}",
                      className="card-artist"),

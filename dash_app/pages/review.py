@@ -45,10 +45,10 @@ def layout(tab: str | None = None, target: str | None = None, conflicts: str | N
     data = current()
     review = data.review
     if review is None:
-        return needs("review", data)
+        return html.Div([html.H1("Review: what a cataloguer should check"), needs("review", data)])
     targets = list(dict.fromkeys(review.labels["target"])) if len(review.labels) else []
     return html.Div([
-        html.H2("Review: what a cataloguer should check"),
+        html.H1("Review: what a cataloguer should check"),
         html.P(f"From the {review.summary['features']} features. Most likely first; each is "
                "evidence for a person to weigh.", className="hint"),
         dcc.Tabs([dcc.Tab(label=label, value=key, id=f"review-tab-{key}")

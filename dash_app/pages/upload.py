@@ -1,4 +1,5 @@
-"""Upload: one image in, the paintings and artists it resembles, head predictions and clusters out.
+"""Upload: one image in, the paintings and artists it resembles, head predictions, visual
+families and where it lands on the map out.
 
 An upload is untrusted: its size is checked in the browser (a file over the limit is never sent)
 and again here before decoding; `open_rgb` refuses a header declaring more pixels than the limit
@@ -14,6 +15,7 @@ import base64
 import binascii
 import threading
 import time
+from urllib.parse import urlencode
 
 from dash import Dash, Input, Output, State, dcc, html, no_update
 from PIL import Image
@@ -24,6 +26,7 @@ from dash_app.components import (
     cluster_href,
     downloads,
     gallery,
+    graph,
     hbar,
     message,
     needs,
@@ -31,9 +34,12 @@ from dash_app.components import (
     similar_artists,
 )
 from dash_app.data import RunData, current
+from dash_app.pages import map as map_page
+from dash_app.pages.heads import head_href
 from influence.export import answer_export
 from influence.images import BadImage, ImageLimits, open_rgb
 from influence.runs import InfluenceError
+from influence.selections import Filter
 from influence.thumbnails import thumbnail_bytes
 
 MAX_UPLOAD_BYTES = 20_000_000
@@ -52,6 +58,8 @@ MAX_BASE64_CHARS = 4 * (MAX_UPLOAD_BYTES // 3 + 1) + 200
 #: What the server accepts in one request; anything larger is refused before any callback.
 MAX_REQUEST_BYTES = MAX_BASE64_CHARS + 1_000_000
 NEAREST = 12
+#: The upload's thumbnail on the map, as a share of the map's width.
+MAP_THUMB = 0.08
 #: The callbacks whose requests may carry an upload (dash_app.guard).
 LARGE_OUTPUTS = ("..upload-result.children...upload-answer.data..",)
 
@@ -59,7 +67,7 @@ LARGE_OUTPUTS = ("..upload-result.children...upload-answer.data..",)
 def layout(**_: str) -> html.Div:
     data = current()
     return html.Div([
-        html.H2("Which paintings and artists does an image resemble?"),
+        html.H1("Which paintings and artists does an image resemble?"),
         needs("index", data) if data.search_features is None else None,
         dcc.Upload(html.Div(["Drop an image here, or ", html.A("choose a file"),
                              html.Div(f"JPEG, PNG, WebP… up to {MAX_UPLOAD_BYTES // 1_000_000} MB "
@@ -137,21 +145,58 @@ def answer_view(data: RunData, answer: dict, preview: bytes, name: str, seconds:
     ]
     columns = [html.Div([html.H3("Similar artists"),
                          *similar_artists(artists, "upload-artists")])]
+    multi = {i["target"] for i in data.head_info
+             if i.get("multi_label") and i["features"] == answer.get("features")}
     for target, labels in answer.get("predictions", {}).items():
-        columns.append(html.Div([html.H3(f"Predicted {target}"), chart(hbar(
-            [p["label"] for p in labels], [p["p"] for p in labels]),
-            id=f"upload-predict-{target}")]))
+        title = html.H3([f"{target}: labels above their thresholds" if target in multi
+                         else f"Predicted {target}", " ",
+                         dcc.Link("(how good?)", href=head_href(target, answer["features"]),
+                                  className="hint")])
+        if target in multi and not labels:
+            shown = message("No label is above its threshold.", id=f"upload-predict-{target}")
+        else:
+            shown = chart(hbar([p["label"] for p in labels], [p["p"] for p in labels],
+                               hover=[f"threshold {p['threshold']:.2f}" if "threshold" in p
+                                      else "" for p in labels]),
+                          id=f"upload-predict-{target}")
+        columns.append(html.Div([title, shown]))
     clusters = answer.get("clusters", [])[:8]
     if clusters:
         columns.append(html.Div([
-            html.H3("Belongs to (GMM responsibilities)"),
-            chart(hbar([f"cluster {c['cluster']}" for c in clusters], [c["p"] for c in clusters]),
+            html.H3("Visual families it belongs to (GMM membership)"),
+            chart(hbar([f"family {c['cluster']}" for c in clusters], [c["p"] for c in clusters]),
                   id="upload-clusters"),
-            html.Div([dcc.Link(f"cluster {c['cluster']}", className="chip",
+            html.Div([dcc.Link(f"family {c['cluster']}", className="chip",
                                href=cluster_href(features, "gmm", c["cluster"]))
                       for c in clusters if c["p"] >= 0.05]),
         ]))
-    return [*parts, html.Div(columns, className="chart-grid")]
+    return [*parts, html.Div(columns, className="chart-grid"),
+            *on_map(data, answer.get("position"), preview)]
+
+
+def on_map(data: RunData, position: object, preview: bytes) -> list:
+    """The upload on the search features' map, as its thumbnail and a star where it lands."""
+    features = data.search_features
+    if features not in data.clusterings:
+        return []
+    if not isinstance(position, list) or len(position) != 2:
+        return [message("This run's map cannot place new images: run `cluster` again to keep "
+                        "its projection.")]
+    fig = map_page.figure(data, features, "kmeans", Filter(), None, {"at": position})
+    view = fig.layout.xaxis.range
+    size = (view[1] - view[0]) * MAP_THUMB
+    fig.add_layout_image(source="data:image/jpeg;base64," + base64.b64encode(preview).decode(),
+                         xref="x", yref="y", x=position[0], y=position[1], sizex=size,
+                         sizey=size, xanchor="left", yanchor="bottom", layer="above")
+    fig.update_layout(height=460)
+    return [html.H3("Where it lands on the map"),
+            html.P(["The star is your image, placed by the map's own projection among the "
+                    "paintings; ", dcc.Link("open the map there", id="upload-map-link",
+                                            href="/map?" + urlencode({
+                                                "features": features, "colour": "kmeans",
+                                                "at": f"{position[0]:.4f},{position[1]:.4f}"})),
+                    "."], className="hint"),
+            graph(figure=fig, id="upload-map", className="map-graph")]
 
 
 def register(app: Dash) -> None:

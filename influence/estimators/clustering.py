@@ -4,8 +4,9 @@
   the fewest dimensions keeping `variance` of it, at most `max_dims`;
 - `ElbowClustering`: KMeans for every k in a range (inertia, silhouette, Davies-Bouldin,
   Calinski-Harabasz), k chosen by Kneedle on the inertia curve, and a diagonal Gaussian mixture
-  started from the KMeans solution (BIC at every k; responsibilities at the chosen one);
-- `Projection`: a seeded 2-D UMAP.
+  started from the KMeans solution at the chosen k (with `gmm_sweep`, at every k for its BIC);
+- `Projection`: a seeded 2-D UMAP on exact neighbours, new rows placed from their neighbours'
+  places.
 
 Each has a `fit_sample`: past that many rows it is fitted on a seeded sample that size and every
 row is then assigned or placed by the fitted models. `progress` and `name` are arguments of `fit`,
@@ -173,7 +174,9 @@ def scores(y: np.ndarray, labels: np.ndarray, sil_rows: np.ndarray,
 
 class ElbowClustering(ClusterMixin, BaseEstimator):
     """KMeans over k_min..k_max, k chosen by Kneedle on inertia (best silhouette if the curve
-    has no elbow; fixed if k_min = k_max), and a Gaussian mixture started from each k's KMeans.
+    has no elbow; fixed if k_min = k_max), and a Gaussian mixture started from the chosen k's
+    KMeans. The mixture never chooses k, so by default it is fitted at that k only (it cost as
+    much as the whole KMeans sweep at every k); `gmm_sweep` fits one at every k for its BIC curve.
 
     Learnt: `sweep_` (one row per k), `k_`, `choice_`, `kmeans_`, `gmm_`, `labels_`,
     `distance_` (to the KMeans centre), `responsibilities_`, `gmm_labels_`, `scores_`.
@@ -181,7 +184,8 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
 
     def __init__(self, k_min: int = 2, k_max: int = 30, n_init: int = 3,
                  covariance: str = "diag", silhouette_sample: int = 8000,
-                 fit_sample: int = 20_000, random_state: int = 0) -> None:
+                 fit_sample: int = 20_000, random_state: int = 0,
+                 gmm_sweep: bool = False) -> None:
         self.k_min = k_min
         self.k_max = k_max
         self.n_init = n_init
@@ -189,6 +193,7 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
         self.silhouette_sample = silhouette_sample
         self.fit_sample = fit_sample
         self.random_state = random_state
+        self.gmm_sweep = gmm_sweep
 
     def _check(self, n: int, name: str) -> None:
         if self.k_min < 2 or self.k_max < self.k_min:
@@ -229,13 +234,22 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
             sweep.append({"k": k, "inertia": float(km.inertia_), **s})
             kms[k] = km
         gmms = {}
+        swept = ks if self.gmm_sweep else []
         for k, row in zip(tqdm(ks, desc=f"{name}: gmm k={self.k_min}..{self.k_max}",
-                               disable=not progress, leave=False), sweep, strict=True):
-            with timed(self.timings_, "gmm_sweep"):
-                gmms[k] = fit_mixture(x_fit, kms[k].labels_, k, self.covariance, seed)
-                row["gmm_bic"] = float(gmms[k].bic(x_fit))
+                               disable=not (progress and swept), leave=False), sweep, strict=True):
+            row["gmm_bic"] = float("nan")
+            if k in swept:
+                with timed(self.timings_, "gmm_sweep"):
+                    gmms[k] = fit_mixture(x_fit, kms[k].labels_, k, self.covariance, seed)
+                    row["gmm_bic"] = float(gmms[k].bic(x_fit))
         self.sweep_ = pd.DataFrame(sweep, columns=["k", "inertia", *SCORES, "gmm_bic"])
         self.k_, self.choice_ = self._choose(self.sweep_)
+        if self.k_ not in gmms:
+            with timed(self.timings_, "gmm"):
+                gmms[self.k_] = fit_mixture(x_fit, kms[self.k_].labels_, self.k_,
+                                            self.covariance, seed)
+            self.sweep_.loc[self.sweep_["k"] == self.k_, "gmm_bic"] = float(
+                gmms[self.k_].bic(x_fit))
         self.kmeans_, self.gmm_ = kms[self.k_], gmms[self.k_]
         self.labels_ = self.predict(x)
         self.distance_ = np.linalg.norm(x - self.kmeans_.cluster_centers_[self.labels_],
@@ -263,9 +277,11 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
             else:
                 k = best_silhouette
                 choice = {"method": "best silhouette (the inertia curve has no elbow)"}
-        return k, {**choice, "k_range": [self.k_min, self.k_max],
-                   "silhouette_best_k": best_silhouette,
-                   "gmm_bic_best_k": int(sweep["k"][int(sweep["gmm_bic"].idxmin())])}
+        out = {**choice, "k_range": [self.k_min, self.k_max],
+               "silhouette_best_k": best_silhouette}
+        if self.gmm_sweep:
+            out["gmm_bic_best_k"] = int(sweep["k"][int(sweep["gmm_bic"].idxmin())])
+        return k, out
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """KMeans cluster of each row."""
@@ -279,37 +295,91 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
 
 
 class Projection(TransformerMixin, BaseEstimator):
-    """A seeded 2-D UMAP (single-threaded, so it is reproducible); past `fit_sample` rows fitted
-    on a seeded sample, the others placed by UMAP's transform. Learnt: `umap_`, `embedding_`."""
+    """A seeded 2-D UMAP (single-threaded, so it is reproducible) on exact nearest neighbours.
 
-    def __init__(self, n_neighbors: int = 15, min_dist: float = 0.1, fit_sample: int = 20_000,
-                 random_state: int = 0) -> None:
+    The neighbour graph is computed exactly (brute force on the reduced rows) and handed to UMAP,
+    so no approximate search index is built, compiled or stored. New rows, and past `fit_sample`
+    the rows left out of the fit, are placed where UMAP starts new points: at the mean of their
+    `n_neighbors` nearest fitted rows' places, weighted by UMAP's fuzzy membership strengths.
+    Learnt: `embedding_` (every row), `fitted_` (the rows fitted on) and `placed_` (their places).
+    """
+
+    #: Mean-shift steps of a new row's place (it settles in a few).
+    SHIFTS = 5
+
+    def __init__(self, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = 200,
+                 fit_sample: int = 20_000, random_state: int = 0) -> None:
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
+        self.n_epochs = n_epochs
         self.fit_sample = fit_sample
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, y: Any = None, *, progress: bool = False,
             name: str = "features") -> Projection:
+        import warnings
+
         import umap
 
         x = np.asarray(X, dtype=np.float32)
         sample = fit_rows(len(x), self.random_state, self.fit_sample)
         fit = x if sample is None else x[sample]
-        self.umap_ = umap.UMAP(n_components=2, n_neighbors=min(self.n_neighbors, len(fit) - 1),
-                               min_dist=self.min_dist, random_state=self.random_state, n_jobs=1,
-                               tqdm_kwds={"disable": not progress, "desc": f"{name}: umap",
-                                          "leave": False})
-        placed = self.umap_.fit_transform(fit).astype(np.float32)
+        k = min(self.n_neighbors, len(fit) - 1)
+        # Each row's own index first, at distance 0, as UMAP expects of a precomputed graph.
+        rows, dists = self._neighbours(fit, fit, k - 1)
+        model = umap.UMAP(n_components=2, n_neighbors=k, min_dist=self.min_dist,
+                          n_epochs=self.n_epochs, random_state=self.random_state, n_jobs=1,
+                          precomputed_knn=(rows, dists),
+                          tqdm_kwds={"disable": not progress, "desc": f"{name}: umap",
+                                     "leave": False})
+        with warnings.catch_warnings():
+            # UMAP warns that it cannot transform without its own index: `transform` is ours.
+            warnings.filterwarnings("ignore", message="precomputed_knn")
+            placed = model.fit_transform(fit).astype(np.float32)
+        self.fitted_, self.placed_ = fit, placed
+        self.bandwidth_ = float(np.median(np.linalg.norm(placed[rows[:, 1:]] - placed[:, None],
+                                                         axis=2))) or 1.0
         if sample is None:
             self.embedding_ = placed
         else:
             self.embedding_ = np.empty((len(x), 2), dtype=np.float32)
             self.embedding_[sample] = placed
             rest = np.setdiff1d(np.arange(len(x)), sample)
-            self.embedding_[rest] = self.umap_.transform(x[rest])
+            self.embedding_[rest] = self.transform(x[rest])
         return self
 
+    @staticmethod
+    def _neighbours(query: np.ndarray, data: np.ndarray, k: int,
+                    chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+        """Exact (rows, Euclidean distances) of each query row's k + 1 nearest data rows."""
+        rows = np.empty((len(query), k + 1), dtype=np.int64)
+        dists = np.empty((len(query), k + 1), dtype=np.float32)
+        norms = (data.astype(np.float64) ** 2).sum(axis=1)
+        for lo in range(0, len(query), chunk):
+            q = query[lo:lo + chunk].astype(np.float64)
+            d2 = np.maximum(norms[None, :] - 2 * q @ data.T.astype(np.float64)
+                            + (q ** 2).sum(axis=1)[:, None], 0)
+            near = np.argpartition(d2, k, axis=1)[:, :k + 1]
+            part = np.take_along_axis(d2, near, axis=1)
+            order = np.lexsort((near, part), axis=1)
+            rows[lo:lo + chunk] = np.take_along_axis(near, order, axis=1)
+            dists[lo:lo + chunk] = np.sqrt(np.take_along_axis(part, order, axis=1))
+        return rows, dists
+
     def transform(self, X: np.ndarray) -> np.ndarray:
-        check_is_fitted(self)
-        return self.umap_.transform(np.asarray(X, dtype=np.float32)).astype(np.float32)
+        """Places of new rows: UMAP's starting point for new data (see the class)."""
+        from umap.umap_ import smooth_knn_dist
+
+        check_is_fitted(self, "placed_")
+        x = np.asarray(X, dtype=np.float32).reshape(-1, self.fitted_.shape[1])
+        k = min(self.n_neighbors, len(self.fitted_) - 1)
+        rows, dists = self._neighbours(x, self.fitted_, k - 1)
+        sigmas, rhos = smooth_knn_dist(dists, float(k), local_connectivity=1.0)
+        weights = np.exp(-np.maximum(dists - rhos[:, None], 0) / sigmas[:, None])
+        places = self.placed_[rows]
+        at = places[:, 0]
+        for _ in range(self.SHIFTS):
+            near = np.exp(-((places - at[:, None]) ** 2).sum(axis=2) / (2 * self.bandwidth_ ** 2))
+            w = weights * near
+            at = np.einsum("nk,nkd->nd", w / w.sum(axis=1, keepdims=True), places)
+        return at.astype(np.float32)

@@ -8,8 +8,8 @@ a few hundred components do, and every fit then costs a fraction), then the clas
 - `MLPHead`, a soft vote of one-hidden-layer MLPs that differ only in their seed, trained
   together in PyTorch (one batched network, every thread) with early stopping on a seeded,
   stratified validation slice;
-- `AutoHead`, which fits each candidate once on the same validation split and keeps the better
-  one on the slice, refitting only the winner on all rows.
+- `AutoHead`, which fits each candidate once on the same rows and keeps the better one on a
+  validation slice, as fitted.
 """
 
 from __future__ import annotations
@@ -30,14 +30,17 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 
 def _stratified(y: np.ndarray, size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (fit, validation) positions of y: stratified, with at least one row of each label
-    in the validation slice; a plain seeded split where labels are too few for that."""
+    """Seeded (fit, validation) positions of y, each sorted: stratified, with at least one row
+    of each label in the validation slice; a plain seeded split where labels are too few for
+    that. Sorted, so a head fitted on a given slice sees its rows in the same order."""
     rows = np.arange(len(y))
     _, counts = np.unique(y, return_counts=True)
     wanted = max(int(np.ceil(size * len(y))), len(counts))
     if counts.min() < 2 or len(y) - wanted < len(counts):
-        return train_test_split(rows, test_size=max(1, round(size * len(y))), random_state=seed)
-    return train_test_split(rows, test_size=wanted, random_state=seed, stratify=y)
+        parts = train_test_split(rows, test_size=max(1, round(size * len(y))), random_state=seed)
+    else:
+        parts = train_test_split(rows, test_size=wanted, random_state=seed, stratify=y)
+    return np.sort(parts[0]), np.sort(parts[1])
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):
@@ -66,22 +69,28 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.threads = threads
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, validation: np.ndarray | None = None
+            ) -> MLPHead:
+        """`validation`: a boolean mask of the rows to stop on (the others are trained on); by
+        default a seeded, stratified `validation_size` of the rows."""
         import torch
 
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self._fit(X, y)
+            return self._fit(X, y, validation)
         finally:
             torch.set_num_threads(threads)
 
-    def _fit(self, X: np.ndarray, y: np.ndarray) -> MLPHead:
+    def _fit(self, X: np.ndarray, y: np.ndarray, validation: np.ndarray | None) -> MLPHead:
         import torch
 
         X, y = validate_data(self, X, y, dtype=np.float32)
         self.classes_, target = np.unique(y, return_inverse=True)
-        fit, val = _stratified(target, self.validation_size, self.random_state)
+        if validation is None:
+            fit, val = _stratified(target, self.validation_size, self.random_state)
+        else:
+            fit, val = np.flatnonzero(~validation), np.flatnonzero(validation)
         m, d, c = self.members, X.shape[1], len(self.classes_)
         gen = torch.Generator().manual_seed(self.random_state)
         params = [self._init(gen, (m, d, self.hidden), d), self._init(gen, (m, 1, self.hidden), d),
@@ -156,25 +165,42 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
 
 class AutoHead(ClassifierMixin, BaseEstimator):
-    """Fits every candidate once on a seeded, stratified part of the rows, keeps the one with
-    the best accuracy on the rest (the first on a tie), and refits only that one on all rows."""
+    """Fits every candidate once, all on the same rows, keeps the one with the best accuracy on
+    a seeded, stratified validation slice (or a given validation part; the first on a tie).
+    A candidate that stops early (`MLPHead`) stops on that slice and is kept as fitted: a refit
+    on all rows would hold out a slice of the same size for its early stopping anyway, so it is
+    the head `--head mlp` trains. The others are fitted without the slice and, if chosen,
+    refitted on all rows (they are cheap: the MLP was most of the cost)."""
 
     def __init__(self, candidates: dict[str, BaseEstimator] | None = None,
-                 validation_size: float = 0.2, random_state: int = 0) -> None:
+                 validation_size: float = 0.1, random_state: int = 0) -> None:
         self.candidates = candidates
         self.validation_size = validation_size
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> AutoHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, validation: np.ndarray | None = None
+            ) -> AutoHead:
+        """`validation`: a boolean mask of the rows to choose on (a split's own validation
+        part); by default a seeded, stratified `validation_size` of the rows."""
         y = np.asarray(y)
-        fit, val = _stratified(y, self.validation_size, self.random_state)
-        self.validation_accuracy_ = {}
+        if validation is None:
+            validation = np.zeros(len(y), dtype=bool)
+            validation[_stratified(y, self.validation_size, self.random_state)[1]] = True
+        fit, val = np.flatnonzero(~validation), np.flatnonzero(validation)
+        self.validation_accuracy_, fitted = {}, {}
         for kind, candidate in self.candidates.items():
-            model = clone(candidate).fit(X[fit], y[fit])
+            model = clone(candidate)
+            if isinstance(model, MLPHead):
+                model.fit(X, y, validation=validation)
+            else:
+                model.fit(X[fit], y[fit])
+            fitted[kind] = model
             self.validation_accuracy_[kind] = round(float(accuracy_score(y[val],
                                                                          model.predict(X[val]))), 4)
         self.kind_ = max(self.candidates, key=lambda k: self.validation_accuracy_[k])
-        self.estimator_ = clone(self.candidates[self.kind_]).fit(X, y)
+        self.estimator_ = fitted[self.kind_]
+        if not isinstance(self.estimator_, MLPHead):
+            self.estimator_ = clone(self.candidates[self.kind_]).fit(X, y)
         self.classes_ = self.estimator_.classes_
         return self
 
@@ -222,9 +248,10 @@ def logistic(c: float, max_iter: int, seed: int) -> LogisticRegression:
     return LogisticRegression(C=c, class_weight="balanced", max_iter=max_iter, random_state=seed)
 
 
-def fit_quietly(model: BaseEstimator, X: np.ndarray, y: np.ndarray) -> bool:
-    """Fit `model`; True unless scikit-learn warned that it did not converge."""
+def fit_quietly(model: BaseEstimator, X: np.ndarray, y: np.ndarray, **fit_params: Any) -> bool:
+    """Fit `model` (with `fit_params`, routed as a Pipeline routes them); True unless
+    scikit-learn warned that it did not converge."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(X, y)
+        model.fit(X, y, **fit_params)
     return not any(issubclass(w.category, ConvergenceWarning) for w in caught)

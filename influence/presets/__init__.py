@@ -46,6 +46,7 @@ FIELD_NAMES: dict[str, tuple[str, ...]] = {
               "style period", "period", "school"),
     "genre": ("genre", "genre label", "classification", "object type", "object types",
               "work type", "type", "object name", "category"),
+    "split": ("split", "ml use", "data split", "subset", "partition"),
 }
 
 
