@@ -6,6 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
+# Under pytest-xdist each worker is one of as many processes as there are cores: one thread
+# each, so the workers do not oversubscribe the cores (set before torch or numpy load).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, "1")
+
 import pandas as pd
 import pytest
 

@@ -54,7 +54,9 @@ class LocalDistributor:
         specs = plan.specs()
         begin = time.perf_counter()
         if specs:
-            torch.set_num_threads(os.cpu_count() or 1)
+            # Every core, unless OMP_NUM_THREADS says how many this process may use.
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0)
+                                  or os.cpu_count() or 1)
             runner = Runner(specs, workers=self.workers)
             with tqdm(total=plan.rows, desc=", ".join(s.name for s in specs), unit="row",
                       disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
