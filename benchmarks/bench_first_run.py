@@ -115,7 +115,7 @@ def quality(run_dir: Path) -> dict:
     steps = run.manifest()["steps"]
     heads = {name.split("/")[0]: {"accuracy": r.get("accuracy"), "head": r.get("head"),
                                   "features": name.split("/", 1)[1]}
-             for name, r in steps.get("train", {}).items()}
+             for name, r in steps.get("train", {}).items() if "/" in name}
     index = read_json(run.index_dir / f"{features}.json")
     evaluation = read_json(run.root / "influence" / "evaluation.json")
     method = next(r for r in evaluation["table"] if r["scores"] == "method")
