@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multi-label-folders", dest="folders_multi_label", action="store_true",
                    help="with --labels-from-folders: each nested folder is a label of its own "
                         "(joined by ';', for train --multi-label NAME)")
-    p.add_argument("--workers", type=int, help="image reader processes (default: cores - 1)")
+    p.add_argument("--workers", type=int, help="image reader processes (default: none on two "
+                   "cores or fewer, else cores - 1, at most 4)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="run extraction in this process (default) or on Ray Data")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")
