@@ -147,7 +147,7 @@ def prepare(out: Path, collection: Path) -> Run:
                        weights={"mobilenet_v2": str(MOBILENET)}) == 0
     assert cmd_index(run=str(run.root), features="mobilenet_v2") == 0
     assert cmd_train(run=str(run.root), target="style,artist", features="mobilenet_v2",
-                     head="logistic") == 0
+                     head="logistic", drop_small_classes=True) == 0
     return run
 
 
