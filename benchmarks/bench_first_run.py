@@ -142,7 +142,7 @@ def main() -> None:
         nets = in_child([__file__, "--forward", str(config), "--sample", str(args.sample)])
         results = {
             "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version(),
-                        "load_before": os.getloadavg()},
+                        "load_at_end": os.getloadavg()},
             "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
             "command": command, "forward": nets,
             "ratio_command_to_forward": (round(command["command_s"] / nets["total_s"], 2)
