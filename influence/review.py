@@ -289,26 +289,23 @@ def label_issues(catalog: pd.DataFrame, target: str, x: np.ndarray, sims: np.nda
 def own_label_similarity(x: np.ndarray, own: np.ndarray, seed: int = SEED) -> np.ndarray:
     """Each row's mean cosine similarity to its `EVIDENCE_TOP` most alike other rows with the
     same label code, over all of them (at most `EVIDENCE_SAMPLE` seeded ones per label)."""
+    from influence.index import normalise
+
     out = np.zeros(len(own))
     rng = np.random.default_rng(seed)
     for label in np.unique(own):
         members = np.flatnonzero(own == label)
         pool = members if len(members) <= EVIDENCE_SAMPLE else np.sort(
             rng.choice(members, EVIDENCE_SAMPLE, replace=False))
-        others = _unit(x[pool])
+        others = normalise(x[pool])
         for lo in range(0, len(members), 2048):
             rows = members[lo:lo + 2048]
-            s = _unit(x[rows]) @ others.T
+            s = normalise(x[rows]) @ others.T
             s[rows[:, None] == pool[None, :]] = -np.inf
             top = min(EVIDENCE_TOP, max(len(pool) - 1, 1))
             best = -np.partition(-s, top - 1, axis=1)[:, :top]
             out[rows] = np.where(np.isfinite(best), best, -1.0).mean(axis=1)
     return out
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def neighbour_evidence(codes: np.ndarray, sims: np.ndarray, own: np.ndarray,

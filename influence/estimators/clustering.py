@@ -234,11 +234,11 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
             sweep.append({"k": k, "inertia": float(km.inertia_), **s})
             kms[k] = km
         gmms = {}
-        swept = ks if self.gmm_sweep else []
-        for k, row in zip(tqdm(ks, desc=f"{name}: gmm k={self.k_min}..{self.k_max}",
-                               disable=not (progress and swept), leave=False), sweep, strict=True):
+        for row in sweep:
             row["gmm_bic"] = float("nan")
-            if k in swept:
+        if self.gmm_sweep:
+            for k, row in zip(tqdm(ks, desc=f"{name}: gmm k={self.k_min}..{self.k_max}",
+                                   disable=not progress, leave=False), sweep, strict=True):
                 with timed(self.timings_, "gmm_sweep"):
                     gmms[k] = fit_mixture(x_fit, kms[k].labels_, k, self.covariance, seed)
                     row["gmm_bic"] = float(gmms[k].bic(x_fit))
@@ -349,22 +349,13 @@ class Projection(TransformerMixin, BaseEstimator):
         return self
 
     @staticmethod
-    def _neighbours(query: np.ndarray, data: np.ndarray, k: int,
-                    chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    def _neighbours(query: np.ndarray, data: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact (rows, Euclidean distances) of each query row's k + 1 nearest data rows."""
-        rows = np.empty((len(query), k + 1), dtype=np.int64)
-        dists = np.empty((len(query), k + 1), dtype=np.float32)
-        norms = (data.astype(np.float64) ** 2).sum(axis=1)
-        for lo in range(0, len(query), chunk):
-            q = query[lo:lo + chunk].astype(np.float64)
-            d2 = np.maximum(norms[None, :] - 2 * q @ data.T.astype(np.float64)
-                            + (q ** 2).sum(axis=1)[:, None], 0)
-            near = np.argpartition(d2, k, axis=1)[:, :k + 1]
-            part = np.take_along_axis(d2, near, axis=1)
-            order = np.lexsort((near, part), axis=1)
-            rows[lo:lo + chunk] = np.take_along_axis(near, order, axis=1)
-            dists[lo:lo + chunk] = np.sqrt(np.take_along_axis(part, order, axis=1))
-        return rows, dists
+        from sklearn.neighbors import NearestNeighbors
+
+        found = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(data)
+        dists, rows = found.kneighbors(query)
+        return rows, dists.astype(np.float32)
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         """Places of new rows: UMAP's starting point for new data (see the class)."""
