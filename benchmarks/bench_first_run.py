@@ -12,7 +12,9 @@
 3. Reads the held-out figures the first run recorded (the heads the explorer shows, leave-one-out
    artist top-5, influence AUC and hit@5) and puts them beside the README's figures of the
    previous default (`BEFORE`).
-The ratio `command / forward` is the target of issue 23 (at most 1.5). JSON goes to
+The ratio `command / forward` is the target of issue 23 (at most 1.5); beside it, the same with
+the networks' one-time loading and first-call compilation counted as theirs, and each network's
+time inside the engine against its steady forward (issue 23 asks within 10%). JSON goes to
 `benchmarks/results/first_run.json`.
 """
 
@@ -64,19 +66,30 @@ def forward(config: str, sample: int) -> None:
         extractor = get_extractor(name, weights.get(name))
         if extractor.needs_fit:
             continue
+        start = time.perf_counter()
         extractor.load()
+        load_s = time.perf_counter() - start
         rows = [extractor.preprocess(im) for im in images]
         stack = torch.stack if isinstance(rows[0], torch.Tensor) else np.stack
         size = extractor.batch_size
         batches = [stack(rows[i:i + size]) for i in range(0, len(rows), size)]
-        extractor.transform(batches[0])  # warm-up: first-call allocations and kernel choice
+        start = time.perf_counter()
+        extractor.transform(batches[0])  # first call: graph compilation, kernel choice
+        first_s = time.perf_counter() - start
         start = time.perf_counter()
         for batch in batches:
             extractor.transform(batch)
         seconds = time.perf_counter() - start
+        collection_s = seconds * n / len(rows)
+        # The steady forward is the issue's measure; loading and the first call's compilation
+        # are the networks' own one-time cost, kept beside it.
         out[name] = {"sample_s": round(seconds, 2), "images_per_s": round(len(rows) / seconds, 1),
-                     "collection_s": round(seconds * n / len(rows), 1)}
-    out["total_s"] = round(sum(v["collection_s"] for v in out.values() if isinstance(v, dict)), 1)
+                     "collection_s": round(collection_s, 1), "load_s": round(load_s, 2),
+                     "first_batch_s": round(first_s, 2),
+                     "with_load_s": round(load_s + first_s + collection_s, 1)}
+    parts = [v for v in out.values() if isinstance(v, dict)]
+    out["total_s"] = round(sum(v["collection_s"] for v in parts), 1)
+    out["total_with_load_s"] = round(sum(v["with_load_s"] for v in parts), 1)
     print(json.dumps(out))
 
 
@@ -103,6 +116,23 @@ def first_run(config: Path, run_dir: Path) -> dict:
         stages[current] = round(end - since, 1)
     return {"status": status, "command_s": round(end - start, 1), "stages": stages,
             "log_tail": log[-40:]}
+
+
+def engine_models(run_dir: Path, forward: dict) -> dict:
+    """Each network's seconds inside the engine (its `model_s`: load, compilation and forward,
+    as the run recorded them) against its steady forward on ready tensors."""
+    from influence.runs import Run
+
+    run = Run(run_dir)
+    out = {}
+    for name, ready in forward.items():
+        if not isinstance(ready, dict):
+            continue
+        model_s = run.features_info(name)["timings"]["model_s"]
+        out[name] = {"engine_model_s": round(model_s, 1), "ready_s": ready["collection_s"],
+                     "over_ready": round(model_s / ready["collection_s"] - 1, 3),
+                     "over_ready_with_load": round(model_s / ready["with_load_s"] - 1, 3)}
+    return out
 
 
 def quality(run_dir: Path) -> dict:
@@ -147,6 +177,10 @@ def main() -> None:
             "command": command, "forward": nets,
             "ratio_command_to_forward": (round(command["command_s"] / nets["total_s"], 2)
                                          if "total_s" in nets else None),
+            "ratio_command_to_forward_with_load": (
+                round(command["command_s"] / nets["total_with_load_s"], 2)
+                if "total_with_load_s" in nets else None),
+            "engine": engine_models(scratch / "run", nets) if command["status"] == 0 else None,
             "speedup_vs_before": round(BEFORE["command_s"] / command["command_s"], 1),
             "quality": quality(scratch / "run") if command["status"] == 0 else None,
             "before": BEFORE,

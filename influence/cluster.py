@@ -80,8 +80,9 @@ FIELDS = LABEL_FIELDS
 SCORES = ("silhouette", "davies_bouldin", "calinski_harabasz")
 #: Version of this stage's recipe: bump it when a code change changes the clusters or what is
 #: stored of them (2: the projection is kept, to place new images on the map, and UMAP runs on exact
-#: neighbours; the GMM is fitted at the chosen k only).
-VERSION = "2"
+#: neighbours; the GMM is fitted at the chosen k only; 3: exact PCA from the covariance's
+#: eigenvectors instead of a randomized SVD).
+VERSION = "3"
 
 
 # ------------------------------------------------------------------------------------- the recipe

@@ -15,13 +15,14 @@ from sklearn.metrics import (
     calinski_harabasz_score,
     davies_bouldin_score,
     normalized_mutual_info_score,
+    pairwise_distances,
     silhouette_score,
 )
 
 from influence import cluster as clustering
 from influence.cluster import FIELDS, cluster_features, fit_clustering
 from influence.commands import cmd_cluster, cmd_extract
-from influence.estimators.clustering import fit_rows, kneedle
+from influence.estimators.clustering import fit_rows, kneedle, silhouette
 from influence.readers import clustered_features, load_clustering
 from influence.runs import InfluenceError, Run, read_json
 
@@ -128,6 +129,15 @@ def test_fit_clustering_refuses_bad_input_in_one_clear_line() -> None:
 
 
 # -------------------------------------------------------------------------------- stored scores
+def test_silhouette_by_matrix_product_is_scikit_learns() -> None:
+    # A singleton cluster (scores 0) and an unused label number (no cluster to be nearest to).
+    x, labels = make_blobs(400, n_features=6, centers=5, random_state=1)
+    labels[0] = 7
+    d = pairwise_distances(x).astype(np.float32)
+    assert silhouette(d, labels) == pytest.approx(
+        silhouette_score(d, labels, metric="precomputed"), abs=1e-6)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_stored_scores_are_scikit_learns_on_the_reduced_features(clustered: Run,
                                                                  name: str) -> None:

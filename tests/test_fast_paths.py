@@ -59,3 +59,19 @@ def test_the_style_encoder_embeds_a_batch_in_one_call_with_the_per_image_numbers
     name = exported.get_inputs()[0].name
     one_by_one = np.stack([exported.run(None, {name: x[None]})[0].reshape(-1) for x in batch])
     np.testing.assert_allclose(encoder.transform(batch), one_by_one, rtol=1e-5, atol=1e-5)
+
+
+def test_a_last_batch_padded_to_the_fused_size_gives_the_plain_graphs_rows(
+        small_run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    if fast_path() != ONEDNN_GRAPH:
+        pytest.skip("this machine does not run the oneDNN Graph path")
+    fused = get_extractor("mobilenet_v2", str(MOBILENET)).load()
+    batch = torch.stack([fused.preprocess(open_rgb(small_run.image_path(f)))
+                         for f in small_run.catalog()["file"].head(12)])
+    rows = fused.transform(batch)
+    # 12 of a batch of 32 is padded and run fused; the plain graph is never traced for it.
+    assert fused._net.fused is not None
+    assert fused._net.plain is None
+    monkeypatch.setenv(FAST_PATH_ENV, "torchscript")
+    plain = get_extractor("mobilenet_v2", str(MOBILENET)).load()
+    np.testing.assert_allclose(rows, plain.transform(batch), rtol=1e-4, atol=1e-4)
