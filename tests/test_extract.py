@@ -265,7 +265,7 @@ def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_pa
 
 
 def test_one_read_feeds_every_extractor_its_own_preprocessing_and_keeps_reasons(tmp_path):
-    from influence.extract.reader import read
+    from influence.extract.reader import read, split
     from influence.images import open_rgb
 
     collection = make_slice(tmp_path / "coll", ARTISTS[:1], 4)
@@ -274,9 +274,13 @@ def test_one_read_feeds_every_extractor_its_own_preprocessing_and_keeps_reasons(
     items = [Item(f"i{n}", str(collection / f)) for n, f in enumerate(files)]
     items.append(Item("bad", str(tmp_path / "bad.jpg")))
     extractors = {"mobilenet_v2": get_extractor("mobilenet_v2", str(MOBILENET)),
+                  "efficientnet_lite0": get_extractor("efficientnet_lite0"),
                   "style": get_extractor("style")}
-    # mobilenet_v2 wants every image; style (resumed further) only two of them.
+    # The two CNNs crop alike (done once per image) and normalise differently (per batch).
+    assert all(split(e.preprocess)[1] is not None for e in extractors.values())
+    # The CNNs want every image; style (resumed further) only two of them.
     wanted = {"mobilenet_v2": frozenset(it.image_id for it in items),
+              "efficientnet_lite0": frozenset(it.image_id for it in items),
               "style": frozenset({"i0", "i2", "bad"})}
     batches = list(read(items, {n: e.preprocess for n, e in extractors.items()}, wanted,
                         batch_size=8, workers=0))
@@ -284,9 +288,10 @@ def test_one_read_feeds_every_extractor_its_own_preprocessing_and_keeps_reasons(
     batch = batches[0]
     assert list(batch.errors) == ["bad"]
     assert "not an image" in batch.errors["bad"]
-    assert batch.ids == {"mobilenet_v2": ["i0", "i1", "i2", "i3"], "style": ["i0", "i2"]}
+    assert batch.ids == {"mobilenet_v2": ["i0", "i1", "i2", "i3"],
+                         "efficientnet_lite0": ["i0", "i1", "i2", "i3"], "style": ["i0", "i2"]}
     assert tuple(batch.data["mobilenet_v2"].shape) == (4, 3, 224, 224)
     image = open_rgb(collection / files[2])
     np.testing.assert_array_equal(batch.data["style"][1], extractors["style"].preprocess(image))
-    np.testing.assert_array_equal(batch.data["mobilenet_v2"][2],
-                                  extractors["mobilenet_v2"].preprocess(image))
+    for name in ("mobilenet_v2", "efficientnet_lite0"):
+        np.testing.assert_array_equal(batch.data[name][2], extractors[name].preprocess(image))

@@ -22,13 +22,28 @@ SIZE = 256
 
 
 class StylePreprocess:
-    """Centre square crop, 256x256, float RGB in [0, 1], HWC: the encoder's input."""
+    """Centre square crop, 256x256, float RGB in [0, 1], HWC: the encoder's input.
+
+    `split()` gives the per-image part (the crop and resize, uint8) and the per-batch part (the
+    scaling to [0, 1]) apart, so the engine scales a whole batch at once: the same numbers.
+    """
 
     def __call__(self, image: Image.Image) -> np.ndarray:
+        return self.scale(self.crop(image))
+
+    @staticmethod
+    def crop(image: Image.Image) -> np.ndarray:
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.LANCZOS)
-        return np.asarray(image, dtype=np.float32) / 255.0
+        return np.asarray(image)
+
+    @staticmethod
+    def scale(pixels: np.ndarray) -> np.ndarray:
+        return pixels.astype(np.float32) / 255.0
+
+    def split(self) -> tuple[Any, Any]:
+        return self.crop, self.scale
 
     def __repr__(self) -> str:
         return f"StylePreprocess(centre square crop, {SIZE}x{SIZE}, RGB in [0, 1])"
