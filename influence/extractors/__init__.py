@@ -357,7 +357,7 @@ def _fuse(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptMod
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fused = torch.jit.freeze(torch.jit.trace(
-                module.to(memory_format=torch.channels_last), example))
+                module.to(memory_format=torch.channels_last), example, check_trace=False))
             fused(example)
             fused(example)
     finally:
@@ -381,8 +381,10 @@ def optimize(module: torch.nn.Module, example: torch.Tensor,
         if path == BF16:
             module = module.to(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return BF16Autocast(torch.jit.freeze(torch.jit.trace(module, example[:1])))
-        plain = torch.jit.optimize_for_inference(torch.jit.trace(module, example[:1]))
+                return BF16Autocast(torch.jit.freeze(torch.jit.trace(module, example[:1],
+                                                                     check_trace=False)))
+        plain = torch.jit.optimize_for_inference(torch.jit.trace(module, example[:1],
+                                                                 check_trace=False))
         if path == TORCHSCRIPT:
             return plain
         return FusedForFullBatches(module, plain, len(example))
