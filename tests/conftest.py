@@ -46,7 +46,7 @@ RAY_FIXTURES = frozenset({"ray_address"})
 #: not named here follow in their usual order.
 LONGEST_FIRST = ("test_ray_engine.py", "test_app.py", "test_extract.py", "test_cluster.py",
                  "test_finetune.py", "test_protocol.py", "test_server.py", "test_trust.py",
-                 "test_api.py", "test_model_families.py", "test_review.py", "test_similar.py",
+                 "test_api.py", "test_review.py", "test_similar.py",
                  "test_labels.py", "test_grow.py", "test_catalog.py", "test_configs.py")
 
 
