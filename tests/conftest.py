@@ -46,8 +46,8 @@ RAY_FIXTURES = frozenset({"ray_address"})
 #: not named here follow in their usual order.
 LONGEST_FIRST = ("test_ray_engine.py", "test_app.py", "test_extract.py", "test_cluster.py",
                  "test_finetune.py", "test_protocol.py", "test_server.py", "test_trust.py",
-                 "test_api.py", "test_review.py", "test_similar.py",
-                 "test_labels.py", "test_grow.py", "test_catalog.py", "test_configs.py")
+                 "test_api.py", "test_review.py", "test_similar.py", "test_labels.py",
+                 "test_grow.py", "test_catalog.py", "test_configs.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
