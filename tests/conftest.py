@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 # Under pytest-xdist each worker is one of as many processes as there are cores: one thread
@@ -37,8 +39,22 @@ BROWSER_FIXTURES = frozenset({"browser", "base_url"})
 RAY_FIXTURES = frozenset({"ray_address"})
 
 
+#: Test files from the longest to run to the shortest (2026-12, two workers). scripts/test.sh
+#: runs `--dist loadfile --no-loadscope-reorder`: xdist then hands the files out in this order,
+#: so the long ones start first and the two workers finish together (by default it orders them
+#: by their number of tests, and the three-test Ray file, the longest, started last). Files
+#: not named here follow in their usual order.
+LONGEST_FIRST = ("test_ray_engine.py", "test_app.py", "test_extract.py", "test_cluster.py",
+                 "test_finetune.py", "test_protocol.py", "test_server.py", "test_trust.py",
+                 "test_api.py", "test_review.py", "test_similar.py", "test_labels.py",
+                 "test_grow.py", "test_catalog.py", "test_configs.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tier the tests by what they need (`pytest -m "not slow"` runs the quick tier)."""
+    """Longest files first; tier the tests by what they need (`pytest -m "not slow"` runs the
+    quick tier)."""
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         if used & BROWSER_FIXTURES:
@@ -72,21 +88,42 @@ def make_slice(dest: Path, artists: list[str] = ARTISTS, per_artist: int = PER_A
     return dest
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
+               build: Callable[[Path], None]) -> Path:
+    """The folder `name`, made by `build(folder)` once for every pytest-xdist worker of the
+    session: the first worker to ask builds it under a lock, the others wait and reuse it (each
+    worker building its own paid for the same extraction twice). Treat it as read-only."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_TESTRUNUID"):  # an xdist worker: its folder is the
+        root = root.parent                          # session's folder/gwN
+    dest, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with (root / f"shared-{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(dest, ignore_errors=True)  # what a failed build left
+            dest.mkdir()
+            build(dest)
+            done.touch()
+    return dest
+
+
 @pytest.fixture(scope="session")
 def slice_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """180 real paintings (6 artists x 30) with their metadata; treat as read-only."""
-    return make_slice(tmp_path_factory.mktemp("collection"))
+    return built_once(tmp_path_factory, "collection", make_slice)
 
 
 @pytest.fixture(scope="session")
 def small_run(slice_collection: Path, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """A run with the catalog and `pca` and `mobilenet_v2` (real ImageNet weights) features."""
-    root = tmp_path_factory.mktemp("run")
-    status = cmd_extract(run=str(root), collection=str(slice_collection),
-                         extractors="pca,mobilenet_v2", weights={"mobilenet_v2": str(MOBILENET)},
-                         progress=False)
-    assert status == 0
-    return Run(root)
+
+    def build(root: Path) -> None:
+        status = cmd_extract(run=str(root), collection=str(slice_collection),
+                             extractors="pca,mobilenet_v2",
+                             weights={"mobilenet_v2": str(MOBILENET)}, progress=False)
+        assert status == 0
+
+    return Run(built_once(tmp_path_factory, "run", build))
 
 
 @pytest.fixture(scope="session")
@@ -94,7 +131,11 @@ def explored_run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Ru
     """A copy of `small_run`, clustered, indexed, with style and artist heads and the influence
     stage (Sisley recorded as influenced by Monet) on mobilenet_v2: what the explorer and the
     export stage read; treat as read-only."""
-    dest = tmp_path_factory.mktemp("explored-run")
+    return Run(built_once(tmp_path_factory, "explored-run",
+                          lambda dest: _explore(small_run, dest)))
+
+
+def _explore(small_run: Run, dest: Path) -> None:
     shutil.copytree(small_run.root, dest, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("*.parts", "index", "models", "clusters"))
     assert cmd_cluster(run=str(dest), features="mobilenet_v2", k_min=2, k_max=6,
@@ -107,4 +148,3 @@ def explored_run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Ru
         recorded, index=False)
     assert cmd_influence(run=str(dest), features="mobilenet_v2", recorded=str(recorded),
                          progress=False) == 0
-    return Run(dest)

@@ -701,44 +701,6 @@ def test_influence_graph_opens_an_artist_and_the_journey_a_family(
     assert f"cluster={families[1]}" in browser.current_url
 
 
-def test_python_m_dash_app_serves_with_waitress(built: Run, tmp_path: Path) -> None:
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bad = subprocess.run([sys.executable, "-m", "dash_app", "--run", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("error: no run directory")
-    server = subprocess.Popen([sys.executable, "-m", "dash_app", "--run", str(built.root),
-                               "--port", str(port), "--threads", "2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health") as response:
-                    assert response.headers["Server"] == "waitress"
-                    assert json.loads(response.read())["status"] == "ok"
-                    break
-            except OSError:
-                assert server.poll() is None
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/") as response:
-            assert response.status == 200
-            assert b"_dash-renderer" in response.read()
-    finally:
-        server.terminate()
-        out = server.communicate(timeout=60)[0]
-    assert re.search(r"\d+ MB for the run, \d+ MB resident", out)
-
-
 # ------------------------------------------------------------- the explorer as a curator meets it
 #: Colour contrast (WCAG AA: 4.5:1, 3:1 for large text) of every visible text: its colour over
 #: the first opaque background behind it (Plotly's SVG text is left out).

@@ -19,18 +19,20 @@ from influence.images import open_rgb
 from influence.runs import InfluenceError, Run
 from influence.similar import load_extractor
 
-from .test_index import copy_run
+from .conftest import make_slice
 
 TIMM = "timm:mobilenetv3_small_050"
 CLIP = "open_clip:ViT-S-32"
 
 
 @pytest.fixture(scope="module")
-def run(small_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Run:
-    run = copy_run(small_run, tmp_path_factory.mktemp("families"))
-    collection = run.manifest()["collection"]
-    assert cmd_extract(run=str(run.root), metadata=collection["metadata"],
-                       images=collection["images"], extractors=f"{TIMM},{CLIP}",
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """Both families extracted over 30 paintings (six artists, five each): what is checked
+    needs a stored matrix, not many rows."""
+    collection = make_slice(tmp_path_factory.mktemp("families-collection"), per_artist=5)
+    run = Run(tmp_path_factory.mktemp("families"))
+    assert cmd_extract(run=str(run.root), metadata=str(collection / "paintings.csv"),
+                       images=str(collection), extractors=f"{TIMM},{CLIP}",
                        weights={TIMM: "random", CLIP: "random"}, progress=False) == 0
     return run
 

@@ -118,6 +118,8 @@ def _comparable(record: dict) -> dict:
     shape, not bytes (equal features within `TOLERANCE` need not be equal bytes, and each
     features JSON names its engine)."""
     kept = {k: v for k, v in record.items() if k not in ENGINE_FIELDS}
+    if "fit" in kept:  # when the fit was made, to the second: a second apart on a loaded machine
+        kept["fit"] = {k: v for k, v in kept["fit"].items() if k != "at"}
     kept["outputs"] = {path: {k: v for k, v in made.items() if k in ("shape", "dtype")}
                        for path, made in record.get("outputs", {}).items()}
     return kept

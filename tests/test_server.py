@@ -88,9 +88,25 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(explored_run: Run, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = Server(explored_run, tmp_path_factory.mktemp("server") / "server.log")
+    # --threads as a user passes it (its default, so the hostile requests meet the usual pool).
+    server = Server(explored_run, tmp_path_factory.mktemp("server") / "server.log",
+                    "--threads", "8")
     yield server
     server.stop()
+
+
+def test_python_m_dash_app_serves_with_waitress(server: Server, tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-m", "dash_app", "--run", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("error: no run directory")
+    health = requests.get(f"{server.base}/health", timeout=30)
+    assert health.headers["Server"] == "waitress"
+    assert health.json()["status"] == "ok"
+    page = requests.get(f"{server.base}/", timeout=30)
+    assert page.status_code == 200
+    assert "_dash-renderer" in page.text
+    assert re.search(r"\d+ MB for the run, \d+ MB resident", server.log.read_text())
 
 
 def post(server: Server, output: str, outputs: list[tuple[str, str]], inputs: list[dict],
