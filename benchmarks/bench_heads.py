@@ -1,15 +1,16 @@
-"""Heads: the previous recipe against the current one, time and held-out accuracy, same machine.
+"""Heads: the `train` stage of a previous checkout against this one, time and held-out accuracy.
 
-    .venv/bin/python benchmarks/bench_heads.py --run RUN [--heads style/mobilenet_v2,...] [--all]
+    .venv/bin/python benchmarks/bench_heads.py --run RUN --baseline ../previous-checkout \
+        [--features a,b,...] [--targets style,...] [--single style/FEATURES]
 
-Each head is fitted in its own child process on the run's recorded split of its target, twice:
-`previous` is the recipe the `train` stage used before (`auto`: a logistic regression and a soft
-vote of three scikit-learn MLPs on all feature columns fitted on 80 % of the training part, the
-better on the other 20 % refitted on all of it; default BLAS threads), `current` is
-`make_estimator("auto")` fitted as the stage fits it (`THREADS` BLAS threads). With
-`--all`, the whole `train` stage (every target and feature set asked, `auto`) is then timed on a
-scratch copy of the run with the current code. The machine is shared: every figure carries the
-load average before and after it. Results: `benchmarks/results/heads.json` via `measure.save`.
+`RUN` holds the feature sets asked (the full config's seven by default); `--baseline` is a
+checkout of the code to compare with (`git worktree add ../previous-checkout COMMIT`). Each code
+runs the whole `train` stage (`--drop-small-classes`, `auto`) on its own scratch copy of the
+run's catalog and features, with no heads, in a child process; then `--single` heads are trained
+alone by each code back to back, for a ratio less exposed to a shared machine's load. Every
+figure carries the load average before and after it and the child's CPU seconds. Results, with
+each head's held-out accuracy, top-5 and fit seconds under both codes:
+`benchmarks/results/heads.json` via `measure.save`.
 """
 
 from __future__ import annotations
@@ -19,108 +20,25 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from measure import in_child, save
+from measure import save
 
 ROOT = Path(__file__).resolve().parents[1]
 THREE = "mobilenet_v2+efficientnet_lite0+style"
-HEADS = (f"style/{THREE}", f"genre/{THREE}", f"artist/{THREE}", "style/mobilenet_v2",
-         "genre/mobilenet_v2")
 TARGETS = ("style", "genre", "artist", "nationality")
 FEATURES = ("pca", "kpca", "mobilenet_v2", "efficientnet_lite0", "style", THREE,
             f"{THREE}@0.5~w512")
+SINGLE = (f"artist/{THREE}@0.5~w512", f"style/{THREE}")
 
 
 def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
-
-
-def previous_head(kind: str):
-    """The head the `train` stage fitted before this recipe (influence 0.1.0, VERSION 2)."""
-    from sklearn.ensemble import VotingClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import Normalizer, StandardScaler
-
-    if kind == "mlp":
-        model = VotingClassifier(
-            [(f"seed{seed}", MLPClassifier(hidden_layer_sizes=(512,), alpha=1.0,
-                                           early_stopping=True, n_iter_no_change=10,
-                                           max_iter=1000, random_state=seed))
-             for seed in range(3)], voting="soft")
-    else:
-        model = LogisticRegression(C=0.1, class_weight="balanced", max_iter=1000, random_state=0)
-    return make_pipeline(Normalizer(), StandardScaler(), model)
-
-
-def previous_auto(x, y):
-    """The previous `auto`: both kinds on 80 % of the training part, the better refitted."""
-    from sklearn.metrics import accuracy_score
-    from sklearn.model_selection import train_test_split
-
-    fit, val = train_test_split(range(len(y)), test_size=0.2, random_state=0, stratify=y)
-    scores = {kind: float(accuracy_score(y[val], previous_head(kind).fit(x[fit], y[fit])
-                                         .predict(x[val]))) for kind in ("logistic", "mlp")}
-    kind = max(scores, key=scores.get)
-    return previous_head(kind).fit(x, y), kind, scores
-
-
-def one(run_dir: str, head: str, recipe: str) -> None:
-    """Child process: fit one head by one recipe on its recorded split; print its record."""
-    import warnings
-
-    import numpy as np
-    from threadpoolctl import threadpool_limits
-
-    from influence.runs import Run
-    from influence.train import THREADS, fit_sample, make_estimator, run_split
-
-    warnings.filterwarnings("ignore")
-    target, features = head.split("/", 1)
-    run = Run(Path(run_dir))
-    catalog = run.catalog()
-    split, _ = run_split(run, target, catalog)
-    row = {image: i for i, image in enumerate(catalog["image_id"])}
-    x = np.asarray(run.features(features), dtype=np.float32)[[row[i] for i in split["image_id"]]]
-    labels = split["label"].to_numpy(dtype=object)
-    train = np.flatnonzero((split["part"] != "test").to_numpy())
-    train = train[fit_sample(labels[train])]
-    test = (split["part"] == "test").to_numpy()
-    before = load()
-    start = time.perf_counter()
-    if recipe == "previous":
-        model, kind, scores = previous_auto(x[train], labels[train])
-    else:
-        with threadpool_limits(THREADS):  # as the train stage fits it
-            model = make_estimator("auto").fit(x[train], labels[train])
-        kind, scores = model[-1].kind_, model[-1].validation_accuracy_
-    seconds = time.perf_counter() - start
-    print(json.dumps({"head": head, "recipe": recipe, "fit_s": round(seconds, 2), "kind": kind,
-                      "validation_accuracy": scores, "n_train": int(len(train)),
-                      "accuracy": round(float((model.predict(x[test]) == labels[test]).mean()), 4),
-                      "n_test": int(test.sum()), "load_before": before, "load_after": load()}))
-
-
-def whole(run_dir: str, features: list[str]) -> None:
-    """Child process: the whole `train` stage, current code, every target; print its record."""
-    from influence.runs import Run
-    from influence.train import train_heads
-
-    run = Run(Path(run_dir))
-    before = load()
-    start = time.perf_counter()
-    heads = train_heads(run, TARGETS, features, progress=False, drop_small_classes=True)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"heads": len(heads), "seconds": round(seconds, 1), "load_before": before,
-                      "load_after": load(),
-                      "per_head": [{"head": f"{h['target']}/{h['features']}", "kind": h["head"],
-                                    "accuracy": round(h["accuracy"], 4),
-                                    "fit_s": h["timings"]["fit_s"]} for h in heads]}))
 
 
 def scratch_run(source: Path, features: list[str], dest: Path) -> Path:
@@ -129,52 +47,81 @@ def scratch_run(source: Path, features: list[str], dest: Path) -> Path:
     for file in ("catalog.parquet", "run.json"):
         shutil.copy2(source / file, dest / file)
     for name in features:
-        for ext in ("npy", "json"):
-            shutil.copy2(source / "features" / f"{name}.{ext}",
-                         dest / "features" / f"{name}.{ext}")
+        for path in (source / "features").glob(f"{name}.*"):
+            if path.name in (f"{name}.npy", f"{name}.json"):
+                shutil.copy2(path, dest / "features" / path.name)
     return dest
+
+
+def train(code: Path, run: Path, targets: list[str], features: list[str]) -> dict[str, Any]:
+    """The `train` stage of the checkout `code` on `run`, timed in a child process."""
+    before = load()
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "influence.pipeline", "train", "--run",
+                              str(run), "--drop-small-classes", "--target", ",".join(targets),
+                              "--features", ",".join(features)], cwd=code,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"train failed in {code} (exit status {status})")
+    heads = {}
+    for path in sorted((run / "models").glob("*.json")):
+        info = json.loads(path.read_text())
+        if "timings" in info:
+            heads[f"{info['target']}/{info['features']}"] = {
+                "kind": info["head"], "accuracy": round(info["accuracy"], 4),
+                "top5_accuracy": round(info["top5_accuracy"], 4),
+                "macro_f1": round(info["macro_f1"], 4), "ece": round(info["ece"], 4),
+                "validation_accuracy": info["head_choice"]["validation_accuracy"],
+                **info["timings"]}
+    return {"code": str(code), "seconds": round(seconds, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "load_before": before,
+            "load_after": load(), "heads": heads}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="a run with the feature sets extracted (required)")
-    parser.add_argument("--heads", default=",".join(HEADS),
-                        help="target/features pairs compared, comma-separated")
-    parser.add_argument("--recipes", default="previous,current")
-    parser.add_argument("--all", action="store_true",
-                        help="then time the whole train stage (current code) on --features")
+    parser.add_argument("--run", required=True, help="a run with the feature sets extracted")
+    parser.add_argument("--baseline", required=True, help="a checkout of the code to compare with")
     parser.add_argument("--features", default=",".join(FEATURES))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--single", default=",".join(SINGLE),
+                        help="target/features heads also trained alone by each code")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "heads.json"))
-    parser.add_argument("--one", nargs=3, metavar=("RUN", "HEAD", "RECIPE"), help=argparse.SUPPRESS)
-    parser.add_argument("--whole", nargs=2, metavar=("RUN", "FEATURES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        one(*args.one)
-        return
-    if args.whole:
-        whole(args.whole[0], args.whole[1].split(","))
-        return
-    if not args.run:
-        parser.error("--run is required")
-    heads = [h for h in args.heads.split(",") if h]
-    features = [f for f in args.features.split(",") if f] if args.all else []
-    needed = sorted({h.split("/", 1)[1] for h in heads} | set(features))
+    features = [f for f in args.features.split(",") if f]
+    targets = [t for t in args.targets.split(",") if t]
+    codes = {"previous": Path(args.baseline).resolve(), "current": ROOT}
+    results: dict[str, Any] = {
+        "run": str(Path(args.run).resolve()),
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
+                    "load_average_at_start": load()}, "whole": {}, "single": []}
     scratch = Path(tempfile.mkdtemp(prefix="bench-heads-"))
-    results = {"run": str(Path(args.run).resolve()),
-               "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
-                           "load_average_at_start": load()}, "heads": []}
     try:
-        run = scratch_run(Path(args.run), needed, scratch / "run")
-        for head in heads:
-            for recipe in args.recipes.split(","):
-                record = in_child([__file__, "--one", str(run), head, recipe])
-                results["heads"].append(record)
-                print(json.dumps(record), file=sys.stderr, flush=True)
-        if features:
-            shutil.rmtree(run / "models", ignore_errors=True)
-            results["train"] = in_child([__file__, "--whole", str(run), ",".join(features)])
+        for name, code in codes.items():
+            run = scratch_run(Path(args.run), features, scratch / name)
+            results["whole"][name] = train(code, run, targets, features)
+            print(name, results["whole"][name]["seconds"], "s", file=sys.stderr, flush=True)
+            shutil.rmtree(run / "models")
+        for head in filter(None, args.single.split(",")):
+            target, feature = head.split("/", 1)
+            pair = {"head": head}
+            for name, code in codes.items():
+                shutil.rmtree(scratch / name / "models", ignore_errors=True)
+                record = train(code, scratch / name, [target], [feature])
+                pair[name] = {k: v for k, v in record.items() if k != "heads"}
+                pair[name]["fit_s"] = record["heads"][head]["fit_s"]
+            pair["ratio"] = round(pair["previous"]["seconds"] / pair["current"]["seconds"], 2)
+            results["single"].append(pair)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    old, new = results["whole"]["previous"], results["whole"]["current"]
+    results["speedup"] = round(old["seconds"] / new["seconds"], 2)
+    results["heads"] = [{"head": h, "previous": old["heads"][h], "current": new["heads"].get(h),
+                         "accuracy_change": round(new["heads"][h]["accuracy"]
+                                                  - old["heads"][h]["accuracy"], 4)}
+                        for h in old["heads"] if h in new["heads"]]
     results["machine"]["load_average_at_end"] = load()
     save(results, Path(args.out))
 

@@ -19,13 +19,16 @@ from sklearn.pipeline import Pipeline
 
 from influence import train as classify
 from influence.commands import cmd_train
+from influence.estimators.heads import held_out_folds, validation_slice
 from influence.pipeline import main
 from influence.readers import head_paths, split_path
 from influence.runs import Run, read_json
 from influence.train import (
     HEADS,
     MIN_PER_CLASS,
+    MLP_EPOCHS,
     MLP_SEEDS,
+    MLP_VALIDATION,
     TEST_SIZE,
     expected_calibration_error,
     make_estimator,
@@ -296,9 +299,10 @@ def test_mlp_head_is_a_soft_vote_of_seeded_mlps_and_learns_the_artist(chosen: Ru
     w1, b1, w2, b2 = vote.weights_
     assert w1.shape[0] == MLP_SEEDS
     assert w1.shape[2] == 512
-    # Members differ (their own seeds) and each stopped on its own epoch count.
+    # Members differ (their own seeds) and each kept its own best epoch.
     assert not np.allclose(w1[0], w1[1])
-    assert len(vote.n_epochs_) == MLP_SEEDS
+    assert len(vote.best_epoch_) == MLP_SEEDS
+    assert all(1 <= e <= MLP_EPOCHS for e in vote.best_epoch_)
     # The head's probabilities are the mean of its members' softmax.
     raw = np.asarray(chosen.features("mobilenet_v2"))[:20]
     x = mlp[:-1].transform(raw).astype(np.float32)
@@ -306,6 +310,20 @@ def test_mlp_head_is_a_soft_vote_of_seeded_mlps_and_learns_the_artist(chosen: Ru
     member = np.exp(logits - logits.max(-1, keepdims=True))
     member /= member.sum(-1, keepdims=True)
     np.testing.assert_allclose(mlp.predict_proba(raw), member.mean(0), rtol=1e-4, atol=1e-6)
+    # Member k kept the epoch best on slice k, a tenth of the training part that no other
+    # member's slice holds and that it never trained on: its recorded accuracy is its own there.
+    _info, split, features, labels = _saved(chosen, "artist", "mobilenet_v2")
+    train = (split["part"] == "train").to_numpy()
+    z = mlp[:-1].transform(features[train]).astype(np.float32)
+    y = labels[train]
+    slices = held_out_folds(np.unique(y, return_inverse=True)[1], MLP_VALIDATION,
+                            vote.random_state, MLP_SEEDS)
+    assert (slices.sum(axis=0) <= 1).all()
+    assert all(abs(h.sum() - MLP_VALIDATION * len(y)) <= len(vote.classes_) for h in slices)
+    for k, held in enumerate(slices):
+        hidden = np.maximum(z[held] @ w1[k] + b1[k], 0)
+        own = vote.classes_[(hidden @ w2[k] + b2[k]).argmax(-1)]
+        assert vote.validation_accuracy_[k] == pytest.approx((own == y[held]).mean())
     assert info["accuracy"] >= 0.6  # chance: 0.17
     assert info["timings"]["fit_s"] > 0
 
@@ -333,7 +351,13 @@ def test_an_auto_chosen_mlp_is_the_mlp_head_itself_without_a_refit() -> None:
     x, y = make_classification(n_samples=300, n_features=12, n_informative=8, n_classes=3,
                                random_state=0)
     x = x.astype(np.float32)
-    auto = AutoHead({"mlp": MLPHead(hidden=32, max_epochs=30)}, 0.1, 0).fit(x, y)
+    auto = AutoHead({"mlp": MLPHead(hidden=32, epochs=8)}, 0.1, 0).fit(x, y)
     assert auto.kind_ == "mlp"
-    alone = MLPHead(hidden=32, max_epochs=30).fit(x, y)
+    alone = MLPHead(hidden=32, epochs=8).fit(x, y)
     np.testing.assert_array_equal(auto.predict_proba(x), alone.predict_proba(x))
+    # With nothing to beat, its score is its first member's on the slice that member held out:
+    # auto's own validation slice.
+    held = validation_slice(y, 0.1, 0)
+    first = [w[:1] for w in alone.weights_]
+    own = (np.maximum(x[held] @ first[0] + first[1], 0) @ first[2] + first[3])[0].argmax(-1)
+    assert auto.validation_accuracy_["mlp"] == pytest.approx((own == y[held]).mean(), abs=1e-4)
