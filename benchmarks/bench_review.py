@@ -26,6 +26,7 @@ import argparse
 import shutil
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from measure import in_child, save  # noqa: E402
 
-from influence.commands import cmd_extract, cmd_index, cmd_train  # noqa: E402
+from influence.commands import cmd_combine, cmd_extract, cmd_index, cmd_train  # noqa: E402
 from influence.runs import Run  # noqa: E402
 
 SOURCE = ROOT.parent / "shared" / "data" / "wikiart-pd"
+CONFIG = ROOT / "pipelines" / "wikiart-pd.toml"
 MOBILENET = ROOT.parent / "shared" / "models" / "mobilenet_v2_imagenet_features.pth"
 SEED = 0
 NEAR_COPIES = 300
@@ -140,15 +142,35 @@ def inject(out: Path) -> pd.DataFrame:
     return frame
 
 
-def prepare(out: Path, collection: Path) -> Run:
-    """Extract mobilenet_v2, index it and train logistic style and artist heads (resumable)."""
+def shared_set() -> tuple[str, list[str]]:
+    """The feature set the shared config reviews (its `[review]` features, else its index's)
+    and the extractors it is made of."""
+    config = tomllib.loads(CONFIG.read_text())
+    features = config.get("review", {}).get("features") or config["index"]["features"]
+    features = features if isinstance(features, str) else features[0]
+    return features, list(config["extract"]["extractors"])
+
+
+def prepare(out: Path, collection: Path, stored: Path | None) -> tuple[Run, str]:
+    """Extract the shared config's networks, combine its review set, index it and train
+    logistic style and artist heads (resumable). Feature rows a finished run of the shared
+    collection (`stored`) already holds are copied in first (image ids are content hashes, so
+    the copied originals match), and only the injected images are extracted."""
     run = Run(out / "run")
-    assert cmd_extract(run=str(run.root), collection=str(collection), extractors="mobilenet_v2",
+    features, extractors = shared_set()
+    if stored is not None:
+        for name in extractors:
+            parts = run.features_dir / f"{name}.parts"
+            if not parts.exists() and (stored / "features" / f"{name}.parts").is_dir():
+                shutil.copytree(stored / "features" / f"{name}.parts", parts)
+    assert cmd_extract(run=str(run.root), collection=str(collection),
+                       extractors=",".join(extractors),
                        weights={"mobilenet_v2": str(MOBILENET)}) == 0
-    assert cmd_index(run=str(run.root), features="mobilenet_v2") == 0
-    assert cmd_train(run=str(run.root), target="style,artist", features="mobilenet_v2",
+    assert cmd_combine(run=str(run.root), sets=features) == 0
+    assert cmd_index(run=str(run.root), features=features) == 0
+    assert cmd_train(run=str(run.root), target="style,artist", features=features,
                      head="logistic", drop_small_classes=True) == 0
-    return run
+    return run, features
 
 
 def score(run: Run, truth: pd.DataFrame) -> dict:
@@ -206,12 +228,17 @@ def score(run: Run, truth: pd.DataFrame) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "data" / "bench-review"))
-    parser.add_argument("--json", default=str(ROOT / "data" / "bench-review.json"))
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "review.json"))
+    parser.add_argument("--stored", default=str(ROOT / "data" / "runs" / "wikiart-pd"),
+                        help="a finished run of the shared config whose feature rows are copied "
+                             "in (none there: every image is extracted)")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
     truth = inject(out)
-    run = prepare(out, out / "collection")
+    stored = Path(args.stored)
+    run, features = prepare(out, out / "collection",
+                            stored if (stored / "features").is_dir() else None)
     prepared = time.perf_counter() - start
     shutil.rmtree(run.root / "review", ignore_errors=True)
     child = in_child(["-m", "influence.pipeline", "--no-progress", "review", "--run",
@@ -219,7 +246,7 @@ def main() -> int:
     from influence.runs import read_json
 
     info = read_json(run.root / "review" / "review.json")
-    results = {"benchmark": "bench_review", "features": "mobilenet_v2",
+    results = {"benchmark": "bench_review", "features": features,
                "paintings": int(len(run.catalog())), "prepare_s": round(prepared, 1),
                "review": {"peak_rss_mb": child.get("peak_rss_mb"), "error": child.get("error"),
                           "timings": info.get("timings")},
