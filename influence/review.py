@@ -669,7 +669,7 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
     def save_pool(sims: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
         with atomic(paths["pool"]) as tmp:
             np.savez(tmp, sims=sims, rows=rows.astype(np.int32))
-        return {"rows": len(sims), "pool": int(sims.shape[1])}
+        return {"pool": int(sims.shape[1])}
 
     def neighbours() -> dict[str, Any]:
         return save_pool(*neighbour_pool(index(), x, POOL, progress))
@@ -723,7 +723,8 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         stored = {t: {"image_id": all_ids[s.use], "log_p": s.log_p} for t, s in scored.items()}
         with atomic(paths["models"]) as tmp:
             joblib.dump({**models, "scored": stored}, tmp)
-        return {"rows": len(frame), "targets": per_target,
+        # Not `rows`: the run protocol records a step's rows under that name.
+        return {"label_rows": len(frame), "targets": per_target,
                 "reduced_s": models.get("reduced_s")}
 
     def labels() -> dict[str, Any]:
@@ -766,8 +767,8 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         reports[name] = run.step(step, timed(build), timed(extend) if extend else None)
     fresh = not all(r["up_to_date"] for r in reports.values())
     if fresh or not paths["summary"].exists():
-        keep = ("pairs", "conflicts", "rows", "targets", "total_s", "hash_s", "hashed",
-                "thresholds", "reduced_s", "action", "added", "removed", "params")
+        keep = ("pairs", "conflicts", "rows", "label_rows", "targets", "total_s", "hash_s",
+                "hashed", "thresholds", "reduced_s", "action", "added", "removed", "params")
         summary = {"features": features, "paintings": len(catalog),
                    **{name: {k: r[k] for k in keep if k in r} for name, r in reports.items()},
                    "rules": __doc__.split("\n\n")[2:-1],
