@@ -92,8 +92,8 @@ POOL = 50
 #: the pool's similarities (a share, not a cosine: one rule for every feature set, and 300
 #: duplicates among 7,000 paintings move it by 0.02); a pair is close when its distance from
 #: identical (1 - similarity) is at most `CLOSE_RATIO` of the candidates'.
-CANDIDATE_QUANTILE = 0.99
-CLOSE_RATIO = 0.55
+CANDIDATE_QUANTILE = 0.995
+CLOSE_RATIO = 0.6
 #: Largest pHash distance (bits of 64) of a duplicate; up to `HASH_MAX_CLOSE` for a close pair
 #: (a harder crop or recolouring moves more bits).
 HASH_MAX = 10
@@ -247,17 +247,20 @@ def grow_pool(sims: np.ndarray, rows: np.ndarray, growth: Growth, index: Any, x:
 # ------------------------------------------------------------------------------------ duplicates
 def image_hashes(path: Path) -> tuple[int, int] | None:
     """pHash of an image and of its mirror as 64-bit integers, decoded small (JPEG draft mode)
-    for speed; None for a picture too plain to hash (see `PLAIN_STD`)."""
+    and shrunk once to the 32-pixel grey square pHash reads (it would shrink each copy again);
+    None for a picture too plain to hash (see `PLAIN_STD`)."""
     import imagehash
     from PIL import Image, ImageOps, ImageStat
 
     with Image.open(path) as img:
         img.draft("RGB", (HASH_DECODE, HASH_DECODE))
-        image = img.convert("RGB")
-    if ImageStat.Stat(image.convert("L")).stddev[0] < PLAIN_STD:
+        grey = img.convert("L")
+    if ImageStat.Stat(grey).stddev[0] < PLAIN_STD:
         return None
-    return (int(str(imagehash.phash(image)), 16),
-            int(str(imagehash.phash(ImageOps.mirror(image))), 16))
+    side = 8 * 4  # imagehash.phash's hash_size * highfreq_factor
+    grey = grey.resize((side, side), Image.Resampling.LANCZOS)
+    return (int(str(imagehash.phash(grey)), 16),
+            int(str(imagehash.phash(ImageOps.mirror(grey))), 16))
 
 
 def hash_table(ids: np.ndarray, image_path: Callable[[int], Path], rows: np.ndarray,
