@@ -60,6 +60,7 @@ LABELS_TOP = 0.02
 OUTLIERS_TOP = 0.01
 #: Norm of the noise added to a synthetic row's (normalised) features at `--scale`.
 SCALE_NOISE = 2.0
+SCALE_SET = "synthetic"
 
 
 def near_copy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -245,15 +246,16 @@ def scale_run(source: Run, features: str, n: int, out: Path) -> Run:
     i mod N under a new id (same image and labels), its features the source row's normalised
     plus Gaussian noise of norm about `SCALE_NOISE` (so copies of one painting are about as
     alike as the collection's ordinary neighbours, not duplicates); indexed as `index` does
-    (an inverted file past 50,000), with the source's heads copied (the review reads only which
-    targets have one)."""
+    (an inverted file past 50,000) as the set `SCALE_SET` (a name with `+` would be combined
+    again from its parts), with the source's heads copied (the review reads only which targets
+    have one)."""
     from numpy.lib.format import open_memmap
 
     from influence.readers import head_paths, trained_heads
     from influence.runs import atomic, read_json, write_json
 
     run = Run(out)
-    if run.step_key("index", features) is not None and len(run.catalog()) == n:
+    if run.step_key("index", SCALE_SET) is not None and len(run.catalog()) == n:
         return run
     shutil.rmtree(run.root, ignore_errors=True)
     run.features_dir.mkdir(parents=True)
@@ -267,7 +269,7 @@ def scale_run(source: Run, features: str, n: int, out: Path) -> Run:
     x = np.asarray(source.features(features), dtype=np.float32)
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     rng = np.random.default_rng(SEED)
-    matrix = open_memmap(run.features_dir / f"{features}.npy", mode="w+", dtype=np.float32,
+    matrix = open_memmap(run.features_dir / f"{SCALE_SET}.npy", mode="w+", dtype=np.float32,
                          shape=(n, x.shape[1]))
     for lo in range(0, n, 8192):
         rows = source_row[lo:lo + 8192]
@@ -275,24 +277,24 @@ def scale_run(source: Run, features: str, n: int, out: Path) -> Run:
         matrix[lo:lo + len(rows)] = x[rows] + noise * (SCALE_NOISE / np.sqrt(x.shape[1]))
     matrix.flush()
     del matrix
-    write_json(run.features_dir / f"{features}.json",
+    write_json(run.features_dir / f"{SCALE_SET}.json",
                {**read_json(source.features_dir / f"{features}.json"), "rows": n,
                 "catalog": None, "synthetic": f"{SCALE_NOISE} noise on {len(catalog)} rows"})
     run.models_dir.mkdir()
     for target, name in trained_heads(source):
         for key in ("model", "json"):
             shutil.copy(head_paths(source, target, name)[key], run.models_dir)
-    assert cmd_index(run=str(run.root), features=features, progress=False) == 0
+    assert cmd_index(run=str(run.root), features=SCALE_SET, progress=False) == 0
     return run
 
 
-def timed_review(run: Run) -> dict:
+def timed_review(run: Run, features: str) -> dict:
     """The review stage from scratch in a fresh process: its timings and peak memory."""
     from influence.runs import read_json
 
     shutil.rmtree(run.root / "review", ignore_errors=True)
     child = in_child(["-m", "influence.pipeline", "--no-progress", "review", "--run",
-                      str(run.root)], record=False)
+                      str(run.root), "--features", features], record=False)
     info = read_json(run.root / "review" / "review.json") if child.get("error") is None else {}
     return {"peak_rss_mb": child.get("peak_rss_mb"), "error": child.get("error"),
             "timings": info.get("timings"),
@@ -320,7 +322,7 @@ def main() -> int:
     run, features = prepare(out, out / "collection",
                             stored if (stored / "features").is_dir() else None)
     prepared = time.perf_counter() - start
-    review = timed_review(run)
+    review = timed_review(run, features)
     results = {"benchmark": "bench_review", "features": features,
                "paintings": int(len(run.catalog())), "prepare_s": round(prepared, 1),
                "review": review, **score(run, truth)}
@@ -328,7 +330,7 @@ def main() -> int:
         made = time.perf_counter()
         big = scale_run(run, features, args.scale, out / f"scale-{args.scale}")
         results["scale"] = {"paintings": args.scale, "made_s": round(time.perf_counter() - made, 1),
-                            "how": scale_run.__doc__.split(".")[0], **timed_review(big)}
+                            "how": scale_run.__doc__.split(".")[0], **timed_review(big, SCALE_SET)}
     results["load_average"] = [round(v, 2) for v in os.getloadavg()]
     save(results, Path(args.json))
     return 0
