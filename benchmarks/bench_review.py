@@ -59,7 +59,7 @@ NON_PAINTINGS = 30
 LABELS_TOP = 0.02
 OUTLIERS_TOP = 0.01
 #: Norm of the noise added to a synthetic row's (normalised) features at `--scale`.
-SCALE_NOISE = 2.0
+SCALE_NOISE = 1.0
 SCALE_SET = "synthetic"
 
 
@@ -244,8 +244,10 @@ def score(run: Run, truth: pd.DataFrame) -> dict:
 def scale_run(source: Run, features: str, n: int, out: Path) -> Run:
     """A run of `n` paintings made from `source`'s without extracting: row i is source row
     i mod N under a new id (same image and labels), its features the source row's normalised
-    plus Gaussian noise of norm about `SCALE_NOISE` (so copies of one painting are about as
-    alike as the collection's ordinary neighbours, not duplicates); indexed as `index` does
+    plus Gaussian noise of norm about `SCALE_NOISE` (copies of one painting are then about 0.5
+    alike: families, as `make_collection.py`'s variations are; at norm 2 the rows were mostly
+    noise and an inverted file needed 256 probes for a recall of 0.79), its thumbnail a link to
+    the source's; indexed as `index` does
     (an inverted file past 50,000) as the set `SCALE_SET` (a name with `+` would be combined
     again from its parts), with the source's heads copied (the review reads only which targets
     have one)."""
@@ -280,6 +282,13 @@ def scale_run(source: Run, features: str, n: int, out: Path) -> Run:
     write_json(run.features_dir / f"{SCALE_SET}.json",
                {**read_json(source.features_dir / f"{features}.json"), "rows": n,
                 "catalog": None, "synthetic": f"{SCALE_NOISE} noise on {len(catalog)} rows"})
+    from influence.thumbnails import thumbnail_path
+
+    thumbs = thumbnail_path(run, big["image_id"].iat[0]).parent
+    thumbs.mkdir(parents=True, exist_ok=True)
+    for image_id, row in zip(big["image_id"], source_row, strict=True):
+        thumbnail_path(run, image_id).symlink_to(
+            thumbnail_path(source, str(catalog["image_id"].iat[row])))
     run.models_dir.mkdir()
     for target, name in trained_heads(source):
         for key in ("model", "json"):
