@@ -338,8 +338,10 @@ def main() -> int:
     if args.scale:
         made = time.perf_counter()
         big = scale_run(run, features, args.scale, out / f"scale-{args.scale}")
-        results["scale"] = {"paintings": args.scale, "made_s": round(time.perf_counter() - made, 1),
-                            "how": scale_run.__doc__.split(".")[0], **timed_review(big, SCALE_SET)}
+        results["scale"] = {"paintings": args.scale,
+                            "made_s": round(time.perf_counter() - made, 1),
+                            "how": " ".join(scale_run.__doc__.split()),
+                            **timed_review(big, SCALE_SET)}
     results["load_average"] = [round(v, 2) for v in os.getloadavg()]
     save(results, Path(args.json))
     return 0
