@@ -38,7 +38,8 @@ TARGETS = ("artist", "style")
 #: Steps fitted on the catalog's rows, which a growing collection extends.
 FITTED = [("extract", "pca"), ("extract", "kpca"), ("extract", COMBINED), ("cluster", COMBINED),
           ("index", COMBINED), ("train", "split"),
-          *(("train", f"{t}/{COMBINED}") for t in TARGETS)]
+          *(("train", f"{t}/{COMBINED}") for t in TARGETS),
+          ("review", "neighbours"), ("review", "duplicates"), ("review", "labels")]
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def assert_aligned(run: Run) -> None:
 
 
 def test_added_paintings_extend_every_fit_and_nothing_else_is_fitted(
-        run: Run, collection: pd.DataFrame) -> None:
+        run: Run, base_run: Run, collection: pd.DataFrame) -> None:
     before, models = steps(run), fitted_files(run)
     pipeline(run, collection.iloc[:BASE + ADD], "added")
     after = steps(run)
@@ -150,6 +151,18 @@ def test_added_paintings_extend_every_fit_and_nothing_else_is_fitted(
     assert fitted_files(run) == models
     # pca extracted only the new paintings, with its kept fit.
     assert after["extract", "pca"]["new_rows"] == ADD
+    # The review scored the added paintings with its stored heads (those whose label its heads
+    # know: half are a sixth artist's) and the others kept their out-of-fold probabilities.
+    for target in after["review", "labels"]["targets"]:
+        assert target["scored_by_stored_head"] > 0
+        assert target["scored_by_stored_head"] + target["left_out_new_label"] == ADD
+    assert after["review", "duplicates"]["hashed"] >= before["review", "duplicates"]["hashed"]
+    review = load_review(run)
+    kept = review.labels[~review.labels["image_id"].isin(added_ids)]
+    old = load_review(base_run).labels
+    merged = kept.merge(old, on=["target", "image_id"], suffixes=("", "_before"))
+    assert len(merged) == len(old)
+    np.testing.assert_array_equal(merged["log_p_recorded"], merged["log_p_recorded_before"])
     assert_aligned(run)
     change = run.manifest()["changes"][-1]
     assert (change["added"], change["removed"], change["refitted"]) == (ADD, 0, {})

@@ -134,6 +134,7 @@ def test_a_swapped_style_ranks_at_the_top_of_the_labels(reviewed: Run, injected:
     assert found["suggested"] == "Baroque"
     assert found["issue"]
     assert found["p_recorded"] < 0.1
+    assert found["log_p_recorded"] < np.log(0.1)
     assert found["neighbour_agreement"] < 0.2
     genre = review.labels[review.labels["target"] == "genre"]
     catalog = reviewed.catalog()

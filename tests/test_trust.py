@@ -284,7 +284,7 @@ def test_two_runs_on_one_run_build_each_step_once(collection: Path, tmp_path: Pa
     # train, influence and review.
     assert waited.count("up to date") == 8, waited
     recorded = [(s, n) for s, steps in run.manifest()["steps"].items() for n in steps]
-    # catalog, thumbnails, pca, kpca, pca+kpca, cluster, index, split, head, influence, 3 review
-    # lists
-    assert len(recorded) == 13, recorded
+    # catalog, thumbnails, pca, kpca, pca+kpca, cluster, index, split, head, influence, the
+    # review's neighbours and its 3 lists
+    assert len(recorded) == 14, recorded
     assert read_json(run.manifest_path)["steps"]["catalog"]["catalog"]["images"] == 32
