@@ -38,15 +38,17 @@ class FeatureMapper:
     fitted state the driver learned, so a fitted extractor is fitted once and applied everywhere.
 
     `weights` in its output says which weights the worker loaded, so mixed weights across
-    workers are caught when the parts are gathered.
+    workers are caught when the parts are gathered. `images`: how many the plan has for it (a
+    conv net embeds a few without tracing or compiling).
     """
 
     def __init__(self, name: str, weights: str | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 state: dict[str, Any] | None = None, images: int | None = None) -> None:
         bound_malloc()
         self.extractor = get_extractor(name, weights)
         if state is not None:
             self.extractor.set_state(state)
+        self.extractor.images = images
         self.extractor.load()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
