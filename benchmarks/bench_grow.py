@@ -142,7 +142,8 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(rows))
     scratch = Path(tempfile.mkdtemp(prefix="grow-"))
     results: dict[str, Any] = {"config": str(config), "paintings": n, "host": platform.node(),
-                               "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+                               "cpus": os.cpu_count(), "load_before": os.getloadavg(),
+                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     try:
         def collection(count: int, name: str) -> Path:
             csv = scratch / f"{name}.csv"
