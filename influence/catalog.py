@@ -394,9 +394,11 @@ def _checks(paths: list[Path], cache_path: Path, limits: ImageLimits,
     cache: dict[tuple[str, int, int], FileCheck] = {}
     if cache_path.exists():
         old = pd.read_parquet(cache_path)
-        for rec in old.to_dict("records"):
-            key = (rec.pop("path"), rec.pop("size"), rec.pop("mtime_ns"))
-            cache[key] = FileCheck(**{k: (None if pd.isna(v) else v) for k, v in rec.items()})
+        fields = old[list(FileCheck.__dataclass_fields__)]
+        values = fields.astype(object).where(fields.notna(), None)
+        cache = {(path, int(size), int(mtime)): FileCheck(*checked) for path, size, mtime, checked
+                 in zip(old["path"], old["size"], old["mtime_ns"],
+                        values.itertuples(index=False, name=None), strict=True)}
     keys = []
     for p in paths:
         try:
@@ -421,6 +423,30 @@ def _checks(paths: list[Path], cache_path: Path, limits: ImageLimits,
     return checks
 
 
+class Resolver:
+    """A collection's file names as real paths (`Path.resolve`), each folder resolved once.
+
+    A collection's thousands of images sit in a few folders; resolving every whole path (a
+    system call per part of it) took half of cataloguing the unchanged shared collection (4 of
+    8 s on the loaded 2-core box). A file that is itself a link is still followed.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.realpath(root)
+        self._base = str(root)
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, file: str) -> Path:
+        path = os.path.join(self._base, file)
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            return Path(os.path.realpath(path))
+        real = self._folders.get(folder)
+        if real is None:
+            real = self._folders[folder] = os.path.realpath(folder)
+        return Path(real, name)
+
+
 @dataclass
 class CatalogResult:
     catalog: pd.DataFrame
@@ -441,14 +467,15 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     rows, rejected, notes = read_metadata(collection)
     rejected = [*upstream, *rejected]
     root = collection.images
-    resolved_root = root.resolve()
+    resolve = Resolver(root)
+    inside = f"{resolve.root.rstrip(os.sep)}{os.sep}"
 
     no_file = rows["file"].isna()
     for r in _records(rows[no_file]):
         rejected.append(_reject(r, "no file name", "the file cell is empty"))
     rows = rows[~no_file]
-    paths = [(root / f).resolve() for f in rows["file"]]
-    outside = np.array([not p.is_relative_to(resolved_root) for p in paths], dtype=bool)
+    paths = [resolve(f) for f in rows["file"]]
+    outside = np.array([not str(p).startswith(inside) for p in paths], dtype=bool)
     for r in _records(rows[outside]):
         rejected.append(_reject(r, "path outside the collection", str(r["file"])))
     rows = rows[~outside]
@@ -457,7 +484,7 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     elif collection.labels_from_folders:
         rows = rows.assign(**{collection.labels_from_folders: [
             folder_label(collection, f) for f in rows["file"]]})
-    paths = [(root / f).resolve() for f in rows["file"]]
+    paths = [resolve(f) for f in rows["file"]]
 
     checks = _checks(paths, run.root / ".cache" / "files.parquet", limits, progress)
     info = pd.DataFrame([c.__dict__ for c in checks], index=rows.index,
@@ -483,10 +510,11 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     rows = rows[~dup]
 
     listed = {str(p) for p in paths}
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_SUFFIXES and str(p.resolve()) not in listed:
-            rejected.append({"row": "", "file": str(p.relative_to(root)),
-                             "reason": "not in metadata", "detail": "image file with no CSV row"})
+    unlisted = [p for p in root.rglob("*")
+                if p.suffix.lower() in IMAGE_SUFFIXES and str(resolve(str(p))) not in listed]
+    for p in sorted(unlisted):
+        rejected.append({"row": "", "file": str(p.relative_to(root)),
+                         "reason": "not in metadata", "detail": "image file with no CSV row"})
 
     catalog = derive_era(rows).rename(columns={"nbytes": "bytes"})
     base = ["image_id", "file", *TEXT_FIELDS, *YEAR_FIELDS, "era", "era_year", "era_source",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -174,9 +175,10 @@ def rank_artists(scores: Sequence[float], artists: Sequence[Any], best_of: int =
 
 
 def vote_artists(artists: Sequence[Any]) -> list[str]:
-    """The naive rule rank_artists replaces (most paintings in the pool first), for comparison."""
-    counts = pd.Series([a for a in artists if isinstance(a, str)], dtype=object).value_counts()
-    return counts.index.tolist()
+    """The naive rule rank_artists replaces (most paintings in the pool first, ties in the
+    pool's order), for comparison."""
+    counts = Counter(a for a in artists if isinstance(a, str))
+    return [a for a, _ in counts.most_common()]
 
 
 def leave_one_out(index: faiss.Index, x: np.ndarray, artists: np.ndarray, rows: np.ndarray,

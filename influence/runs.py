@@ -820,8 +820,10 @@ def keep_row_order(catalog: pd.DataFrame, previous: Path) -> pd.DataFrame:
 
 def _log_change(changes: list[dict[str, Any]], change: dict[str, Any], at: str) -> None:
     """Add a step's extension or refit to the entry of its catalog in run.json's `changes`
-    (made by the first step that meets that catalog: when, how many added and removed)."""
-    entry = next((c for c in changes if c.get("catalog") == change["catalog"]), None)
+    (made by the first step that meets that catalog: when, how many added and removed). Only
+    the last entry is its catalog's: a collection back to an earlier state (paintings removed,
+    then added again) is a change of its own."""
+    entry = changes[-1] if changes and changes[-1].get("catalog") == change["catalog"] else None
     if entry is None:
         entry = {"at": at, **{k: change[k] for k in ("catalog", "rows", "added", "removed",
                                                      "added_ids", "removed_ids")},

@@ -18,11 +18,12 @@ from sklearn.metrics import (
     pairwise_distances,
     silhouette_score,
 )
+from sklearn.neighbors import NearestNeighbors
 
 from influence import cluster as clustering
 from influence.cluster import FIELDS, cluster_features, fit_clustering
 from influence.commands import cmd_cluster, cmd_extract
-from influence.estimators.clustering import fit_rows, kneedle, silhouette
+from influence.estimators.clustering import _umap, fit_rows, kneedle, silhouette, smooth_knn_dist
 from influence.readers import clustered_features, load_clustering
 from influence.runs import InfluenceError, Run, read_json
 
@@ -113,6 +114,19 @@ def test_five_well_separated_blobs_give_five_clusters_by_every_rule() -> None:
     assert np.isfinite(bic[5])
     assert bic.drop(5).isna().all()
     assert adjusted_rand_score(default.clusters.gmm_labels_, result.clusters.gmm_labels_) == 1.0
+
+
+def test_new_rows_are_weighted_as_umap_weighs_them() -> None:
+    """The numpy smooth_knn_dist that places new rows gives umap's own sigmas and rhos."""
+    x, _ = make_blobs(600, n_features=8, centers=5, random_state=0)
+    x[1] = x[0]  # a duplicate: a zero distance that is not the row itself
+    for data, query in ((x, x), (x[300:], x[:300])):
+        found = NearestNeighbors(n_neighbors=15).fit(data)
+        dists = found.kneighbors(query)[0].astype(np.float32)
+        ours = smooth_knn_dist(dists, 15.0)
+        theirs = _umap().umap_.smooth_knn_dist(dists, 15.0, local_connectivity=1.0)
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_fit_clustering_refuses_bad_input_in_one_clear_line() -> None:

@@ -190,6 +190,16 @@ def test_removed_paintings_leave_every_aligned_file_and_keep_the_fits(
     assert_aligned(run)
     change = run.manifest()["changes"][-1]
     assert (change["added"], change["removed"], change["refitted"]) == (0, REMOVE, {})
+    # Added back, then removed again: the second removal's catalog is the first's, and still a
+    # change of its own.
+    met = len(run.manifest()["changes"])
+    pipeline(run, collection.iloc[:BASE], "back")
+    pipeline(run, collection.iloc[:BASE][~collection.iloc[:BASE]["file"].isin(gone)], "again")
+    changes = run.manifest()["changes"]
+    assert len(changes) == met + 2
+    assert [(c["added"], c["removed"]) for c in changes[-2:]] == [(REMOVE, 0), (0, REMOVE)]
+    assert f"cluster/{COMBINED}" in changes[-1]["extended"]
+    assert_aligned(run)
 
 
 def test_growth_past_the_share_or_asked_refits(run: Run, collection: pd.DataFrame) -> None:

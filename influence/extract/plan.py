@@ -65,6 +65,8 @@ class Spec:
     preprocess: Any
     writer: Any
     cache: DecodedCache | None
+    #: Images the plan has for this set (all workers together).
+    images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,8 @@ class Plan:
                 continue
             ex = self.extractors[name]
             out.append(Spec(name, self.weights[name], ex.state(), ex.batch_size, ex.preprocess,
-                            FeatureStore(self.run, name).writer, _cache(self.run, ex)))
+                            FeatureStore(self.run, name).writer, _cache(self.run, ex),
+                            ex.images))
         return out
 
 
@@ -144,6 +147,7 @@ def plan_extraction(run: Run, steps: Mapping[str, Step], weights: Mapping[str, s
             fit_s[name] = _fit(extractor, items, store, workers, progress)
         done = store.writer.done_ids()
         pending[name] = [it.image_id for it in items if it.image_id not in done]
+        extractor.images = len(pending[name])
     wanted_any = {i for ids in pending.values() for i in ids}
     todo = [it for it in items if it.image_id in wanted_any]
     size = max(1, min(part_size, -(-len(todo) // min_partitions)))

@@ -68,7 +68,7 @@ class Runner:
     def mappers(self) -> dict[str, FeatureMapper]:
         if self._mappers is None:
             set_threads(self.threads)
-            self._mappers = {n: FeatureMapper(n, s.weights, s.state)
+            self._mappers = {n: FeatureMapper(n, s.weights, s.state, s.images)
                              for n, s in self.specs.items()}
         return self._mappers
 

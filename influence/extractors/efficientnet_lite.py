@@ -68,7 +68,8 @@ class EfficientNetLite0(Extractor):
             f"file {packaged}")
         net = EfficientNet.from_name("efficientnet-lite0")
         load_checked(net, state, self.name, optional_prefixes=("_fc.",))
-        self._net = optimize(_Features(net), torch.zeros(self.batch_size, 3, 224, 224))
+        self._net = optimize(_Features(net), torch.zeros(self.batch_size, 3, 224, 224),
+                             images=self.images)
         return self
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -63,7 +63,8 @@ class TorchvisionCNN(Extractor):
             f"torchvision {default.name}")
         model = type(self).builder(weights=None)
         load_checked(model, state, self.name)
-        self._net = optimize(model.features, torch.zeros(self.batch_size, 3, 224, 224))
+        self._net = optimize(model.features, torch.zeros(self.batch_size, 3, 224, 224),
+                             images=self.images)
         return self
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
