@@ -48,9 +48,11 @@ def forward(config: str, sample: int) -> None:
     import pandas as pd
     import torch
 
+    from influence.extract.mapper import bound_malloc
     from influence.extractors import get_extractor
     from influence.images import open_rgb
 
+    bound_malloc()  # the engine's allocator settings, so both run the models alike
     cfg = tomllib.loads(Path(config).read_text())
     base = Path(config).resolve().parent
     section = cfg["extract"]
