@@ -724,8 +724,11 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
             columns=["target", "image_id"])
         _write(frame, paths["labels"])
         stored = {t: {"image_id": all_ids[s.use], "log_p": s.log_p} for t, s in scored.items()}
+        # The fit's time is reported, never stored with the models: the file must be the same
+        # bytes however often the step is interrupted and run again.
+        kept = {k: v for k, v in models.items() if k != "reduced_s"}
         with atomic(paths["models"]) as tmp:
-            joblib.dump({**models, "scored": stored}, tmp)
+            joblib.dump({**kept, "scored": stored}, tmp)
         # Not `rows`: the run protocol records a step's rows under that name.
         return {"label_rows": len(frame), "targets": per_target,
                 "reduced_s": models.get("reduced_s")}
