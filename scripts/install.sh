@@ -12,11 +12,8 @@ if [ "$(cat .venv/.installed 2>/dev/null)" != "$stamp" ]; then
         "$PYTHON" -m venv .venv
         .venv/bin/python -m pip install --quiet --upgrade pip
     fi
-    # torch/torchvision pinned, so pip does not reach for a newer multi-GB build. No byte-code
-    # compiling of every installed file (torch's CUDA build and Ray hold tens of thousands):
-    # Python compiles what is imported when it is first imported (1 min 33 s -> 50 s here).
-    .venv/bin/python -m pip install --quiet --no-compile "torch==2.14.1" "torchvision==0.29.1" \
-        -e ".[test,ray]"
+    # torch/torchvision pinned, so pip does not reach for a newer multi-GB build.
+    .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" -e ".[test,ray]"
     echo "$stamp" > .venv/.installed
 fi
 # A headless Chromium for the app's browser tests (Debian packages; needs root, as in CI).
