@@ -19,7 +19,7 @@ from sklearn.pipeline import Pipeline
 
 from influence import train as classify
 from influence.commands import cmd_train
-from influence.estimators.heads import held_out_folds, one_cycle, validation_slice
+from influence.estimators.heads import held_out_folds, validation_slice
 from influence.pipeline import main
 from influence.readers import head_paths, split_path
 from influence.runs import Run, read_json
@@ -361,19 +361,3 @@ def test_an_auto_chosen_mlp_is_the_mlp_head_itself_without_a_refit() -> None:
     first = [w[:1] for w in alone.weights_]
     own = (np.maximum(x[held] @ first[0] + first[1], 0) @ first[2] + first[3])[0].argmax(-1)
     assert auto.validation_accuracy_["mlp"] == pytest.approx((own == y[held]).mean(), abs=1e-4)
-
-
-@pytest.mark.parametrize("total", [7, 220])
-def test_the_mlp_schedule_is_torchs_one_cycle(total: int) -> None:
-    """`one_cycle` gives OneCycleLR's learning rate and Adam's beta1 at every step, to the bit
-    (the MLP calls Adam's fused kernel itself, so that torch.optim is never imported)."""
-    import torch
-
-    weight = torch.zeros(1, requires_grad=True)
-    optimiser = torch.optim.Adam([weight], lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 3e-3, total_steps=total)
-    for step in range(total):
-        group = optimiser.param_groups[0]
-        assert one_cycle(step, total, 3e-3) == (group["lr"], group["betas"][0])
-        optimiser.step()
-        schedule.step()

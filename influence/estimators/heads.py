@@ -19,7 +19,6 @@ The `train` stage fits the reduction once per feature set and each classifier on
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any
 
@@ -67,22 +66,6 @@ def held_out_folds(y: np.ndarray, size: float, seed: int, count: int) -> np.ndar
         masks[k, free[held]] = True
         free = free[~held]
     return masks
-
-
-def one_cycle(step: int, total: int, peak: float) -> tuple[float, float]:
-    """(learning rate, Adam's beta1) at `step` of `total` under PyTorch's `OneCycleLR` with its
-    defaults (cosine up from peak / 25 over the first 30% of steps, then down to peak / 25e4;
-    beta1 cycled 0.95 -> 0.85 -> 0.95), the same floats: `torch.optim`'s first use in a process
-    imports torch._dynamo (2 to 5 s on two cores, more than fitting a head)."""
-    initial = peak / 25.0
-    first = float(0.3 * total) - 1
-    if step <= first:
-        pct, lr, beta1 = step / first, (initial, peak), (0.95, 0.85)
-    else:
-        pct, lr, beta1 = (step - first) / (total - 1 - first), (peak, initial / 1e4), (0.85, 0.95)
-    cosine = math.cos(math.pi * pct) + 1
-    return (lr[1] + (lr[0] - lr[1]) / 2.0 * cosine,
-            beta1[1] + (beta1[0] - beta1[1]) / 2.0 * cosine)
 
 
 class MLPHead(ClassifierMixin, BaseEstimator):
@@ -139,13 +122,11 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         params = [self._init(gen, (m, d, self.hidden), d), self._init(gen, (m, 1, self.hidden), d),
                   self._init(gen, (m, self.hidden, c), self.hidden),
                   self._init(gen, (m, 1, c), self.hidden)]
-        # Adam's fused kernel (one per step, a step a quarter of the default's time on one CPU
-        # thread) called as torch.optim.Adam(fused=True) calls it, under `one_cycle`.
-        moments = [torch.zeros_like(p) for p in params]
-        squares = [torch.zeros_like(p) for p in params]
-        counts = [torch.tensor(0.0) for _ in params]
+        # Fused: one kernel per step, a step a quarter of the default's time on one CPU thread.
+        optimiser = torch.optim.Adam(params, lr=self.learning_rate, fused=True)
         steps = self.epochs * -(-len(target) // self.batch_size)
-        step = 0
+        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, self.learning_rate,
+                                                       total_steps=steps)
         x, t = torch.from_numpy(X), torch.from_numpy(target)
         trained = torch.from_numpy(~held).float()
         checks = [torch.from_numpy(np.flatnonzero(h)) for h in held]
@@ -162,17 +143,10 @@ class MLPHead(ClassifierMixin, BaseEstimator):
                 weight = trained[:, rows]
                 penalty = 0.5 * self.alpha * (params[0].square().sum()
                                               + params[2].square().sum()) / len(rows)
-                for p in params:
-                    p.grad = None
+                optimiser.zero_grad()
                 ((loss * weight).sum(1) / weight.sum(1).clamp(min=1)).sum().add(penalty).backward()
-                lr, beta1 = one_cycle(step, steps, self.learning_rate)
-                with torch.no_grad():
-                    torch._foreach_add_(counts, 1)
-                    torch._fused_adam_(params, [p.grad for p in params], moments, squares, [],
-                                       counts, amsgrad=False, lr=lr, beta1=beta1, beta2=0.999,
-                                       weight_decay=0.0, eps=1e-8, maximize=False,
-                                       grad_scale=None, found_inf=None)
-                step += 1
+                optimiser.step()
+                schedule.step()
             with torch.no_grad():
                 score = np.array([float((self._forward([p[k:k + 1] for p in params], x[rows])[0]
                                          .argmax(-1) == t[rows]).double().mean())
