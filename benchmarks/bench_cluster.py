@@ -5,8 +5,8 @@
 Each feature set is clustered in its own child process (so its peak memory is its own) in a
 scratch run holding copies of the catalog, manifest and that feature matrix: the measured run is
 only read. The times are the stage's own (`cluster_features`: reduce, KMeans sweep, GMM sweep,
-scores, UMAP, profiles, write). UMAP's one-off numba compilation is paid first, on a small
-matrix, and reported apart, so the UMAP time is what every later feature set costs.
+scores, UMAP, profiles, write). The map is laid out in numpy (`influence.estimators.layout`):
+nothing is compiled, so the first feature set pays what every later one does.
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ STAGES = ("reduce", "kmeans_sweep", "gmm_sweep", "scores", "umap", "profiles", "
 
 
 def one(run_dir: str, name: str, k_min: int, k_max: int) -> None:
-    """Child process: warm UMAP up, cluster one feature set and print its record as JSON."""
-    import numpy as np
-
+    """Child process: cluster one feature set and print its record as JSON."""
     from influence.cluster import cluster_features
-    from influence.estimators.clustering import Projection
     from influence.runs import Run
 
-    start = time.perf_counter()
-    Projection().fit(np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32))
-    warmup = time.perf_counter() - start
     run = Run(Path(run_dir))
     start = time.perf_counter()
     s = cluster_features(run, name, k_min=k_min, k_max=k_max, progress=False)
@@ -49,7 +43,7 @@ def one(run_dir: str, name: str, k_min: int, k_max: int) -> None:
         "k_range": [k_min, k_max], "choice": s["choice"]["method"].split(" (")[0],
         "gmm_bic_best_k": s["gmm"]["bic_best_k"], "gmm_converged": s["gmm"]["converged"],
         "scores": s["scores"], "seconds": {k: s["timings"].get(k, 0.0) for k in STAGES},
-        "wall_s": round(wall, 2), "umap_jit_warmup_s": round(warmup, 2)}))
+        "wall_s": round(wall, 2)}))
 
 
 def scratch_run(source: Path, name: str, dest: Path) -> Path:
@@ -120,7 +114,7 @@ def main() -> None:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
-    print(f"seconds per stage (UMAP's numba compilation paid beforehand, apart); -> {args.out}")
+    print(f"seconds per stage; -> {args.out}")
 
 
 if __name__ == "__main__":

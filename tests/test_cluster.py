@@ -23,7 +23,8 @@ from sklearn.neighbors import NearestNeighbors
 from influence import cluster as clustering
 from influence.cluster import FIELDS, cluster_features, fit_clustering
 from influence.commands import cmd_cluster, cmd_extract
-from influence.estimators.clustering import _umap, fit_rows, kneedle, silhouette, smooth_knn_dist
+from influence.estimators.clustering import fit_rows, kneedle, silhouette, smooth_knn_dist
+from influence.estimators.layout import ab_params, fuzzy_graph
 from influence.readers import clustered_features, load_clustering
 from influence.runs import InfluenceError, Run, read_json
 
@@ -116,17 +117,28 @@ def test_five_well_separated_blobs_give_five_clusters_by_every_rule() -> None:
     assert adjusted_rand_score(default.clusters.gmm_labels_, result.clusters.gmm_labels_) == 1.0
 
 
-def test_new_rows_are_weighted_as_umap_weighs_them() -> None:
-    """The numpy smooth_knn_dist that places new rows gives umap's own sigmas and rhos."""
+def test_the_map_is_made_of_umaps_own_graph_and_curve() -> None:
+    """The numpy smooth_knn_dist (which places new rows), the fuzzy graph and the (a, b) curve
+    of the layout are umap-learn's own."""
+    import umap.umap_
+
     x, _ = make_blobs(600, n_features=8, centers=5, random_state=0)
     x[1] = x[0]  # a duplicate: a zero distance that is not the row itself
     for data, query in ((x, x), (x[300:], x[:300])):
         found = NearestNeighbors(n_neighbors=15).fit(data)
         dists = found.kneighbors(query)[0].astype(np.float32)
         ours = smooth_knn_dist(dists, 15.0)
-        theirs = _umap().umap_.smooth_knn_dist(dists, 15.0, local_connectivity=1.0)
+        theirs = umap.umap_.smooth_knn_dist(dists, 15.0, local_connectivity=1.0)
         for a, b in zip(ours, theirs, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5)
+    dists, rows = NearestNeighbors(n_neighbors=15).fit(x).kneighbors(x)
+    rows[:, 0] = np.arange(len(x))  # the duplicate pair: each row first in its own list
+    dists = dists.astype(np.float32)
+    graph = fuzzy_graph(rows, dists, *smooth_knn_dist(dists, 15.0))
+    theirs = umap.umap_.fuzzy_simplicial_set(x, 15, 0, "euclidean", knn_indices=rows,
+                                             knn_dists=dists)[0]
+    np.testing.assert_allclose(graph.toarray(), theirs.toarray(), atol=1e-5)
+    np.testing.assert_allclose(ab_params(0.1), umap.umap_.find_ab_params(1.0, 0.1), rtol=1e-4)
 
 
 def test_fit_clustering_refuses_bad_input_in_one_clear_line() -> None:
@@ -465,3 +477,20 @@ def test_loading_an_unclustered_feature_set_names_the_stage_to_run(small_run: Ru
     with pytest.raises(InfluenceError, match=r"clustered: mobilenet_v2, pca"):
         load_clustering(clustered, "kpca")
     assert clustered_features(fresh) == []
+
+
+def test_the_map_keeps_neighbours_and_is_the_same_every_time() -> None:
+    """The numpy UMAP keeps each row's neighbours near it on the map (trustworthiness), and the
+    same rows and seed give the same map to the last bit."""
+    from sklearn.manifold import trustworthiness
+
+    from influence.estimators.clustering import Projection
+
+    x, truth = make_blobs(800, n_features=10, centers=6, cluster_std=3.0, random_state=1)
+    x = x.astype(np.float32)
+    first = Projection(random_state=0).fit(x).embedding_
+    again = Projection(random_state=0).fit(x).embedding_
+    np.testing.assert_array_equal(first, again)
+    assert trustworthiness(x, first, n_neighbors=15) > 0.9
+    same_blob = truth[NearestNeighbors(n_neighbors=6).fit(first).kneighbors(first)[1][:, 1:]]
+    assert (same_blob == truth[:, None]).mean() > 0.95

@@ -15,7 +15,6 @@ not parameters: they change what is shown, never what is learnt.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -314,30 +313,13 @@ class ElbowClustering(ClusterMixin, BaseEstimator):
         return self.gmm_.predict_proba(np.asarray(X, dtype=np.float32)).astype(np.float32)
 
 
-@functools.cache
-def _umap() -> Any:
-    """The umap module, with its compiled functions cached on disk: numba compiles them again in
-    every process otherwise (about 5 s of each `cluster` stage, and of each placement of new
-    rows, on two cores), since umap does not ask for its cache. `enable_caching` is what numba's
-    own `cache=True` calls."""
-    import umap
-    import umap.layouts
-    import umap.umap_
-    from numba.core.dispatcher import Dispatcher
-
-    for module in (umap.umap_, umap.layouts):
-        for function in vars(module).values():
-            if isinstance(function, Dispatcher):
-                function.enable_caching()
-    return umap
-
-
 def smooth_knn_dist(dists: np.ndarray, k: float, n_iter: int = 64, tolerance: float = 1e-5,
                     min_scale: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """(sigmas, rhos) of UMAP's `smooth_knn_dist` (local connectivity 1, bandwidth 1) in numpy,
     every row's binary search at once: placing a grown run's few new rows with umap's own cost
     its import and a numba load or compile (3.5 s of a 1% growth's `cluster` on the loaded
-    2-core box) for microseconds of work. Column 0 is taken as the row itself, as umap does."""
+    2-core box) for microseconds of work; the fit's layout (`influence.estimators.layout`) uses
+    it too. Column 0 is taken as the row itself, as umap does."""
     d = np.asarray(dists, dtype=np.float64)
     positive = d > 0
     first = np.argmax(positive, axis=1)
@@ -362,46 +344,44 @@ def smooth_knn_dist(dists: np.ndarray, k: float, n_iter: int = 64, tolerance: fl
 
 
 class Projection(TransformerMixin, BaseEstimator):
-    """A seeded 2-D UMAP (single-threaded, so it is reproducible) on exact nearest neighbours.
+    """A seeded 2-D UMAP on exact nearest neighbours (`influence.estimators.layout`: UMAP's
+    graph, start and layout in numpy, without umap-learn's numba compilation).
 
-    The neighbour graph is computed exactly (brute force on the reduced rows) and handed to UMAP,
-    so no approximate search index is built, compiled or stored. New rows, and past `fit_sample`
-    the rows left out of the fit, are placed where UMAP starts new points: at the mean of their
-    `n_neighbors` nearest fitted rows' places, weighted by UMAP's fuzzy membership strengths.
+    The neighbour graph is computed exactly (brute force on the reduced rows), so no approximate
+    search index is built or stored. New rows, and past `fit_sample` the rows left out of the
+    fit, are placed where UMAP starts new points: at the mean of their `n_neighbors` nearest
+    fitted rows' places, weighted by UMAP's fuzzy membership strengths.
     Learnt: `embedding_` (every row), `fitted_` (the rows fitted on) and `placed_` (their places).
     """
 
     #: Mean-shift steps of a new row's place (it settles in a few).
     SHIFTS = 5
 
-    def __init__(self, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = 200,
-                 fit_sample: int = 20_000, random_state: int = 0) -> None:
+    def __init__(self, n_neighbors: int = 15, min_dist: float = 0.1, n_epochs: int = 100,
+                 learning_rate: float = 0.15, fit_sample: int = 20_000,
+                 random_state: int = 0) -> None:
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
         self.n_epochs = n_epochs
+        self.learning_rate = learning_rate
         self.fit_sample = fit_sample
         self.random_state = random_state
 
     def fit(self, X: np.ndarray, y: Any = None, *, progress: bool = False,
             name: str = "features") -> Projection:
-        import warnings
+        from influence.estimators.layout import layout
 
-        umap = _umap()
         x = np.asarray(X, dtype=np.float32)
         sample = fit_rows(len(x), self.random_state, self.fit_sample)
         fit = x if sample is None else x[sample]
         k = min(self.n_neighbors, len(fit) - 1)
-        # Each row's own index first, at distance 0, as UMAP expects of a precomputed graph.
+        # Each row's own index first, at distance 0, as UMAP expects of a neighbour graph.
         rows, dists = self._neighbours(fit, fit, k - 1)
-        model = umap.UMAP(n_components=2, n_neighbors=k, min_dist=self.min_dist,
-                          n_epochs=self.n_epochs, random_state=self.random_state, n_jobs=1,
-                          precomputed_knn=(rows, dists),
-                          tqdm_kwds={"disable": not progress, "desc": f"{name}: umap",
-                                     "leave": False})
-        with warnings.catch_warnings():
-            # UMAP warns that it cannot transform without its own index: `transform` is ours.
-            warnings.filterwarnings("ignore", message="precomputed_knn")
-            placed = model.fit_transform(fit).astype(np.float32)
+        sigmas, rhos = smooth_knn_dist(dists, float(k))
+        # The reduced rows are principal components: their first two are the start where the
+        # graph has several components (umap-learn lays those out one by one).
+        placed = layout(rows, dists, sigmas, rhos, fit[:, :2], self.n_epochs, self.min_dist,
+                        self.learning_rate, self.random_state)
         self.fitted_, self.placed_ = fit, placed
         self.bandwidth_ = float(np.median(np.linalg.norm(placed[rows[:, 1:]] - placed[:, None],
                                                          axis=2))) or 1.0
