@@ -19,15 +19,18 @@ lists each for a person to check, most likely first, from one indexed feature se
    plain to hash (blank scans, flat colour fields) are no one's duplicate. Each pair says which
    of `CONFLICT_FIELDS` its records disagree on; conflicts first, then by similarity.
 
-3. **Labels.** One reduction shared by every target (L2-normalised rows, PCA to `HEAD_DIMS`,
-   fitted without labels); for each target with a trained head, out-of-fold log-probabilities
-   over the whole collection (scikit-learn's `cross_val_predict`, `FOLDS` stratified folds: a
-   painting's own label is never used to predict it) from a shrunk linear discriminant
-   (`review_head`). Three pieces of evidence per recorded label: its out-of-fold
-   log-probability; for targets of at least `PROFILE_MIN_LABELS` labels, how alike the
-   painting's probabilities are to those of the label's other paintings (an artist of varied
-   works spreads all of them over the same similar artists; a painting filed under the wrong
-   one spreads over others); and its neighbour evidence (`neighbour_evidence`). Their mean
+3. **Labels.** Views: the reviewed set and, for a combined set, each of its parts (each
+   network's own features, `head_views`); one reduction per view shared by every target
+   (L2-normalised rows, PCA to `HEAD_DIMS`, fitted without labels). For each target with a
+   trained head, out-of-fold log-probabilities over the whole collection (scikit-learn's
+   `cross_val_predict`, `FOLDS` stratified folds: a painting's own label is never used to
+   predict it) from a shrunk linear discriminant (`review_head`) on each view, their mean made
+   a distribution again (the heads' geometric mean, `combine_views`). Three pieces of evidence
+   per recorded label: its out-of-fold log-probability; for targets of at least
+   `PROFILE_MIN_LABELS` labels, how alike the painting's probabilities are to those of the
+   label's other paintings (an artist of varied works spreads all of them over the same similar
+   artists; a painting filed under the wrong one spreads over others); and its neighbour
+   evidence (`neighbour_evidence`, from the reviewed set's neighbours). Their mean
    rank ranks the recorded labels, lowest first; cleanlab's confident-learning filter says
    which are likely issues. Labels with fewer than `MIN_LABEL` paintings are left out
    (counted in review.json). Each row also keeps how many of its `AGREEMENT_K` nearest
@@ -127,7 +130,7 @@ EVIDENCE_SAMPLE = 4000
 #: The neighbour whose similarity makes a painting's outlier score.
 OUTLIER_K = 20
 #: Version of this stage's recipe: bump it when a code change changes its tables.
-VERSION = "3"
+VERSION = "4"
 TABLES = ("duplicates", "labels", "outliers")
 
 
@@ -529,15 +532,24 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
                    "out_of_fold_accuracy": round(float((suggested == y).mean()), 4)}
 
 
-def fit_labels(catalog: pd.DataFrame, targets: list[str], x: np.ndarray
+def combine_views(log_ps: list[np.ndarray]) -> np.ndarray:
+    """The views' log-probabilities averaged and made a distribution again: the geometric mean
+    of their heads' probabilities (a label every view doubts stays doubted; one view's
+    overconfidence is tempered by the others)."""
+    return _log_softmax(np.mean(np.asarray(log_ps, dtype=np.float64), axis=0))
+
+
+def fit_labels(catalog: pd.DataFrame, targets: list[str], views: list[np.ndarray]
                ) -> tuple[dict[str, Scored], dict[str, Any], list[dict[str, Any]]]:
-    """Every target's out-of-fold log-probabilities on one shared reduction, and the models
-    (the reduction and each head fitted on all of its target's scored paintings) that score
+    """Every target's out-of-fold log-probabilities, one head per view (the reviewed set and
+    each of its parts) on that view's reduction, combined (`combine_views`); and the models (the
+    reductions and each target's heads fitted on all of its scored paintings) that score
     paintings added later."""
     start = time.perf_counter()
     with threadpool_limits(1):
-        reducer = reduction().fit(np.asarray(x, dtype=np.float32))
-        z = reducer.transform(np.asarray(x, dtype=np.float32))
+        reducers = [reduction().fit(np.asarray(v, dtype=np.float32)) for v in views]
+        zs = [r.transform(np.asarray(v, dtype=np.float32))
+              for r, v in zip(reducers, views, strict=True)]
     reduced_s = time.perf_counter() - start
     scored, heads, names, infos = {}, {}, {}, []
     for target in targets:
@@ -549,29 +561,29 @@ def fit_labels(catalog: pd.DataFrame, targets: list[str], x: np.ndarray
         classes = np.array(sorted(set(labels)), dtype=object)
         code = {c: i for i, c in enumerate(classes)}
         y = np.array([code[v] for v in labels], dtype=np.int64)
-        log_p = out_of_fold(z[use], y)
+        log_p = combine_views([out_of_fold(z[use], y) for z in zs])
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore", UserWarning)
-            heads[target] = review_head().fit(z[use], y)
+            heads[target] = [review_head().fit(z[use], y) for z in zs]
         names[target] = classes
         scored[target] = Scored(use, y, log_p, classes)
         infos.append({**info, "fit_s": round(time.perf_counter() - start, 3)})
-    return scored, {"reduction": reducer, "heads": heads, "classes": names,
+    return scored, {"reductions": reducers, "heads": heads, "classes": names,
                     "reduced_s": round(reduced_s, 3)}, infos
 
 
-def extend_labels(catalog: pd.DataFrame, targets: list[str], x: np.ndarray,
+def extend_labels(catalog: pd.DataFrame, targets: list[str], views: list[np.ndarray],
                   models: dict[str, Any], before: dict[str, dict[str, np.ndarray]]
                   ) -> tuple[dict[str, Scored], list[dict[str, Any]]]:
     """Every target's log-probabilities on the grown catalog: kept paintings keep their stored
-    out-of-fold ones, added ones (with a label the head knows) are scored by the head fitted on
+    out-of-fold ones, added ones (with a label the heads know) are scored by the heads fitted on
     all of the fit's paintings, which never saw them."""
     scored, infos = {}, []
     for target in targets:
         start = time.perf_counter()
         use, labels, info = target_labels(catalog, target)
-        head = models["heads"].get(target)
-        if head is None:
+        heads = models["heads"].get(target)
+        if heads is None:
             infos.append({**info, "seconds": 0.0})
             continue
         classes = np.asarray(models["classes"][target], dtype=object)
@@ -586,8 +598,9 @@ def extend_labels(catalog: pd.DataFrame, targets: list[str], x: np.ndarray,
         log_p[old] = stored["log_p"][position[old]]
         if (~old).any():
             with threadpool_limits(1):
-                z = models["reduction"].transform(np.asarray(x[use[~old]], dtype=np.float32))
-            log_p[~old] = log_proba(head, z)
+                log_p[~old] = combine_views([
+                    log_proba(h, r.transform(np.asarray(v[use[~old]], dtype=np.float32)))
+                    for h, r, v in zip(heads, models["reductions"], views, strict=True)])
         y = np.array([code[v] for v in labels], dtype=np.int64)
         scored[target] = Scored(use, y, log_p, classes)
         infos.append({**info, "scored": int(len(use)), "left_out_new_label": int((~known).sum()),
@@ -629,6 +642,16 @@ def review_targets(run: Run) -> list[str]:
                               if not read_json(head_paths(run, t, f)["json"]).get("multi_label")))
 
 
+def head_views(run: Run, features: str) -> list[str]:
+    """The feature sets the label heads read: the reviewed set, then each part the run holds of
+    a combined one (each network's own view; their heads together ranked the swapped artists
+    of the probes better than the combined set's head alone)."""
+    from influence.combine import is_combined, parse
+
+    parts = [p.name for p in parse(features)] if is_combined(features) else []
+    return [features, *(p for p in parts if p in run.feature_names())]
+
+
 def build_review(run: Run, features: str | None = None, progress: bool = True) -> dict[str, Any]:
     """`review` stage: write RUN/review/ for a feature set; returns review.json (+ up_to_date).
 
@@ -651,6 +674,11 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         raise InfluenceError(f"no index of '{features}' in run {run.root}: run `index` first")
     paths = review_paths(run)
     targets = review_targets(run)
+    view_names = head_views(run, features)
+    views = [x, *(run.features(v) for v in view_names[1:])]
+    if any(len(v) != len(catalog) for v in views):
+        raise InfluenceError(f"the parts of '{features}' do not have a row per painting: run "
+                             f"`extract` again")
     module = sys.modules[__name__]
     ids = catalog[["image_id"]]
 
@@ -730,16 +758,16 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         with atomic(paths["models"]) as tmp:
             joblib.dump({**kept, "scored": stored}, tmp)
         # Not `rows`: the run protocol records a step's rows under that name.
-        return {"label_rows": len(frame), "targets": per_target,
+        return {"label_rows": len(frame), "targets": per_target, "views": view_names,
                 "reduced_s": models.get("reduced_s")}
 
     def labels() -> dict[str, Any]:
-        scored, models, infos = fit_labels(catalog, targets, x)
+        scored, models, infos = fit_labels(catalog, targets, views)
         return write_labels(scored, infos, models)
 
     def more_labels(growth: Growth) -> dict[str, Any]:
         models = joblib.load(run.verified(paths["models"]))
-        scored, infos = extend_labels(catalog, targets, x, models, models["scored"])
+        scored, infos = extend_labels(catalog, targets, views, models, models["scored"])
         return {**write_labels(scored, infos, models), "added": int(growth.new.sum()),
                 "removed": len(growth.removed)}
 
@@ -760,8 +788,10 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         {"features": features, "hash": "phash64", "hash_of": "thumbnail"},
         rows=Rows(catalog[["image_id", *fields]])), duplicates, more_duplicates)
     steps["labels"] = (estimator_step(
-        "review", "labels", {"head": review_head(), "reduction": reduction()}, module, read,
-        (paths["labels"], paths["models"]), {"targets": targets, "features": features},
+        "review", "labels", {"head": review_head(), "reduction": reduction()}, module,
+        {**read, **{f"part {v}": run.fit_key("extract", v) for v in view_names[1:]}},
+        (paths["labels"], paths["models"]),
+        {"targets": targets, "features": features, "views": view_names},
         rows=Rows(catalog[["image_id", *targets]], fit=tuple(targets))), labels, more_labels)
     steps["outliers"] = (estimator_step(
         "review", "outliers", {}, module,
@@ -774,7 +804,8 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
     fresh = not all(r["up_to_date"] for r in reports.values())
     if fresh or not paths["summary"].exists():
         keep = ("pairs", "conflicts", "rows", "label_rows", "targets", "total_s", "hash_s",
-                "hashed", "thresholds", "reduced_s", "action", "added", "removed", "params")
+                "hashed", "thresholds", "views", "reduced_s", "action", "added", "removed",
+                "params")
         summary = {"features": features, "paintings": len(catalog),
                    **{name: {k: r[k] for k in keep if k in r} for name, r in reports.items()},
                    "rules": __doc__.split("\n\n")[2:-1],

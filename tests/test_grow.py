@@ -151,8 +151,10 @@ def test_added_paintings_extend_every_fit_and_nothing_else_is_fitted(
     assert fitted_files(run) == models
     # pca extracted only the new paintings, with its kept fit.
     assert after["extract", "pca"]["new_rows"] == ADD
-    # The review scored the added paintings with its stored heads (those whose label its heads
-    # know: half are a sixth artist's) and the others kept their out-of-fold probabilities.
+    # The review scored the added paintings with its stored heads, one per view: the combined
+    # set and each of its parts (those whose label its heads know: half are a sixth artist's),
+    # and the others kept their out-of-fold probabilities.
+    assert after["review", "labels"]["views"] == [COMBINED, "pca", "kpca"]
     for target in after["review", "labels"]["targets"]:
         assert target["scored_by_stored_head"] > 0
         assert target["scored_by_stored_head"] + target["left_out_new_label"] == ADD

@@ -17,7 +17,14 @@ from werkzeug.serving import make_server
 
 from influence.commands import cmd_export, cmd_extract, cmd_index, cmd_review, cmd_train
 from influence.export import table_bytes
-from influence.review import FOLDS, load_review, out_of_fold
+from influence.review import (
+    FOLDS,
+    combine_views,
+    fit_labels,
+    load_review,
+    out_of_fold,
+    reduction,
+)
 from influence.runs import Run
 from tests.conftest import MOBILENET
 from tests.test_app import browser, downloaded, downloads, painting_ids, wait_for, wait_text
@@ -160,6 +167,26 @@ def test_the_out_of_fold_probabilities_never_use_a_paintings_own_label(small_run
     # The other rows of its fold are also predicted without it; the rest learnt from it.
     others = np.setdiff1d(np.arange(len(y)), next(t for _, t in folds if 0 in t))
     assert not np.array_equal(before[others], after[others])
+
+
+def test_the_views_heads_never_use_a_paintings_own_label(small_run: Run) -> None:
+    # Two views (pca and mobilenet_v2, as a combined set's parts are): the stage's
+    # probabilities are each view's out-of-fold ones combined row by row, so a painting's own
+    # label still never enters its own, and they differ from either view's alone.
+    catalog = small_run.catalog()
+    views = [np.asarray(small_run.features(n), dtype=np.float32) for n in ("pca", "mobilenet_v2")]
+    scored, _, _ = fit_labels(catalog, ["artist"], views)
+    y = scored["artist"].y
+    zs = [reduction().fit_transform(v[scored["artist"].use]) for v in views]
+    each = [out_of_fold(z, y) for z in zs]
+    np.testing.assert_allclose(scored["artist"].log_p, combine_views(each), atol=1e-5)
+    assert not any(np.allclose(scored["artist"].log_p, e) for e in each)
+    folds = list(KFold(FOLDS, shuffle=True, random_state=0).split(zs[0]))
+    changed = y.copy()
+    changed[0] = (y[0] + 1) % (y.max() + 1)
+    before = combine_views([out_of_fold(z, y, folds) for z in zs])
+    after = combine_views([out_of_fold(z, changed, folds) for z in zs])
+    np.testing.assert_array_equal(before[0], after[0])
 
 
 def test_non_paintings_are_the_first_outliers(reviewed: Run) -> None:
