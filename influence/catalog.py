@@ -479,12 +479,14 @@ def build_catalog(collection: Collection, run: Run, limits: ImageLimits = DEFAUL
     for r in _records(rows[outside]):
         rejected.append(_reject(r, "path outside the collection", str(r["file"])))
     rows = rows[~outside]
+    paths = [p for p, out in zip(paths, outside, strict=True) if not out]
     if collection.labels_from_folders and collection.metadata is not None:
+        # Images the CSV does not list join its rows.
         rows = _with_folder_labels(collection, rows, rejected)
+        paths = [resolve(f) for f in rows["file"]]
     elif collection.labels_from_folders:
         rows = rows.assign(**{collection.labels_from_folders: [
             folder_label(collection, f) for f in rows["file"]]})
-    paths = [resolve(f) for f in rows["file"]]
 
     checks = _checks(paths, run.root / ".cache" / "files.parquet", limits, progress)
     info = pd.DataFrame([c.__dict__ for c in checks], index=rows.index,

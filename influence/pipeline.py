@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from influence.commands import COMMANDS, REFITTABLE, WRITERS, cmd_run, parse_pairs
 from influence.presets import available_presets
@@ -199,5 +203,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def exit_now(status: int) -> NoReturn:
+    """End the command with `status` without tearing the interpreter down.
+
+    Freeing every module and object of torch, torchvision, scikit-learn and faiss took 3-5 s
+    after a command's last line on the loaded 2-core box (a 1% growth of the shared run is
+    about 45 s there). The atexit handlers still run (Ray's shutdown, temporary folders,
+    logging) and the output is flushed; while a thread that is not a daemon runs, the command
+    exits as Python does, waiting for it.
+    """
+    if any(not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.exit(status)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

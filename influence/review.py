@@ -488,9 +488,11 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
     all_labels = catalog[target].astype("string").to_numpy(dtype=object, na_value=None)
     near_rows = rows[use]
     near_labels = np.where(near_rows >= 0, all_labels[np.maximum(near_rows, 0)], None)
-    lookup = np.vectorize(lambda v: code.get(v, -1) if v is not None else -1, otypes=[np.int64])
-    near_codes = lookup(near_labels).reshape(near_rows.shape) if near_rows.size else \
-        near_rows.astype(np.int64)
+    # Each catalog row's label code once, then gathered for the pools (a lookup per pool place
+    # was 1.8 s of a 1% growth's review on the loaded 2-core box).
+    row_codes = np.array([code.get(v, -1) if v is not None else -1 for v in all_labels],
+                         dtype=np.int64)
+    near_codes = np.where(near_rows >= 0, row_codes[np.maximum(near_rows, 0)], -1)
     recorded = log_p[np.arange(len(y)), y]
     evidence = neighbour_evidence(near_codes, sims[use], y, own_label_similarity(
         x, use, y, near_codes, sims[use]), len(classes))
