@@ -238,7 +238,8 @@ def finetune(run: Run, target: str, backbone: str = "mobilenet_v2", weights: str
     classes = sorted(split["label"].unique())
     index = {c: i for i, c in enumerate(classes)}
     files = catalog.set_index("image_id")["file"]
-    paths = np.asarray([run.image_path(f) for f in files.loc[split["image_id"]]], dtype=object)
+    root = run.image_root()
+    paths = np.asarray([root / f for f in files.loc[split["image_id"]]], dtype=object)
     y = split["label"].map(index).to_numpy()
     part = split["part"].to_numpy(dtype=object)
     train_rows, test_rows = np.flatnonzero(part == "train"), np.flatnonzero(part == "test")
