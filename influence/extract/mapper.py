@@ -13,6 +13,9 @@ from influence.extractors import EAGER_MAX, get_extractor
 #: Allocations at least this large get their own memory map, handed back to the system on free:
 #: above a batch's largest activation (MobileNetV2's first blocks, about 150 MB at 32 images).
 MMAP_THRESHOLD = 256 << 20
+#: Free heap kept at the top before glibc hands it back: above a batch's whole working set, so
+#: the heap is not shrunk after one batch and faulted in again by the next.
+TRIM_THRESHOLD = 1 << 30
 #: mallopt parameters (glibc's malloc.h).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
@@ -28,13 +31,16 @@ def bound_malloc() -> None:
     every batch, and the conv nets ran 35-50% slower in the engine than on ready tensors (sys
     time 229 s of a 347 s first run); at 256 MB they are reused from the heap (MobileNetV2 and
     EfficientNet-Lite0 interleaved on 640 paintings: 20.3 s at 1 MB, 13.1 s with glibc's
-    default, 7.5 s at 256 MB; peak memory 1.9, 2.3 and 2.8 GB). Does nothing where the C
-    library is not glibc.
+    default, 7.5 s at 256 MB; peak memory 1.9, 2.3 and 2.8 GB). The trim threshold is higher
+    still (TRIM_THRESHOLD): at 256 MB the heap's top was handed back and faulted in again
+    batch after batch in some runs and not others (960 paintings, three networks, 2-core AMD
+    EPYC: 2.2-2.7 M page faults, EfficientNet-Lite0 14.1-14.3 s; at 1 GB 0.49 M faults,
+    8.0-8.6 s, the same peak memory, 2.4 GB). Does nothing where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):
         pass
 
