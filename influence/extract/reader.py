@@ -4,12 +4,7 @@ Every image is decoded once per run for all the extractors that still need it, a
 `preprocess` is applied to the same decoded picture. A preprocessing is cut in two (`split`):
 the per-image steps (crop and resize, in uint8), shared by extractors that declare the same ones,
 and the elementwise steps (scaling, normalising), applied to each stacked batch at once: the same
-numbers at a fraction of the cost of one small call per image and step. Torchvision's scaling
-and normalising run in numpy (`ScaleNormalize`: the same float32 operations, bit for bit) on the
-reader's own thread. As torch operations on torch's thread pool (the networks' threads) they
-slowed the networks themselves: on the shared collection (2-core AMD EPYC) EfficientNet-Lite0
-took 95.4 s in the engine against 51.1 s on ready tensors, and 45.0 s with the numpy steps
-(the system time of extraction fell from 91 to 16 s). Extractors whose
+numbers at a fraction of the cost of one small call per image and step. Extractors whose
 preprocessed form is small (`cache_decoded`: the pixel baselines) read it from a `DecodedCache`
 that the thumbnails' pass filled, and then nothing is decoded for them at all.
 """
@@ -65,57 +60,10 @@ def stack(rows: Sequence[Any]) -> torch.Tensor | np.ndarray:
     return torch.stack(list(rows)) if isinstance(rows[0], torch.Tensor) else np.stack(rows)
 
 
-@dataclass(frozen=True)
-class AsArray:
-    """Per-image torchvision steps whose tensor output is handed on as a numpy array (no copy),
-    so batches are stacked by numpy rather than by torch's thread pool."""
-
-    steps: Any
-
-    def __call__(self, image: Any) -> np.ndarray:
-        return np.asarray(self.steps(image))
-
-    def __repr__(self) -> str:
-        return repr(self.steps)
-
-
-@dataclass(frozen=True)
-class ScaleNormalize:
-    """torchvision's `ToDtype(float32, scale=True)` then `Normalize(mean, std)` on a uint8 batch
-    (N, C, H, W), in numpy: the same float32 steps (times 1/255, minus mean, over std) in the
-    same order, so the same numbers to the bit."""
-
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        x = batch.astype(np.float32)
-        x *= np.float32(1.0 / 255)
-        if self.mean is not None and self.std is not None:
-            x -= np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
-            x /= np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
-        return x
-
-
-def _numpy_steps(steps: list[Any]) -> ScaleNormalize | None:
-    """The numpy form of `[ToDtype(float32, scale=True)]` or that plus `[Normalize]`, else None."""
-    from torchvision.transforms import v2
-
-    first, rest = steps[0], steps[1:]
-    if not (isinstance(first, v2.ToDtype) and first.dtype == torch.float32 and first.scale):
-        return None
-    if not rest:
-        return ScaleNormalize(None, None)
-    if len(rest) == 1 and isinstance(rest[0], v2.Normalize) and not rest[0].inplace:
-        return ScaleNormalize(tuple(rest[0].mean), tuple(rest[0].std))
-    return None
-
-
 def split(preprocess: Any) -> tuple[Any, Any | None]:
     """(per-image steps, per-batch steps or None) of a preprocessing: a torchvision `Compose` is
     cut before its first `ToDtype` when only `ToDtype` and `Normalize` follow (elementwise, so
-    a batch gives each row the numbers the image alone would; in numpy where `ScaleNormalize`
-    covers them); others may declare `split()`."""
+    a batch gives each row the numbers the image alone would); others may declare `split()`."""
     from torchvision.transforms import v2
 
     if hasattr(preprocess, "split"):
@@ -124,9 +72,6 @@ def split(preprocess: Any) -> tuple[Any, Any | None]:
         steps = list(preprocess.transforms)
         cut = next((i for i, t in enumerate(steps) if isinstance(t, v2.ToDtype)), None)
         if cut and all(isinstance(t, v2.ToDtype | v2.Normalize) for t in steps[cut:]):
-            in_numpy = _numpy_steps(steps[cut:])
-            if in_numpy is not None:
-                return AsArray(v2.Compose(steps[:cut])), in_numpy
             return v2.Compose(steps[:cut]), v2.Compose(steps[cut:])
     return preprocess, None
 
