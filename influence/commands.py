@@ -6,9 +6,12 @@ file and the command line always mean the same thing.
 
 from __future__ import annotations
 
+import io
 import sys
+import threading
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -548,23 +551,137 @@ def cmd_run(config: str, run: str | None = None, wait: bool = True, refit: bool 
         return _run_stages(cfg, base, run_dir, progress, refit)
 
 
+#: The stage `run` starts in a thread once STAGE_ORDER reaches it, the stage it starts after,
+#: and the stage that waits for it. train's heads each fit on one thread (`MLPHead.threads`:
+#: one ran a head 4-6 times faster than two), so on two cores cluster, index and influence use
+#: the other core meanwhile; none of them reads what train writes, nor train what they write,
+#: and none of them uses torch, whose thread count the heads set. review reads the heads.
+BESIDE, START_AFTER, JOIN_BEFORE = "train", "combine", "review"
+
+
+def _stage_options(cfg: dict[str, Any], stage: str, base: Path, refit: bool) -> dict[str, Any]:
+    """A config section as a command's options, its paths resolved against the config's folder."""
+    options = dict(cfg.get(stage, {}))
+    for key in ("collection", "metadata", "images", "recorded", "iiif"):
+        if key in options and not str(options[key]).startswith(("http://", "https://")):
+            options[key] = str((base / options[key]).resolve())
+    if stage == "extract":
+        options["weights"] = {k: v if v == "random" else str(base / v)
+                              for k, v in options.get("weights", {}).items()}
+    if refit and stage in REFITTABLE:
+        options["refit"] = True
+    return options
+
+
 def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool,
                 refit: bool = False) -> int:
-    for stage in STAGE_ORDER:
-        options = dict(cfg.get(stage, {}))
-        for key in ("collection", "metadata", "images", "recorded", "iiif"):
-            if key in options and not str(options[key]).startswith(("http://", "https://")):
-                options[key] = str((base / options[key]).resolve())
-        if stage == "extract":
-            options["weights"] = {k: v if v == "random" else str(base / v)
-                                  for k, v in options.get("weights", {}).items()}
-        if refit and stage in REFITTABLE:
-            options["refit"] = True
-        print(f"== {stage}")
-        status = COMMANDS[stage](run=run_dir, progress=progress, **options)
-        if status:
-            return status
-    return 0
+    beside: Beside | None = None
+    try:
+        for stage in STAGE_ORDER:
+            if stage == JOIN_BEFORE and beside is not None:
+                status, beside = beside.join(), None
+                if status:
+                    return status
+            if stage == BESIDE:
+                continue
+            print(f"== {stage}")
+            status = COMMANDS[stage](run=run_dir, progress=progress,
+                                     **_stage_options(cfg, stage, base, refit))
+            if status:
+                return status
+            if stage == START_AFTER:
+                beside = Beside(BESIDE, lambda: COMMANDS[BESIDE](
+                    run=run_dir, progress=False, **_stage_options(cfg, BESIDE, base, refit)))
+        return beside.join() if beside is not None else 0
+    finally:
+        if beside is not None:
+            beside.abandon()
+
+
+class _Routed(io.TextIOBase):
+    """A text stream that sends each thread's writes to that thread's buffer, if it has one,
+    else to the stream it stands in for."""
+
+    def __init__(self, default: Any) -> None:
+        self.default, self.routes = default, {}
+
+    def _target(self) -> Any:
+        return self.routes.get(threading.get_ident(), self.default)
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.default, name)
+
+
+@contextmanager
+def _routed() -> Iterator[tuple[_Routed, _Routed]]:
+    """sys.stdout and sys.stderr routed per thread (`_Routed`) while the block runs."""
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Routed(out), _Routed(err)
+    try:
+        yield sys.stdout, sys.stderr
+    finally:
+        sys.stdout, sys.stderr = out, err
+
+
+class Beside:
+    """One stage run in a thread beside the next ones, without a progress bar; what it prints
+    is held and printed, under its `== stage` line, when it is joined, and its error (a bad
+    label column, say) is raised then, as if it had run in its turn."""
+
+    def __init__(self, stage: str, call: Callable[[], int]) -> None:
+        self.stage, self.call = stage, call
+        self.out, self.status, self.error = io.StringIO(), 1, None
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        self._blas = threadpool_limits(1)
+        self._torch_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        self._routing = _routed()
+        self._streams = self._routing.__enter__()
+        self.thread = threading.Thread(target=self._run, name=f"influence-{stage}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        me = threading.get_ident()
+        for stream in self._streams:
+            stream.routes[me] = self.out
+        try:
+            # OpenMP's thread count is each thread's own: set it in this one too.
+            torch.set_num_threads(1)
+            with threadpool_limits(1):
+                self.status = self.call()
+        except BaseException as e:  # re-raised in the joining thread
+            self.error = e
+
+    def join(self) -> int:
+        """Wait for the stage, print its output, raise its error or return its status."""
+        self.thread.join()
+        self.abandon()
+        print(f"== {self.stage} (beside the stages before this line)")
+        print(self.out.getvalue(), end="", flush=True)
+        if self.error is not None:
+            raise self.error
+        return self.status
+
+    def abandon(self) -> None:
+        """Give the streams back (idempotent); a thread still running is left to the exit."""
+        if self._routing is not None:
+            self._routing.__exit__(None, None, None)
+            self._blas.restore_original_limits()
+            import torch
+
+            torch.set_num_threads(self._torch_threads)
+            self._routing = None
 
 
 COMMANDS: dict[str, Callable[..., int]] = {

@@ -9,6 +9,7 @@ import os
 import platform
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -398,6 +399,9 @@ def _version() -> str:
 
 #: Run roots whose writer lock this process holds, and the lock file's descriptor.
 _held: dict[Path, int] = {}
+#: Serialises this process's read-modify-write of run.json: `run` records steps from two
+#: threads (train beside cluster, index and influence).
+_MANIFEST_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -684,7 +688,7 @@ class Run:
 
     def _update_steps(self, step: Step, record: dict[str, Any] | None,
                       change: dict[str, Any] | None = None) -> None:
-        with self.writing(step.stage):
+        with _MANIFEST_LOCK, self.writing(step.stage):
             manifest = self.manifest()
             steps = manifest.setdefault("steps", {}).setdefault(step.stage, {})
             if record is None:

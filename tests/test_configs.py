@@ -70,3 +70,31 @@ def test_run_drives_every_stage_into_the_given_run_and_then_has_nothing_to_do(
     assert main(["--no-progress", "run", "--config", str(config), "--run", str(root)]) == 0
     assert "up to date" in capsys.readouterr().out
     assert run.manifest()["steps"] == first
+
+
+@pytest.mark.slow
+def test_run_fits_the_heads_beside_cluster_index_and_influence_and_reports_them_in_turn(
+        slice_collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "tiny.toml"
+    section = (f'[extract]\ncollection = "{slice_collection}"\nextractors = ["pca"]\n'
+               '[cluster]\nk_max = 4\n[train]\ntarget = "{target}"\n')
+    config.write_text(section.replace("{target}", "style"))
+    assert main(["--no-progress", "run", "--config", str(config), "--run",
+                 str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    marks = [line.split()[1] for line in lines if line.startswith("== ")]
+    assert marks == ["extract", "combine", "cluster", "index", "influence", "train", "review"]
+    train = next(i for i, line in enumerate(lines) if line.startswith("== train"))
+    review = lines.index("== review")
+    # train's own report (its table) is printed under its line, not among the others'.
+    assert any(line.startswith("style ") and "fitted in" in line
+               for line in lines[train:review])
+    assert not any("fitted in" in line and line.startswith("style ") for line in lines[:train])
+    # A head's error reaches the command in train's turn, after the stages beside it.
+    config.write_text(section.replace("{target}", "no_such_column"))
+    other = tmp_path / "other"
+    assert main(["--no-progress", "run", "--config", str(config), "--run", str(other)]) == 2
+    assert "no_such_column" in capsys.readouterr().err
+    stages = {stage for stage, _ in Run(other).done()}
+    assert {"cluster", "index", "influence"} <= stages
+    assert not stages & {"train", "review"}
