@@ -11,7 +11,7 @@ import sys
 import threading
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -554,8 +554,8 @@ def cmd_run(config: str, run: str | None = None, wait: bool = True, refit: bool 
 #: The stage `run` starts in a thread once STAGE_ORDER reaches it, the stage it starts after,
 #: and the stage that waits for it. train's heads each fit on one thread (`MLPHead.threads`:
 #: one ran a head 4-6 times faster than two), so on two cores cluster, index and influence use
-#: the other core meanwhile; none of them reads what train writes, nor train what they write,
-#: and none of them uses torch, whose thread count the heads set. review reads the heads.
+#: the other core meanwhile; none of them reads what train writes, nor train what they write.
+#: review reads the heads.
 BESIDE, START_AFTER, JOIN_BEFORE = "train", "combine", "review"
 
 
@@ -592,7 +592,7 @@ def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool,
             if stage == START_AFTER:
                 beside = Beside(BESIDE, lambda: COMMANDS[BESIDE](
                     run=run_dir, progress=False, **_stage_options(cfg, BESIDE, base, refit)))
-        return beside.join() if beside is not None else 0
+        return 0
     finally:
         if beside is not None:
             beside.abandon()
@@ -629,36 +629,43 @@ def _routed() -> Iterator[tuple[_Routed, _Routed]]:
         sys.stdout, sys.stderr = out, err
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Every library held to one thread in the calling thread (BLAS's count is the process's,
+    OpenMP's each thread's own), torch's too: the same numbers whichever thread runs when."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Beside:
     """One stage run in a thread beside the next ones, without a progress bar; what it prints
     is held and printed, under its `== stage` line, when it is joined, and its error (a bad
-    label column, say) is raised then, as if it had run in its turn."""
+    label column, say) is raised then, as if it had run in its turn. Until then every library
+    runs on one thread (`_one_thread`, in both threads), so the run's results do not depend on
+    which thread set a thread count last."""
 
     def __init__(self, stage: str, call: Callable[[], int]) -> None:
         self.stage, self.call = stage, call
         self.out, self.status, self.error = io.StringIO(), 1, None
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        self._blas = threadpool_limits(1)
-        self._torch_threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        self._routing = _routed()
-        self._streams = self._routing.__enter__()
+        self._held = ExitStack()
+        self._held.enter_context(_one_thread())
+        self._streams = self._held.enter_context(_routed())
         self.thread = threading.Thread(target=self._run, name=f"influence-{stage}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        me = threading.get_ident()
         for stream in self._streams:
-            stream.routes[me] = self.out
+            stream.routes[threading.get_ident()] = self.out
         try:
-            # OpenMP's thread count is each thread's own: set it in this one too.
-            torch.set_num_threads(1)
-            with threadpool_limits(1):
+            with _one_thread():
                 self.status = self.call()
         except BaseException as e:  # re-raised in the joining thread
             self.error = e
@@ -667,21 +674,17 @@ class Beside:
         """Wait for the stage, print its output, raise its error or return its status."""
         self.thread.join()
         self.abandon()
-        print(f"== {self.stage} (beside the stages before this line)")
+        print(f"== {self.stage}")
+        print(f"({self.stage} ran beside the stages above)")
         print(self.out.getvalue(), end="", flush=True)
         if self.error is not None:
             raise self.error
         return self.status
 
     def abandon(self) -> None:
-        """Give the streams back (idempotent); a thread still running is left to the exit."""
-        if self._routing is not None:
-            self._routing.__exit__(None, None, None)
-            self._blas.restore_original_limits()
-            import torch
-
-            torch.set_num_threads(self._torch_threads)
-            self._routing = None
+        """Give the streams and thread counts back (idempotent); a thread still running is
+        left to the exit."""
+        self._held.close()
 
 
 COMMANDS: dict[str, Callable[..., int]] = {
