@@ -70,9 +70,12 @@ def main() -> int:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     base = f"http://127.0.0.1:{server.server_port}"
+    # Chromium's save_screenshot returns False, silently, into a folder that does not exist.
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     try:
-        shoot(driver, base, PAGES, 1400, Path(args.out))
-        shoot(driver, base, NARROW, 390, Path(args.out))
+        shoot(driver, base, PAGES, 1400, out)
+        shoot(driver, base, NARROW, 390, out)
     finally:
         driver.quit()
         server.shutdown()
