@@ -122,7 +122,9 @@ def first_run(config: Path, run_dir: Path) -> dict:
 
 def engine_models(run_dir: Path, forward: dict) -> dict:
     """Each network's seconds inside the engine (its `model_s`: load, compilation and forward,
-    as the run recorded them) against its steady forward on ready tensors."""
+    as the run recorded them, summed over the runner processes that ran side by side, so over
+    their number: the wall time the network took of them) against its steady forward on ready
+    tensors (one process on every core)."""
     from influence.runs import Run
 
     run = Run(run_dir)
@@ -130,8 +132,11 @@ def engine_models(run_dir: Path, forward: dict) -> dict:
     for name, ready in forward.items():
         if not isinstance(ready, dict):
             continue
-        model_s = run.features_info(name)["timings"]["model_s"]
-        out[name] = {"engine_model_s": round(model_s, 1), "ready_s": ready["collection_s"],
+        timings = run.features_info(name)["timings"]
+        processes = timings.get("processes", 1)
+        model_s = timings["model_s"] / processes
+        out[name] = {"engine_model_s": round(model_s, 1), "processes": processes,
+                     "ready_s": ready["collection_s"],
                      "over_ready": round(model_s / ready["collection_s"] - 1, 3),
                      "over_ready_with_load": round(model_s / ready["with_load_s"] - 1, 3)}
     return out

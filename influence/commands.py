@@ -48,7 +48,8 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
                 weights: dict[str, str] | None = None, columns: dict[str, str] | None = None,
                 fetch_workers: int | None = None, fetch_timeout: float | None = None,
                 labels_from_folders: str | None = None, folders_multi_label: bool = False,
-                workers: int | None = None, engine: str = "local", ray_address: str | None = None,
+                workers: int | None = None, processes: int | None = None,
+                engine: str = "local", ray_address: str | None = None,
                 ray_actors: int | None = None, ray_batch_size: int | None = None,
                 ray_cpus_per_actor: float | None = None, refit: bool = False,
                 progress: bool = True) -> int:
@@ -102,7 +103,7 @@ def cmd_extract(run: str, collection: str | None = None, metadata: str | None = 
     rows, failed = [], []
     # One plan for every extractor: each image is read once for all of them.
     reports = extract_many(out, names, weights, engine=engine, workers=workers,
-                           progress=progress, ray=ray)
+                           processes=processes, progress=progress, ray=ray)
     for name, info in reports.items():
         if isinstance(info, InfluenceError):
             print(f"error: {info}", file=sys.stderr)

@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(joined by ';', for train --multi-label NAME)")
     p.add_argument("--workers", type=int, help="image reader processes (default: none on two "
                    "cores or fewer, else cores - 1, at most 4)")
+    p.add_argument("--processes", type=int, help="runner processes side by side, each decoding "
+                   "and embedding its partitions on cores / N threads (default: one per core on "
+                   "two cores or fewer for 256 images or more, else one)")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="run extraction in this process (default) or on Ray Data")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local Ray)")

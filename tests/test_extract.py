@@ -143,6 +143,27 @@ def test_killed_extraction_resumes_to_the_same_result(tmp_path):
         np.testing.assert_allclose(extractor.embed([image])[0], x[i], rtol=1e-4, atol=1e-4)
 
 
+def test_runner_processes_side_by_side_embed_what_one_runner_does(tmp_path):
+    """Two forked runners (what the local engine runs on two cores for 256 images or more) give
+    each painting the features one runner gives it, in catalog order whatever partition ends
+    first, and say how many ran."""
+    from influence.catalog import Collection, build_catalog
+    from influence.extract import extract_many
+
+    collection = make_slice(tmp_path / "coll", ARTISTS[:2], 12)
+    features = {}
+    for processes in (1, 2):
+        run = Run(tmp_path / f"run-{processes}")
+        build_catalog(Collection.from_dir(collection), run, progress=False)
+        reports = extract_many(run, ["mobilenet_v2", "style"], {"mobilenet_v2": str(MOBILENET)},
+                               processes=processes, part_size=5, progress=False)
+        assert {r["timings"]["processes"] for r in reports.values()} == {processes}
+        assert {r["rows"] for r in reports.values()} == {24}
+        features[processes] = {name: run.features(name) for name in reports}
+    for name, x in features[1].items():
+        np.testing.assert_allclose(features[2][name], x, rtol=1e-5, atol=1e-6)
+
+
 def test_changed_weights_start_the_features_over(small_run, tmp_path):
     run = Run(tmp_path / "run")
     shutil.copytree(small_run.root, run.root)

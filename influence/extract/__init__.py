@@ -9,8 +9,9 @@ and distributors that decide where the runner runs.
 - `store` (`PartWriter`, `FeatureStore`): atomic part files through fsspec, the aligned matrix,
   `features/<name>.rejected.csv`;
 - `runner` (`Runner`): one partition through reader, mappers and writers, with its report;
-- `distributor` (`LocalDistributor`) and `ray_distributor` (`RayDistributor`): where the runner
-  is called; the Ray one imports this core, never the reverse;
+- `distributor` (`LocalDistributor`: in this process, or in forked runner processes side by
+  side) and `ray_distributor` (`RayDistributor`): where the runner is called; the Ray one
+  imports this core, never the reverse;
 - `stage` (`extract_many`, `extract_features`): the stage through the run protocol.
 """
 

@@ -76,11 +76,11 @@ class RayDistributor:
         outcome = Outcome()
         specs = plan.specs()
         begin = time.perf_counter()
-        if specs:
-            self._run(plan, specs, outcome, progress)
-        return outcome.finish(plan, time.perf_counter() - begin)
+        actors = self._run(plan, specs, outcome, progress) if specs else 1
+        return outcome.finish(plan, time.perf_counter() - begin, actors)
 
-    def _run(self, plan: Plan, specs: list[Spec], outcome: Outcome, progress: bool) -> None:
+    def _run(self, plan: Plan, specs: list[Spec], outcome: Outcome, progress: bool) -> int:
+        """Run the partitions on the actors; returns how many actors ran them."""
         import ray
         from ray.util import ActorPool
 
@@ -105,6 +105,7 @@ class RayDistributor:
         finally:
             for a in actors:
                 ray.kill(a)
+        return concurrency
 
 
 def _last_line(error: Any) -> str:

@@ -22,7 +22,8 @@ from influence.extract.reader import read
 @dataclass
 class Timings:
     """Where extraction time goes (as clip-retrieval logs it): reading is shared by the feature
-    sets of a run, model and write time are each set's own, summed over partitions."""
+    sets of a run, model and write time are each set's own, summed over partitions, and so over
+    the `processes` runners that ran side by side (one runner's share: `model / processes`)."""
 
     read: float = 0.0
     model: float = 0.0
@@ -30,6 +31,7 @@ class Timings:
     fit: float = 0.0
     wall: float = 0.0
     images: int = 0
+    processes: int = 1
 
     def add(self, other: Timings) -> None:
         for name in ("read", "model", "write", "fit", "images"):
@@ -39,7 +41,7 @@ class Timings:
         total = self.wall or (self.read + self.model + self.write)
         parts = {"read_wait_s": self.read, "model_s": self.model, "write_s": self.write}
         return {**{k: round(v, 3) for k, v in parts.items() if v}, "fit_s": round(self.fit, 3),
-                "wall_s": round(total, 3), "images": self.images,
+                "wall_s": round(total, 3), "images": self.images, "processes": self.processes,
                 "images_per_s": round(self.images / total, 2) if total else None}
 
 

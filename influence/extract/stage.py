@@ -46,24 +46,27 @@ def finalize(plan: Plan, name: str, outcome: Outcome, engine: str) -> dict[str, 
     return {k: info[k] for k in ("dim", "weights", "rows", "new_rows", "engine", "timings")}
 
 
-def _distributor(engine: str, workers: int | None, ray: Mapping[str, Any] | None) -> Any:
+def _distributor(engine: str, workers: int | None, processes: int | None,
+                 ray: Mapping[str, Any] | None) -> Any:
     """The engine's distributor; the Ray one is imported only when asked for (it needs Ray)."""
     if engine == "ray":
         from influence.extract.ray_distributor import RayDistributor, RayOptions
 
         return RayDistributor(RayOptions(**(ray or {})))
-    return LocalDistributor(workers)
+    return LocalDistributor(workers, processes)
 
 
 def extract_many(run: Run, names: Sequence[str], weights: Mapping[str, str | None] | None = None,
-                 *, engine: str = "local", workers: int | None = None, progress: bool = True,
+                 *, engine: str = "local", workers: int | None = None,
+                 processes: int | None = None, progress: bool = True,
                  part_size: int = PART_SIZE, ray: Mapping[str, Any] | None = None
                  ) -> dict[str, dict[str, Any] | InfluenceError]:
     """Bring features/<name> up to date for every name; returns each step's report, or the
     error that stopped that set.
 
-    `engine` is "local" (this process) or "ray" (a pool of Ray actors; `ray` holds `RayOptions`
-    fields). Both run the same runner on the same partitions.
+    `engine` is "local" (this process, or `processes` runner processes beside it) or "ray" (a
+    pool of Ray actors; `ray` holds `RayOptions` fields). Both run the same runner on the same
+    partitions.
     """
     if engine not in ENGINES:
         raise InfluenceError(f"unknown engine '{engine}' (available: {', '.join(ENGINES)})")
@@ -89,7 +92,7 @@ def extract_many(run: Run, names: Sequence[str], weights: Mapping[str, str | Non
     if not steps:
         return reports
     start = time.perf_counter()
-    distributor = _distributor(engine, workers, ray)
+    distributor = _distributor(engine, workers, processes, ray)
     try:
         plan = plan_extraction(run, steps, {n: weights.get(n) for n in steps},
                                workers=default_workers() if workers is None else workers,
