@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -521,7 +522,8 @@ def cmd_check(run: str, wait: bool = True, progress: bool = True) -> int:
 
 
 # ------------------------------------------------------------------------------------------- run
-STAGE_ORDER = ["extract", "combine", "cluster", "index", "train", "influence", "review"]
+#: The stages of a config, in the order `run` reports them (`BESIDE` runs beside the others).
+STAGE_ORDER = ["extract", "combine", "index", "cluster", "influence", "train", "review"]
 #: Stages that write to the run: each holds the run's writer lock while it works.
 WRITERS = ("extract", "combine", "import-features", "cluster", "index", "train", "influence",
            "review", "finetune")
@@ -552,12 +554,12 @@ def cmd_run(config: str, run: str | None = None, wait: bool = True, refit: bool 
         return _run_stages(cfg, base, run_dir, progress, refit)
 
 
-#: The stage `run` starts in a thread once STAGE_ORDER reaches it, the stage it starts after,
-#: and the stage that waits for it. train's heads each fit on one thread (`MLPHead.threads`:
-#: one ran a head 4-6 times faster than two), so on two cores cluster, index and influence use
-#: the other core meanwhile; none of them reads what train writes, nor train what they write.
-#: review reads the heads.
-BESIDE, START_AFTER, JOIN_BEFORE = "train", "combine", "review"
+#: The stages `run` runs in turn in a thread once it has run START_AFTER, beside the rest of
+#: STAGE_ORDER (cluster and influence), and reports after them. train's heads each fit on one
+#: thread (`MLPHead.threads`: one ran a head 4-6 times faster than two), and review reads the
+#: index and the heads, so on two cores cluster and influence use the other core meanwhile;
+#: none of them reads what the others write.
+BESIDE, START_AFTER = ("train", "review"), "index"
 
 
 def _stage_options(cfg: dict[str, Any], stage: str, base: Path, refit: bool) -> dict[str, Any]:
@@ -579,11 +581,7 @@ def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool,
     beside: Beside | None = None
     try:
         for stage in STAGE_ORDER:
-            if stage == JOIN_BEFORE and beside is not None:
-                status, beside = beside.join(), None
-                if status:
-                    return status
-            if stage == BESIDE:
+            if stage in BESIDE:
                 continue
             print(f"== {stage}")
             status = COMMANDS[stage](run=run_dir, progress=progress,
@@ -591,9 +589,11 @@ def _run_stages(cfg: dict[str, Any], base: Path, run_dir: str, progress: bool,
             if status:
                 return status
             if stage == START_AFTER:
-                beside = Beside(BESIDE, lambda: COMMANDS[BESIDE](
-                    run=run_dir, progress=False, **_stage_options(cfg, BESIDE, base, refit)))
-        return 0
+                beside = Beside({s: partial(COMMANDS[s], run=run_dir, progress=False,
+                                            **_stage_options(cfg, s, base, refit))
+                                 for s in BESIDE})
+        status, beside = (beside.join() if beside else 0), None
+        return status
     finally:
         if beside is not None:
             beside.abandon()
@@ -647,37 +647,46 @@ def _one_thread() -> Iterator[None]:
 
 
 class Beside:
-    """One stage run in a thread beside the next ones, without a progress bar; what it prints
-    is held and printed, under its `== stage` line, when it is joined, and its error (a bad
-    label column, say) is raised then, as if it had run in its turn. Until then every library
-    runs on one thread (`_one_thread`, in both threads), so the run's results do not depend on
-    which thread set a thread count last."""
+    """Stages run in turn in a thread beside the next ones, without progress bars; what each
+    prints is held and printed, under its `== stage` line, when they are joined, and an error
+    (a bad label column, say) is raised then, after the output of the stages before it, as if
+    they had run in their turn; a stage that fails stops those after it. Until then every
+    library runs on one thread (`_one_thread`, in both threads), so the run's results do not
+    depend on which thread set a thread count last."""
 
-    def __init__(self, stage: str, call: Callable[[], int]) -> None:
-        self.stage, self.call = stage, call
-        self.out, self.status, self.error = io.StringIO(), 1, None
+    def __init__(self, calls: dict[str, Callable[[], int]]) -> None:
+        self.calls = calls
+        self.out = {stage: io.StringIO() for stage in calls}
+        self.ran: list[str] = []
+        self.status, self.error = 1, None
         self._held = ExitStack()
         self._held.enter_context(_one_thread())
         self._streams = self._held.enter_context(_routed())
-        self.thread = threading.Thread(target=self._run, name=f"influence-{stage}", daemon=True)
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"influence-{'-'.join(calls)}")
         self.thread.start()
 
     def _run(self) -> None:
-        for stream in self._streams:
-            stream.routes[threading.get_ident()] = self.out
         try:
             with _one_thread():
-                self.status = self.call()
+                for stage, call in self.calls.items():
+                    self.ran.append(stage)
+                    for stream in self._streams:
+                        stream.routes[threading.get_ident()] = self.out[stage]
+                    self.status = call()
+                    if self.status:
+                        return
         except BaseException as e:  # re-raised in the joining thread
             self.error = e
 
     def join(self) -> int:
-        """Wait for the stage, print its output, raise its error or return its status."""
+        """Wait for the stages, print their output, raise the error or return the status."""
         self.thread.join()
         self.abandon()
-        print(f"== {self.stage}")
-        print(f"({self.stage} ran beside the stages above)")
-        print(self.out.getvalue(), end="", flush=True)
+        for stage in self.ran:
+            print(f"== {stage}")
+            print(f"({stage} ran beside the stages above)")
+            print(self.out[stage].getvalue(), end="", flush=True)
         if self.error is not None:
             raise self.error
         return self.status

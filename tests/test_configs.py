@@ -73,7 +73,7 @@ def test_run_drives_every_stage_into_the_given_run_and_then_has_nothing_to_do(
 
 
 @pytest.mark.slow
-def test_run_fits_the_heads_beside_cluster_index_and_influence_and_reports_them_in_turn(
+def test_run_fits_the_heads_and_review_beside_cluster_and_influence_and_reports_them_in_turn(
         slice_collection: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "tiny.toml"
     section = (f'[extract]\ncollection = "{slice_collection}"\nextractors = ["pca"]\n'
@@ -83,14 +83,17 @@ def test_run_fits_the_heads_beside_cluster_index_and_influence_and_reports_them_
                  str(tmp_path / "run")]) == 0
     lines = capsys.readouterr().out.splitlines()
     marks = [line.split()[1] for line in lines if line.startswith("== ")]
-    assert marks == ["extract", "combine", "cluster", "index", "influence", "train", "review"]
+    assert marks == ["extract", "combine", "index", "cluster", "influence", "train", "review"]
     train = next(i for i, line in enumerate(lines) if line.startswith("== train"))
     review = lines.index("== review")
-    # train's own report (its table) is printed under its line, not among the others'.
+    # Each one's own report (train's table, review's summary) is printed under its own line.
     assert any(line.startswith("style ") and "fitted in" in line
                for line in lines[train:review])
     assert not any("fitted in" in line and line.startswith("style ") for line in lines[:train])
-    # A head's error reaches the command in train's turn, after the stages beside it.
+    assert any(line.startswith("review (") for line in lines[review:])
+    assert not any(line.startswith("review (") for line in lines[:review])
+    # A head's error reaches the command in train's turn, after the stages beside it, and
+    # review (after train in its thread) does not run.
     config.write_text(section.replace("{target}", "no_such_column"))
     other = tmp_path / "other"
     assert main(["--no-progress", "run", "--config", str(config), "--run", str(other)]) == 2

@@ -230,23 +230,24 @@ def test_check_names_a_truncated_matrix_parquet_and_faiss_index_and_run_repairs_
 
 
 #: Where each interrupted attempt is killed, in pipeline order: each attempt resumes the last.
-#: train runs beside cluster, index and influence (`influence.commands.BESIDE`), so it may be
-#: killed anywhere in them, and it may have finished before any of their points: its own point
-#: has a run of its own (TRAIN_KILLS).
+#: train and review run in turn beside cluster and influence (`influence.commands.BESIDE`), so
+#: they may be killed anywhere in those, and may have finished before any of their points: their
+#: own points have a run of their own (BESIDE_KILLS).
 KILLS = ["catalog.parquet",                        # extract: the catalog, not its rejected.csv
          "features/pca.fit.joblib",                # extract: the fitted PCA, no matrix yet
          "features/kpca.json",                     # extract: a matrix, not its record
          "run.json#1",                             # extract: right after a record (kpca's)
          f"features/{FEATURES}.json",              # combine: its files, not its record
-         f"clusters/{FEATURES}/assignments.parquet",  # cluster: half its files
          f"index/{FEATURES}.faiss",                # index: the index, not its JSON
+         f"clusters/{FEATURES}/assignments.parquet",  # cluster: half its files
          "influence/pairs.parquet",                # influence: two of its three tables
          "influence/influence.json"]               # influence: every file, no record yet
-#: A run killed first in train (the head written, not its tables), while cluster works beside.
-TRAIN_KILLS = ["models/artist-pca+kpca.joblib"]
+#: Runs killed in train (the head written, not its tables) and then in review (its neighbours
+#: written, not its tables), while cluster and influence work beside them.
+BESIDE_KILLS = ["models/artist-pca+kpca.joblib", "review/neighbours.npz"]
 
 
-@pytest.mark.parametrize("kills", [KILLS, TRAIN_KILLS], ids=["in-order", "in-train"])
+@pytest.mark.parametrize("kills", [KILLS, BESIDE_KILLS], ids=["in-order", "beside"])
 def test_killed_anywhere_the_next_run_finishes_as_if_never_interrupted(
         reference: Run, collection: Path, tmp_path: Path, kills: list[str]) -> None:
     config = write_config(tmp_path, collection)
