@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -116,22 +118,45 @@ def test_adding_images_extracts_only_the_new_ones(small_run, slice_collection, t
     assert run.features_info("pca")["fitted_on"] == small_run.features_info("pca")["fitted_on"]
 
 
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
 def test_killed_extraction_resumes_to_the_same_result(tmp_path):
     collection = make_slice(tmp_path / "coll", per_artist=60)
     run = Run(tmp_path / "run")
     cmd = [sys.executable, "-m", "influence.pipeline", "--no-progress", "extract",
            "--collection", str(collection), "--run", str(run.root),
-           "--extractors", "mobilenet_v2", "--weights", f"mobilenet_v2={MOBILENET}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--extractors", "mobilenet_v2", "--weights", f"mobilenet_v2={MOBILENET}",
+           "--processes", "2"]
     store = FeatureStore(run, "mobilenet_v2")
-    deadline = time.monotonic() + 300
-    while not store.writer.part_files() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def started() -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    def until(proc: subprocess.Popen, done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 300
+        while not done() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    # The command killed once one of its two partitions is written.
+    proc = started()
+    until(proc, store.writer.part_files)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not store.matrix_path.exists(), "extraction finished before it could be interrupted"
     first = len(store.writer.done_ids())
     assert 0 < first < 360
+    # One of its two runner processes killed (as by the OOM killer): a one-line error.
+    proc = started()
+    until(proc, lambda: len(_children(proc.pid)) >= 2)
+    os.kill(_children(proc.pid)[-1], signal.SIGKILL)
+    assert proc.wait(timeout=300) == 1
+    assert "a runner process of the extraction died" in proc.stderr.read()
+    first = len(store.writer.done_ids())
     assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
     info = run.features_info("mobilenet_v2")
     assert info["new_rows"] == 360 - first

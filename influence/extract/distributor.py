@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,7 @@ from influence.extract.plan import Partition, Plan, Spec
 from influence.extract.reader import default_workers
 from influence.extract.runner import PartitionReport, Runner, Timings
 from influence.extractors import EAGER_MAX
+from influence.runs import InfluenceError
 
 #: Cores up to which the local distributor runs one single-threaded runner per core: there a
 #: network on one thread runs at 0.54-0.65 of its speed on two (2-core AMD EPYC, AVX2:
@@ -133,6 +135,23 @@ def _in_processes(specs: list[Spec], partitions: list[Partition], processes: int
         try:
             for future in as_completed(futures):
                 yield future.result()
-        finally:  # an error (or an interrupt) leaves the partitions not yet started undone
+        except BrokenProcessPool:
+            # A runner killed from outside (out of memory, say): its partition is not written.
+            raise InfluenceError("a runner process of the extraction died (out of memory? "
+                                 "`--processes 1` runs one); the partitions written are kept: "
+                                 "run extract again to resume") from None
+        except BaseException:
+            # An interrupt or an error: the runners stop now, not after the partitions already
+            # handed to them (a partition not written is embedded again on resume).
+            _kill(pool)
+            raise
+        finally:
             for future in futures:
                 future.cancel()
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    """Kill a pool's processes at once (what Python 3.14's `ProcessPoolExecutor.kill_workers`
+    does; older ones keep them in `_processes`)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
