@@ -5,7 +5,8 @@
 
 1. Runs `python -m influence.pipeline run --config CONFIG --run FRESH` (install excluded) in a
    child process and stamps each `== stage` line it prints, so every stage's wall time is the
-   command's own.
+   command's own; the stages run beside the others (train, review) print their line when they
+   are joined, so their own seconds come from run.json (`beside_s`).
 2. In a second child, on the same machine in the same benchmark run, times each extractor of
    the config's `extract` section on ready tensors: `transform` on batches already decoded and
    preprocessed (a seeded sample of `--sample` paintings, scaled to the collection's size).
@@ -96,9 +97,11 @@ def forward(config: str, sample: int) -> None:
 
 
 def first_run(config: Path, run_dir: Path) -> dict:
-    """The command, its stages' wall times (from its `== stage` lines) and its exit status."""
+    """The command, its stages' wall times (from its `== stage` lines), the seconds of those it
+    ran beside the others (from run.json) and its exit status."""
     cmd = [sys.executable, "-m", "influence.pipeline", "--no-progress", "run",
            "--config", str(config), "--run", str(run_dir)]
+    begun = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     start = time.perf_counter()
     stages: dict[str, float] = {}
     current, since = None, start
@@ -117,7 +120,18 @@ def first_run(config: Path, run_dir: Path) -> dict:
     if current:
         stages[current] = round(end - since, 1)
     return {"status": status, "command_s": round(end - start, 1), "stages": stages,
-            "log_tail": log[-40:]}
+            "beside_s": beside_seconds(run_dir, begun), "log_tail": log[-40:]}
+
+
+def beside_seconds(run_dir: Path, since: str) -> dict[str, float]:
+    """The seconds of each stage `run` ran beside the others (`BESIDE`: its `== stage` line only
+    says how long it was waited for), summed over the steps it recorded from `since` on."""
+    from influence.commands import BESIDE
+    from influence.runs import Run
+
+    steps = Run(run_dir).manifest().get("steps", {}) if (run_dir / "run.json").exists() else {}
+    return {stage: round(sum(r.get("seconds") or 0.0 for r in steps.get(stage, {}).values()
+                             if r.get("finished_at", "") >= since), 1) for stage in BESIDE}
 
 
 def engine_models(run_dir: Path, forward: dict) -> dict:

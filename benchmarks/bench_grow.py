@@ -113,7 +113,7 @@ def measured(config: Path, run_dir: Path) -> dict[str, Any]:
 
 
 def timed(run: dict[str, Any]) -> dict[str, Any]:
-    return {k: run[k] for k in ("status", "command_s", "cpu_s", "stages") if k in run}
+    return {k: run[k] for k in ("status", "command_s", "cpu_s", "stages", "beside_s") if k in run}
 
 
 def main() -> None:
