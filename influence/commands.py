@@ -558,7 +558,7 @@ def cmd_run(config: str, run: str | None = None, wait: bool = True, refit: bool 
 #: STAGE_ORDER (cluster and influence), and reports after them. train's heads each fit on one
 #: thread (`MLPHead.threads`: one ran a head 4-6 times faster than two), and review reads the
 #: index and the heads, so on two cores cluster and influence use the other core meanwhile;
-#: none of them reads what the others write.
+#: neither side reads what the other writes.
 BESIDE, START_AFTER = ("train", "review"), "index"
 
 

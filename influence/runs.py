@@ -400,7 +400,7 @@ def _version() -> str:
 #: Run roots whose writer lock this process holds, and the lock file's descriptor.
 _held: dict[Path, int] = {}
 #: Serialises this process's read-modify-write of run.json: `run` records steps from two
-#: threads (train beside cluster, index and influence).
+#: threads (train and review beside cluster and influence).
 _MANIFEST_LOCK = threading.RLock()
 
 
