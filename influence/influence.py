@@ -128,60 +128,67 @@ def plausible_years(catalog: pd.DataFrame) -> pd.Series:
 def active_years(catalog: pd.DataFrame) -> pd.DataFrame:
     """Per artist: active_start, active_end, active_mid, active_source and dates_ignored (rule:
     module doc)."""
-    rows = []
-    years = plausible_years(catalog)
-    for artist, group in catalog.groupby("artist", sort=True):
-        dated = years[group.index].dropna()
-        ignored = int(group["year"].notna().sum() - len(dated))
-        birth = _first(group["birth_year"])
-        death = _first(group["death_year"])
-        if len(dated) >= MIN_DATED:
-            start, end, source = dated.min(), dated.max(), "dated works"
-        elif not np.isnan(birth) and not np.isnan(death):
-            start, end, source = birth + START_AGE, death, "life"
-        elif not np.isnan(birth):
-            start, end, source = birth + START_AGE, birth + START_AGE + SPAN, "life"
-        elif not np.isnan(death):
-            start, end, source = death - SPAN, death, "life"
-        else:
-            start, end, source = np.nan, np.nan, None
-        end = max(start, end) if not np.isnan(start) else end
-        rows.append({"artist": artist, "birth_year": birth, "death_year": death,
-                     "active_start": start, "active_end": end,
-                     "active_mid": (start + end) / 2, "active_source": source,
-                     "dates_ignored": ignored})
-    return pd.DataFrame(rows)
+    groups = catalog.assign(_dated=plausible_years(catalog)).groupby("artist", sort=True)
+    dated = groups["_dated"].count().to_numpy()
+    birth = groups["birth_year"].first().to_numpy(dtype=float)
+    death = groups["death_year"].first().to_numpy(dtype=float)
+    known_birth, known_death = ~np.isnan(birth), ~np.isnan(death)
+    rules = [dated >= MIN_DATED, known_birth & known_death, known_birth, known_death]
+    start = np.select(rules, [groups["_dated"].min(), birth + START_AGE, birth + START_AGE,
+                              death - SPAN], np.nan)
+    end = np.select(rules, [groups["_dated"].max(), death, birth + START_AGE + SPAN, death],
+                    np.nan)
+    end = np.where(np.isnan(start), end, np.maximum(start, end))
+    source = np.select(rules, ["dated works", "life", "life", "life"], "")
+    return pd.DataFrame({"artist": groups.size().index.to_numpy(dtype=object),
+                         "birth_year": birth, "death_year": death,
+                         "active_start": start, "active_end": end,
+                         "active_mid": (start + end) / 2,
+                         "active_source": np.where(source == "", None, source).astype(object),
+                         "dates_ignored": groups["year"].count().to_numpy() - dated})
 
 
-def _first(values: pd.Series) -> float:
-    known = values.dropna()
-    return float(known.iloc[0]) if len(known) else np.nan
-
-
-def _mix(values: pd.Series, top: int | None = None) -> list[dict[str, Any]]:
-    """Shares of each value, largest first: [{label, share}]."""
-    shares = values.dropna().astype(str).value_counts(normalize=True)
-    return [{"label": k, "share": round(float(v), 4)} for k, v in shares.head(top).items()]
+def _mixes(frame: pd.DataFrame, column: str) -> dict[Any, list[dict[str, Any]]]:
+    """Per artist, the shares of each known value of `column`, largest first (ties in the order
+    they first appear, as `value_counts` gives them): {artist: [{label, share}]}."""
+    known = frame[frame[column].notna()]
+    counts = (pd.DataFrame({"artist": known["artist"].to_numpy(),
+                            "label": known[column].astype(str).to_numpy()})
+              .groupby(["artist", "label"], sort=False).size().reset_index(name="n")
+              .sort_values(["artist", "n"], ascending=[True, False], kind="stable"))
+    share = counts["n"] / counts.groupby("artist")["n"].transform("sum")
+    out: dict[Any, list[dict[str, Any]]] = {}
+    for artist, label, value in zip(counts["artist"].tolist(), counts["label"].tolist(),
+                                    share.tolist(), strict=True):
+        out.setdefault(artist, []).append({"label": label, "share": round(value, 4)})
+    return out
 
 
 def artists_table(catalog: pd.DataFrame, families: np.ndarray) -> pd.DataFrame:
     """One row per artist: counts, nationality, life and active years, style/genre/family mix."""
-    years = active_years(catalog).set_index("artist")
+    years = active_years(catalog)
     cat = catalog.assign(_family=families)
-    rows = []
-    for artist, group in cat.groupby("artist", sort=True):
-        fam = group["_family"].value_counts(normalize=True)
-        rows.append({
-            "artist": artist, "artist_id": artist_slug(artist), "paintings": len(group),
-            "nationality": (group["nationality"].dropna().astype(str).mode().iat[0]
-                            if group["nationality"].notna().any() else None),
-            **years.loc[artist].to_dict(),
-            "styles": _mix(group["style"]), "genres": _mix(group["genre"]),
-            "families": [{"cluster": int(c), "share": round(float(s), 4)}
-                         for c, s in fam.items()],
-            "family": int(fam.index[0]),
-        })
-    return pd.DataFrame(rows)
+    styles, genres = _mixes(cat, "style"), _mixes(cat, "genre")
+    family_mix = _mixes(cat.assign(_family=families.astype(np.int64)), "_family")
+    paintings = cat.groupby("artist", sort=True).size()
+    # The commonest nationality, the first in sorted order among equals (as `Series.mode`).
+    known = cat[cat["nationality"].notna()]
+    nations = (pd.DataFrame({"artist": known["artist"].to_numpy(),
+                             "label": known["nationality"].astype(str).to_numpy()})
+               .groupby(["artist", "label"]).size().reset_index(name="n")
+               .sort_values(["artist", "n"], ascending=[True, False], kind="stable")
+               .drop_duplicates("artist"))
+    nationality = dict(zip(nations["artist"], nations["label"], strict=True))
+    table = years.assign(paintings=paintings.to_numpy())
+    table.insert(1, "artist_id", [artist_slug(a) for a in table["artist"]])
+    table.insert(2, "paintings", table.pop("paintings"))
+    table.insert(3, "nationality", [nationality.get(a) for a in table["artist"]])
+    table["styles"] = [styles.get(a, []) for a in table["artist"]]
+    table["genres"] = [genres.get(a, []) for a in table["artist"]]
+    table["families"] = [[{"cluster": int(m["label"]), "share": m["share"]}
+                          for m in family_mix[a]] for a in table["artist"]]
+    table["family"] = [int(family_mix[a][0]["label"]) for a in table["artist"]]
+    return table
 
 
 def time_rule(artists: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -264,10 +271,12 @@ def seniority(artists: pd.DataFrame, penalty: float = LATE_PENALTY,
     return -penalty * np.nan_to_num(later, nan=0.0)
 
 
-def evidence(links: pd.DataFrame, codes: np.ndarray, keep: int = EVIDENCE_POOL
-             ) -> dict[tuple[int, int], list[tuple[int, int, float]]]:
-    """The `keep` strongest index links per unordered artist pair as (row of a, row of b,
-    similarity), keyed (a, b) with a < b."""
+def evidence(links: pd.DataFrame, codes: np.ndarray, ids: np.ndarray, years: np.ndarray,
+             keep: int = EVIDENCE_POOL, show: int = EVIDENCE
+             ) -> dict[tuple[int, int], list[dict[str, Any]]]:
+    """Each directed artist pair's evidence (module doc, step 7), keyed (artist, influencer):
+    of the `keep` strongest index links between the two, the first `show` that respect time,
+    as (painting of the artist, painting of the influencer, similarity)."""
     a, b = codes[links["row"].to_numpy()], codes[links["neighbour"].to_numpy()]
     lo_is_row = a < b
     frame = pd.DataFrame({
@@ -281,16 +290,22 @@ def evidence(links: pd.DataFrame, codes: np.ndarray, keep: int = EVIDENCE_POOL
     frame = frame.sort_values(["lo", "hi", "similarity"], ascending=[True, True, False],
                               kind="stable")
     frame = frame.groupby(["lo", "hi"], sort=False).head(keep)
-    out: dict[tuple[int, int], list[tuple[int, int, float]]] = {}
-    for r in frame.itertuples(index=False):
-        out.setdefault((int(r.lo), int(r.hi)), []).append(
-            (int(r.lo_row), int(r.hi_row), round(float(r.similarity), 4)))
+    lo, hi, lo_row, hi_row, sim = (frame[c].to_numpy() for c in
+                                   ("lo", "hi", "lo_row", "hi_row", "similarity"))
+    # Both directions of every unordered pair, each oriented (artist's, influencer's) and
+    # still strongest first, then the time test and the first `show` of each.
+    directed = pd.DataFrame({"artist": np.r_[lo, hi], "influencer": np.r_[hi, lo],
+                             "mine": np.r_[lo_row, hi_row], "theirs": np.r_[hi_row, lo_row],
+                             "similarity": np.r_[sim, sim]})
+    mine, theirs = directed["mine"].to_numpy(), directed["theirs"].to_numpy()
+    directed = directed[~(years[theirs] > years[mine])]
+    directed = directed.groupby(["artist", "influencer"], sort=False).head(show)
+    out: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for i, j, m, t, s in zip(*(directed[c].to_numpy().tolist() for c in directed.columns),
+                             strict=True):
+        out.setdefault((i, j), []).append({"image_id": ids[m], "influenced_by_image_id": ids[t],
+                                           "similarity": round(s, 4)})
     return out
-
-
-def in_time(work: float, influencer_work: float) -> bool:
-    """A painting pair may show influence unless both are dated and the influencer's is later."""
-    return not (influencer_work > work)
 
 
 def rank_candidates(pairs: pd.DataFrame, artists: pd.DataFrame) -> pd.Series:
@@ -316,17 +331,12 @@ def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.Da
     timing = seniority(artists)
     score = (visual + visual.T) / 2 + timing
     allowed, relation = time_rule(artists)
-    linked = evidence(links, codes)
+    linked = evidence(links, codes, ids, years)
     mid = artists["active_mid"].to_numpy(dtype=float)
     rows = []
     for i, j in zip(*np.nonzero(allowed), strict=True):
-        # Orient each painting pair as (painting of the artist, painting of the influencer).
-        oriented = [(lo, hi, s) if i < j else (hi, lo, s)
-                    for lo, hi, s in linked.get((min(i, j), max(i, j)), [])]
-        ev = [{"image_id": ids[mine], "influenced_by_image_id": ids[theirs], "similarity": s}
-              for mine, theirs, s in oriented if in_time(years[mine], years[theirs])][:EVIDENCE]
         rows.append((names[i], names[j], score[i, j], visual[i, j], visual[j, i],
-                     timing[i, j], relation[i, j], mid[i] - mid[j], ev))
+                     timing[i, j], relation[i, j], mid[i] - mid[j], linked.get((i, j), [])))
     pairs = pd.DataFrame(rows, columns=["artist", "influenced_by", "score", "visual", "reverse",
                                         "time", "relation", "gap", "evidence"])
     pairs["rank"] = rank_candidates(pairs, artists)

@@ -16,6 +16,7 @@ from influence.commands import cmd_cluster, cmd_index
 from influence.index import load_index, search
 from influence.influence import active_years, load_influence, time_rule
 from influence.pipeline import main
+from influence.readers import load_clustering
 from influence.runs import Run, read_json
 
 from .conftest import ARTISTS
@@ -73,6 +74,29 @@ def test_active_years_from_dated_works_else_from_life() -> None:
     assert tuple(years.loc["Died", ["active_start", "active_end"]]) == (1760, 1800)
     assert np.isnan(years.loc["Unknown", "active_mid"])
     assert pd.isna(years.loc["Unknown", "active_source"])
+
+
+def test_each_artists_mixes_and_nationality_are_pandas_own_counts(built: Run) -> None:
+    """The artists table counts all artists at once; per artist it must say what pandas's
+    `value_counts` (shares, largest first, ties as they come) and `mode` say of that artist."""
+    inf = load_influence(built)
+    catalog = built.catalog()
+    families = pd.Series(load_clustering(built, FEATURES).assignments["kmeans"].to_numpy(),
+                         index=catalog.index)
+    table = inf.artists.set_index("artist")
+    assert list(table.index) == sorted(catalog["artist"].dropna().unique())
+    for artist, group in catalog.groupby("artist"):
+        row = table.loc[artist]
+        for column, field in (("style", "styles"), ("genre", "genres")):
+            shares = group[column].dropna().astype(str).value_counts(normalize=True)
+            assert [(m["label"], m["share"]) for m in row[field]] == \
+                [(k, round(float(v), 4)) for k, v in shares.items()]
+        assert row["paintings"] == len(group)
+        assert row["nationality"] == group["nationality"].dropna().astype(str).mode().iat[0]
+        shares = families[group.index].value_counts(normalize=True)
+        assert [(m["cluster"], m["share"]) for m in row["families"]] == \
+            [(int(k), round(float(v), 4)) for k, v in shares.items()]
+        assert row["family"] == int(shares.index[0])
 
 
 def test_time_rule_orders_pairs_and_keeps_undated_both_ways() -> None:
