@@ -22,11 +22,12 @@ from influence.commands import (
     cmd_review,
     cmd_train,
 )
+from influence.extract.store import FeatureStore
 from influence.readers import head_paths, load_clustering, split_path
 from influence.review import load_review
-from influence.runs import REFIT_SHARE, Run
+from influence.runs import REFIT_SHARE, Run, read_json, write_json
 
-from .conftest import make_slice
+from .conftest import MOBILENET, make_slice
 
 #: The run is fitted on BASE paintings; the collection holds EXTRA more to add.
 BASE = 200
@@ -228,3 +229,43 @@ def test_growth_past_the_share_or_asked_refits(run: Run, collection: pd.DataFram
     record = steps(run)["cluster", COMBINED]
     assert (record["action"], record["fit"]["why"], record["fit"]["rows"]) == (
         "fitted", "asked (--refit)", BASE + EXTRA - 3)
+
+
+def _relabel(run: Run, name: str, label: str, parts: slice = slice(None)) -> None:
+    """What a run made in another environment holds: its parts (and the features' record)
+    labelled with the weights file as that environment had it."""
+    store = FeatureStore(run, name)
+    for path in store.writer.part_files()[parts]:
+        with np.load(path) as z:
+            rows = {k: z[k] for k in z.files}
+        np.savez(path, **{**rows, "weights": np.asarray([label])})
+    info = read_json(store.info_path)
+    write_json(store.info_path, {**info, "weights": label})
+
+
+def test_a_run_made_in_another_environment_grows_with_the_same_weights_file(
+        collection: pd.DataFrame, tmp_path: Path) -> None:
+    """The weights file at another path (another clone, a re-made .venv) is the same network:
+    only the new paintings are embedded. Different weights in one matrix are still refused."""
+    folder = Path(collection["folder"].iat[0])
+    run = Run(tmp_path / "run")
+
+    def extract(rows: pd.DataFrame) -> int:
+        csv = folder / f"env-{len(rows)}.csv"
+        rows.drop(columns="folder").to_csv(csv, index=False)
+        return cmd_extract(run=str(run.root), metadata=str(csv), images=str(folder),
+                           extractors="mobilenet_v2", weights={"mobilenet_v2": str(MOBILENET)},
+                           progress=False)
+
+    assert extract(collection.iloc[:40]) == 0
+    before = np.array(run.features("mobilenet_v2"))
+    _relabel(run, "mobilenet_v2", "file /gone/old-env/mobilenet_v2_imagenet_features.pth")
+    assert extract(collection.iloc[:50]) == 0
+    info = run.features_info("mobilenet_v2")
+    assert (info["rows"], info["new_rows"]) == (50, 10)
+    assert info["weights"] == f"file {MOBILENET.resolve()}"
+    np.testing.assert_array_equal(run.features("mobilenet_v2")[:40], before)
+    # A part made with other weights (a node that fell back to random ones) is refused.
+    _relabel(run, "mobilenet_v2", "random (pretrained weights unavailable: offline)",
+             slice(0, 1))
+    assert extract(collection.iloc[:60]) == 1

@@ -13,12 +13,14 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import fsspec
 import numpy as np
 import pandas as pd
 
-from influence.runs import InfluenceError, Run
+from influence.extractors.weights import file_sha256
+from influence.runs import InfluenceError, Run, read_json
 
 
 class PartWriter:
@@ -110,8 +112,8 @@ class FeatureStore:
 
         Rows are written with positioned writes, not through a memory map, whose touched pages
         would count in the process's memory and grow with the collection.
-        Returns the weights the workers loaded; more than one is an error, and so is a row
-        missing for any image.
+        Returns the weights the workers loaded (the newest part's label); different weights are
+        an error, and so is a row missing for any image.
         """
         position = pd.Index(image_ids)
         tmp = self.matrix_path.with_name(self.matrix_path.name + ".tmp.npy")
@@ -119,6 +121,7 @@ class FeatureStore:
                   "fortran_order": False, "shape": (len(image_ids), dim)}
         filled = np.zeros(len(image_ids), dtype=bool)
         weights: set[str] = set()
+        newest: list[str] = []
         row_bytes = dim * 4
         with open(tmp, "wb") as f:
             np.lib.format.write_array_header_1_0(f, header)
@@ -138,7 +141,8 @@ class FeatureStore:
                     os.pwrite(f.fileno(), x[lo:hi].tobytes(), start + int(rows[lo]) * row_bytes)
                 filled[rows] = True
                 weights.update(part["weights"].tolist())
-        if len(weights) > 1:
+                newest = part["weights"].tolist()
+        if len(weights) > 1 and not self._one_file(weights):
             tmp.unlink()
             self.reset(f"workers loaded different weights ({'; '.join(sorted(weights))})")
             raise InfluenceError(f"{self.name}: workers loaded different weights; make the same "
@@ -148,4 +152,23 @@ class FeatureStore:
             raise InfluenceError(f"{self.name}: {int((~filled).sum())} images have no features "
                                  "(unreadable since cataloguing?); run extract again")
         os.replace(tmp, self.matrix_path)
-        return sorted(weights)
+        return newest[:1] if len(weights) > 1 else sorted(weights)
+
+    def _one_file(self, weights: set[str]) -> bool:
+        """Whether differing weights labels name one file's bytes at different paths (a run
+        grown from another clone or a re-made environment, nodes that keep the file elsewhere):
+        a path that is gone counts by the checksum recorded with the rows it made."""
+        recorded = read_json(self.info_path) if self.info_path.exists() else {}
+        checksum = recorded.get("weights_record", {}).get("checksum")
+        digests, gone = set(), False
+        for label in weights:
+            path = Path(label.removeprefix("file "))
+            if not label.startswith("file "):
+                return False
+            if path.is_file():
+                digests.add(file_sha256(path))
+            elif label == recorded.get("weights") and checksum:
+                gone = True
+            else:
+                return False
+        return len(digests) == 1 and (not gone or next(iter(digests)).startswith(checksum))
