@@ -10,6 +10,7 @@ of them can be a head's target. An optional `split` column fixes a painting's pa
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import os
@@ -62,9 +63,11 @@ VERSION = "2"
 REJECTED_COLUMNS = ["row", "file", "reason", "detail", *TEXT_FIELDS]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def artist_slug(name: str) -> str:
     """An artist's id in URLs and JSON: ASCII, lower case, words joined by '-' ("Claude Monet"
-    -> "claude-monet"); stable, so a link to an artist survives a rebuilt run."""
+    -> "claude-monet"); stable, so a link to an artist survives a rebuilt run. Remembered per
+    name: search ranks the same few hundred artists for every query."""
     ascii_name = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode()
     return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-") or "unknown"
 
