@@ -5,8 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Under pytest-xdist each worker is one of as many processes as there are cores: one thread
@@ -14,10 +13,6 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_name, "1")
-
-# Derived model files (the style encoder's batched graph) go to a cache of the test session's
-# own, not the user's, so every run of the suite makes them once and reads them back.
-os.environ.setdefault("INFLUENCE_CACHE_DIR", tempfile.mkdtemp(prefix="influence-cache-"))
 
 import pandas as pd
 import pytest
@@ -110,6 +105,21 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str,
             build(dest)
             done.touch()
     return dest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Derived model files (the style encoder's batched graph) in a cache of the session's own,
+    not the user's: every run of the suite makes them once and reads them back, the commands
+    it starts included."""
+    cache = tmp_path_factory.mktemp("model-cache")
+    before = os.environ.get("INFLUENCE_CACHE_DIR")
+    os.environ["INFLUENCE_CACHE_DIR"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("INFLUENCE_CACHE_DIR", None)
+    else:
+        os.environ["INFLUENCE_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")
