@@ -148,14 +148,20 @@ def active_years(catalog: pd.DataFrame) -> pd.DataFrame:
                          "dates_ignored": groups["year"].count().to_numpy() - dated})
 
 
-def _mixes(frame: pd.DataFrame, column: str) -> dict[Any, list[dict[str, Any]]]:
-    """Per artist, the shares of each known value of `column`, largest first (ties in the order
-    they first appear, as `value_counts` gives them): {artist: [{label, share}]}."""
+def _counts(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    """(artist, label, n): how many of each artist's paintings have each known value of
+    `column`, by artist, most first, ties in the order they first appear (as `value_counts`)."""
     known = frame[frame[column].notna()]
-    counts = (pd.DataFrame({"artist": known["artist"].to_numpy(),
-                            "label": known[column].astype(str).to_numpy()})
-              .groupby(["artist", "label"], sort=False).size().reset_index(name="n")
-              .sort_values(["artist", "n"], ascending=[True, False], kind="stable"))
+    return (pd.DataFrame({"artist": known["artist"].to_numpy(),
+                          "label": known[column].astype(str).to_numpy()})
+            .groupby(["artist", "label"], sort=False).size().reset_index(name="n")
+            .sort_values(["artist", "n"], ascending=[True, False], kind="stable"))
+
+
+def _mixes(frame: pd.DataFrame, column: str) -> dict[Any, list[dict[str, Any]]]:
+    """Per artist, the shares of each known value of `column`, largest first (`_counts`):
+    {artist: [{label, share}]}."""
+    counts = _counts(frame, column)
     share = counts["n"] / counts.groupby("artist")["n"].transform("sum")
     out: dict[Any, list[dict[str, Any]]] = {}
     for artist, label, value in zip(counts["artist"].tolist(), counts["label"].tolist(),
@@ -167,16 +173,12 @@ def _mixes(frame: pd.DataFrame, column: str) -> dict[Any, list[dict[str, Any]]]:
 def artists_table(catalog: pd.DataFrame, families: np.ndarray) -> pd.DataFrame:
     """One row per artist: counts, nationality, life and active years, style/genre/family mix."""
     years = active_years(catalog)
-    cat = catalog.assign(_family=families)
-    styles, genres = _mixes(cat, "style"), _mixes(cat, "genre")
-    family_mix = _mixes(cat.assign(_family=families.astype(np.int64)), "_family")
+    cat = catalog.assign(_family=families.astype(np.int64))
+    styles, genres, family_mix = (_mixes(cat, c) for c in ("style", "genre", "_family"))
     paintings = cat.groupby("artist", sort=True).size()
     # The commonest nationality, the first in sorted order among equals (as `Series.mode`).
-    known = cat[cat["nationality"].notna()]
-    nations = (pd.DataFrame({"artist": known["artist"].to_numpy(),
-                             "label": known["nationality"].astype(str).to_numpy()})
-               .groupby(["artist", "label"]).size().reset_index(name="n")
-               .sort_values(["artist", "n"], ascending=[True, False], kind="stable")
+    nations = (_counts(cat, "nationality")
+               .sort_values(["artist", "n", "label"], ascending=[True, False, True])
                .drop_duplicates("artist"))
     nationality = dict(zip(nations["artist"], nations["label"], strict=True))
     table = years.assign(paintings=paintings.to_numpy())
