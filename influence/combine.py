@@ -111,8 +111,10 @@ def combine(blocks: Sequence[np.ndarray], weights: Sequence[float],
     return np.concatenate(out, axis=1)
 
 
-def fit_whitener(block: np.ndarray, k: int) -> PCA:
-    """PCA whitening of a part's L2-normalised rows to at most k dimensions (seeded sample)."""
+def fit_whitener(block: np.ndarray, k: int, solver: str | None = None, seed: int = 0) -> PCA:
+    """PCA whitening of a part's L2-normalised rows to at most k dimensions (seeded sample);
+    `solver` is scikit-learn's `svd_solver` (default: exact, as below), `seed` its random_state
+    (`benchmarks/bench_whitening.py` compares the randomized solver's seeds)."""
     rows = np.arange(len(block))
     if len(rows) > WHITEN_SAMPLE:
         rows = np.sort(np.random.default_rng(0).choice(len(rows), WHITEN_SAMPLE, replace=False))
@@ -120,8 +122,8 @@ def fit_whitener(block: np.ndarray, k: int) -> PCA:
     k = min(k, x.shape[1], len(x) - 1)
     # With more rows than columns, exact components from the covariance's eigenvectors cost
     # less than the randomized SVD scikit-learn would choose for 512 of 1,280 dimensions.
-    solver = "covariance_eigh" if len(x) > x.shape[1] else "auto"
-    return PCA(n_components=k, whiten=True, svd_solver=solver, random_state=0).fit(x)
+    solver = solver or ("covariance_eigh" if len(x) > x.shape[1] else "auto")
+    return PCA(n_components=k, whiten=True, svd_solver=solver, random_state=seed).fit(x)
 
 
 def save_features(run: Run, name: str, matrix_rows: int, dim: int,
