@@ -162,9 +162,9 @@ class FeatureStore:
         checksum = recorded.get("weights_record", {}).get("checksum")
         digests, gone = set(), False
         for label in weights:
-            path = Path(label.removeprefix("file "))
             if not label.startswith("file "):
                 return False
+            path = Path(label.removeprefix("file "))
             if path.is_file():
                 digests.add(file_sha256(path))
             elif label == recorded.get("weights") and checksum:
