@@ -7,9 +7,10 @@ The combine stage whitens each part from its covariance's eigenvectors (exact, s
 version 2); before, scikit-learn's default solver fitted 512 of 1,280 dimensions by randomized
 SVD, whose result, and so the influence figures, move with its seed. This refits the run's
 default combined set both ways from its stored parts (the run is only read), scores influence
-on each as the stage does (`score_pairs` on an exact index of the set, `evaluation_report`), and
-reports the exact figures beside the randomized ones per seed: how far the previous default's
-figures moved with a seed nobody chose. JSON goes to `benchmarks/results/whitening.json`.
+on each as the stage does (`score_pairs` on the neighbour table of an exact index of the set,
+`evaluation_report`), and reports the exact figures beside the randomized ones per seed: how
+far the previous default's figures moved with a seed nobody chose. JSON goes to
+`benchmarks/results/whitening.json`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from bench_first_run import _cpu
 from measure import save
 
 from influence.combine import combine, fit_whitener, parse, whitening
-from influence.index import build_index
+from influence.index import build_index, neighbour_table
 from influence.influence import (
     artists_table,
     baselines,
@@ -45,7 +46,8 @@ def figures(blocks: list[np.ndarray], weights: list[float], k: int, solver: str 
     """The method's AUC and hit@5 with every part whitened to k dims by `solver`."""
     whiteners = [fit_whitener(block, k, solver, seed) for block in blocks]
     x = combine(blocks, weights, whiteners)
-    pairs = score_pairs(build_index(x), x, context["catalog"], context["artists"])
+    pairs = score_pairs(neighbour_table(build_index(x), x), context["catalog"],
+                        context["artists"])
     report = evaluation_report(pairs, baselines(x, context["catalog"], context["artists"]),
                                context["artists"], context["recorded"], "recorded")
     method = report["results"]["method"]

@@ -11,6 +11,11 @@ On 100,000 mobilenet_v2 vectors and two cores the inverted file built in 18 s, a
 
 Artists are ranked from the `ARTIST_POOL` nearest paintings by `rank_artists`, a rule that does
 not let a prolific artist win by volume alone: see its docstring.
+
+Beside each index is its neighbour table (`load_neighbours`): every painting's `NEIGHBOURS`
+nearest other paintings, found once when the index is built and extended as the collection
+grows. The leave-one-out score, `influence` and `review` read it instead of each searching the
+whole collection again.
 """
 
 from __future__ import annotations
@@ -53,6 +58,9 @@ RECALL_TARGET = 0.97
 ARTIST_POOL = 50
 #: An artist's score is the mean of their best `BEST_OF` similarities in the pool.
 BEST_OF = 3
+#: Nearest other paintings stored for every painting: `influence` reads all of them, `review` and
+#: the leave-one-out score the first ones.
+NEIGHBOURS = 200
 #: Paintings used to measure leave-one-out artist retrieval when an index is built.
 EVAL_QUERIES = 2_000
 #: Of those, the queries an approximate index's recall@10 against exact search is measured on.
@@ -181,23 +189,22 @@ def vote_artists(artists: Sequence[Any]) -> list[str]:
     return [a for a, _ in counts.most_common()]
 
 
-def leave_one_out(index: faiss.Index, x: np.ndarray, artists: np.ndarray, rows: np.ndarray,
+def leave_one_out(sims: np.ndarray, nbrs: np.ndarray, artists: np.ndarray, rows: np.ndarray,
                   pool: int = ARTIST_POOL, top: int = 5) -> dict[str, Any]:
     """How often a painting's own artist is among the `top` similar artists, itself left out.
 
-    Each chosen row queries the index; its own row is dropped from the answer, which is the same
-    as searching an index without it. Also reports the nearest painting's artist (1-NN) and the
-    same measure under the naive vote, so the aggregation rule is justified by numbers.
+    `sims` and `nbrs` are the neighbour table (`neighbour_table`: each row's nearest other
+    rows), which is the same as searching an index without the painting. Also reports the
+    nearest painting's artist (1-NN) and the same measure under the naive vote, so the
+    aggregation rule is justified by numbers.
     """
-    scores, found = search(index, x[rows], pool + 1)
     hits = vote_hits = nn_hits = counted = 0
-    for q, row in enumerate(rows):
+    for row in rows:
         own = artists[row]
         if not isinstance(own, str):
             continue
-        keep = (found[q] != row) & (found[q] >= 0)
-        s, nbr = scores[q][keep][:pool], found[q][keep][:pool]
-        names = artists[nbr]
+        keep = nbrs[row, :pool] >= 0
+        s, names = sims[row, :pool][keep], artists[nbrs[row, :pool][keep]]
         counted += 1
         hits += own in [r["artist"] for r in rank_artists(s, names)[:top]]
         vote_hits += own in vote_artists(names)[:top]
@@ -207,28 +214,93 @@ def leave_one_out(index: faiss.Index, x: np.ndarray, artists: np.ndarray, rows: 
             "nearest_same_artist": round(nn_hits / max(counted, 1), 4)}
 
 
+def neighbour_table(index: faiss.Index, x: np.ndarray, k: int = NEIGHBOURS,
+                    queries: np.ndarray | None = None, progress: bool = False,
+                    chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of the `k` nearest other indexed rows of each row of `queries`
+    (default: every row), best first; -1 where there are fewer."""
+    queries = np.arange(len(x)) if queries is None else np.asarray(queries)
+    sims = np.full((len(queries), k), -1.0, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    for start in tqdm(range(0, len(queries), chunk), desc="index: neighbours", unit="chunk",
+                      disable=not progress):
+        asked = queries[start:start + chunk]
+        s, found = search(index, np.asarray(x[asked]), k + 1)
+        # The row itself (and faiss's -1 padding) leaves; the others keep their order.
+        keep = (found != asked[:, None]) & (found >= 0)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+        kept = np.take_along_axis(keep, order, axis=1)
+        width = kept.shape[1]
+        sims[start:start + len(asked), :width] = np.where(
+            kept, np.take_along_axis(s, order, axis=1), -1.0)
+        rows[start:start + len(asked), :width] = np.where(
+            kept, np.take_along_axis(found, order, axis=1), -1)
+    return sims, rows
+
+
+def grow_table(sims: np.ndarray, rows: np.ndarray, growth: Growth, index: faiss.Index,
+               x: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbour table of the grown catalog from the fit's: removed paintings leave the
+    kept ones' rows (a gap at the end until a refit), added ones search the index in full and
+    enter the kept ones' rows where they are closer than their last neighbour (the kept rows
+    are compared with the added vectors only)."""
+    take = growth.take
+    kept = np.flatnonzero(take >= 0)
+    added = np.flatnonzero(take < 0)
+    moved = np.full(len(growth.before), -1, dtype=np.int64)
+    moved[take[kept]] = kept
+    k = sims.shape[1]
+    out_s = np.full((len(take), k), -1.0, dtype=np.float32)
+    out_r = np.full((len(take), k), -1, dtype=np.int64)
+    old_r = rows[take[kept]]
+    new_r = np.where(old_r >= 0, moved[np.maximum(old_r, 0)], -1)
+    out_r[kept] = new_r
+    out_s[kept] = np.where(new_r >= 0, sims[take[kept]], -1.0)
+    if len(added):
+        out_s[added], out_r[added] = neighbour_table(index, x, k, added, chunk=chunk)
+        new_x = normalise(x[added])
+        for lo in range(0, len(kept), chunk):
+            part = kept[lo:lo + chunk]
+            s = np.concatenate([out_s[part], normalise(x[part]) @ new_x.T], axis=1)
+            r = np.concatenate([out_r[part], np.broadcast_to(added, (len(part), len(added)))],
+                               axis=1)
+            s[r < 0] = -1.0
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            out_s[part] = np.take_along_axis(s, order, axis=1)
+            out_r[part] = np.take_along_axis(r, order, axis=1)
+    # Gaps left by removed paintings go to the end of each row.
+    order = np.argsort(np.where(out_r >= 0, -out_s, np.inf), axis=1, kind="stable")
+    return np.take_along_axis(out_s, order, axis=1), np.take_along_axis(out_r, order, axis=1)
+
+
 def index_paths(run: Run, name: str) -> tuple[Any, Any]:
     return run.index_dir / f"{name}.faiss", run.index_dir / f"{name}.json"
 
 
+def neighbours_path(run: Run, name: str) -> Any:
+    return run.index_dir / f"{name}.neighbours.npz"
+
+
 #: Version of this stage's recipe: bump it when a code change changes the index or its scores.
-VERSION = "1"
+VERSION = "2"
 
 
 def index_step(run: Run, name: str, catalog: pd.DataFrame) -> Step:
     """What an index depends on: the features' fit, its settings, and the catalog's rows with
     the artists its leave-one-out score reads (paintings added or removed extend it)."""
     return estimator_step("index", name, {}, sys.modules[__name__],
-                          {"features": run.fit_key("extract", name)}, index_paths(run, name),
+                          {"features": run.fit_key("extract", name)},
+                          (*index_paths(run, name), neighbours_path(run, name)),
                           rows=Rows(catalog[["image_id", "artist"]]))
 
 
-def build_run_index(run: Run, name: str) -> dict[str, Any]:
-    """Bring RUN/index/<name>.faiss and its JSON up to date; returns the JSON (+ up_to_date)."""
+def build_run_index(run: Run, name: str, progress: bool = False) -> dict[str, Any]:
+    """Bring RUN/index/<name>.faiss, its neighbour table and its JSON up to date; returns the
+    JSON (+ up_to_date)."""
     run.features(name)
     catalog = run.catalog()
     step = index_step(run, name, catalog)
-    report = run.step(step, lambda: _build(run, name, catalog),
+    report = run.step(step, lambda: _build(run, name, catalog, progress),
                       lambda growth: _extend(run, name, catalog, growth))
     return {**read_json(index_paths(run, name)[1]), "up_to_date": report["up_to_date"]}
 
@@ -241,17 +313,23 @@ def _features(run: Run, name: str, catalog: pd.DataFrame) -> np.ndarray:
     return x
 
 
-def _evaluate(x: np.ndarray, index: faiss.Index, catalog: pd.DataFrame) -> tuple[dict, float]:
+def _evaluate(sims: np.ndarray, nbrs: np.ndarray, catalog: pd.DataFrame) -> tuple[dict, float]:
     """Leave-one-out artist retrieval on a seeded sample of rows, and its seconds."""
-    rows = np.sort(np.random.default_rng(0).choice(len(x), size=min(EVAL_QUERIES, len(x)),
+    rows = np.sort(np.random.default_rng(0).choice(len(sims), size=min(EVAL_QUERIES, len(sims)),
                                                    replace=False))
     start = time.perf_counter()
-    evaluation = leave_one_out(index, x, catalog["artist"].to_numpy(dtype=object), rows)
+    evaluation = leave_one_out(sims, nbrs, catalog["artist"].to_numpy(dtype=object), rows)
     return evaluation, time.perf_counter() - start
 
 
-def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
-    """Build, score and write one index; returns what run.json records of it."""
+def _save_neighbours(run: Run, name: str, sims: np.ndarray, rows: np.ndarray) -> None:
+    with atomic(neighbours_path(run, name)) as tmp:
+        np.savez(tmp, sims=sims, rows=rows.astype(np.int32))
+
+
+def _build(run: Run, name: str, catalog: pd.DataFrame, progress: bool) -> dict[str, Any]:
+    """Build, score and write one index and its neighbour table; returns what run.json
+    records of it."""
     faiss_path, json_path = index_paths(run, name)
     set_threads()
     start = time.perf_counter()
@@ -264,13 +342,18 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
     tuning = tune_nprobe(index, x, rows[:RECALL_QUERIES]) if approximate(index) else []
     recall = tuning[-1]["recall"] if tuning else 1.0
     recall_s = time.perf_counter() - start
-    evaluation, evaluated = _evaluate(x, index, catalog)
+    start = time.perf_counter()
+    sims, nbrs = neighbour_table(index, x, NEIGHBOURS, progress=progress)
+    _save_neighbours(run, name, sims, nbrs)
+    searched = time.perf_counter() - start
+    evaluation, evaluated = _evaluate(sims, nbrs, catalog)
     with atomic(faiss_path) as tmp:
         faiss.write_index(index, str(tmp))
     features_info = run.features_info(name)
     info = {"features": name, "weights": features_info.get("weights"), "rows": int(index.ntotal),
             "dim": int(index.d), "metric": "cosine (inner product of L2-normalised vectors)",
             **describe(index), "exact_max": EXACT_MAX,
+            "neighbours": NEIGHBOURS,
             "artists": {"pool": ARTIST_POOL, "best_of": BEST_OF,
                         "rule": "mean of the artist's best `best_of` similarities in the pool, "
                                 "empty places filled with the pool's lowest score"},
@@ -279,8 +362,8 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
                              "against": "exact inner-product search (1.0 when the index is "
                                         "exact)", "target": RECALL_TARGET, "nprobe_tried": tuning},
             "catalog": features_info.get("catalog"),
-            "timings": {"build_s": round(built, 3), "leave_one_out_s": round(evaluated, 3),
-                        "recall_s": round(recall_s, 3)},
+            "timings": {"build_s": round(built, 3), "neighbours_s": round(searched, 3),
+                        "leave_one_out_s": round(evaluated, 3), "recall_s": round(recall_s, 3)},
             "versions": versions()}
     write_json(json_path, info)
     return {k: info[k] for k in ("kind", "rows", "leave_one_out", "timings")}
@@ -288,7 +371,8 @@ def _build(run: Run, name: str, catalog: pd.DataFrame) -> dict[str, Any]:
 
 def _extend(run: Run, name: str, catalog: pd.DataFrame, growth: Growth) -> dict[str, Any]:
     """The stored index takes the vectors of the paintings added (and drops those removed);
-    an inverted file keeps its trained lists and nprobe. Leave-one-out is measured again."""
+    an inverted file keeps its trained lists and nprobe. The neighbour table grows
+    (`grow_table`) and leave-one-out is measured again from it."""
     faiss_path, json_path = index_paths(run, name)
     set_threads()
     start = time.perf_counter()
@@ -305,8 +389,10 @@ def _extend(run: Run, name: str, catalog: pd.DataFrame, growth: Growth) -> dict[
     if index.ntotal != len(catalog):
         raise InfluenceError(f"index of '{name}' holds {index.ntotal} rows after extending, "
                              f"the catalog {len(catalog)}: run `index --refit`")
+    sims, nbrs = grow_table(*load_neighbours(run, name), growth, index, x)
+    _save_neighbours(run, name, sims, nbrs)
     added = time.perf_counter() - start
-    evaluation, evaluated = _evaluate(x, index, catalog)
+    evaluation, evaluated = _evaluate(sims, nbrs, catalog)
     with atomic(faiss_path) as tmp:
         faiss.write_index(index, str(tmp))
     info = read_json(run.verified(json_path))
@@ -324,7 +410,7 @@ def build_run_indexes(run: Run, names: Sequence[str], progress: bool = True) -> 
     """`index` stage: build (or keep) the index of every named feature set."""
     out = []
     for name in tqdm(names, desc="index", unit="feature set", disable=not progress):
-        out.append(build_run_index(run, name))
+        out.append(build_run_index(run, name, progress))
     return out
 
 
@@ -333,6 +419,15 @@ def load_index(run: Run, name: str) -> faiss.Index:
     faiss_path, _ = index_paths(run, name)
     run.require(faiss_path, f"index --features {name}")
     return faiss.read_index(str(run.verified(faiss_path)))
+
+
+def load_neighbours(run: Run, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, rows) of every painting's `NEIGHBOURS` nearest other paintings, best
+    first (-1: none), as the index of a feature set stored them."""
+    path = neighbours_path(run, name)
+    run.require(path, f"index --features {name}")
+    with np.load(run.verified(path)) as stored:
+        return stored["sims"], stored["rows"].astype(np.int64)
 
 
 def indexed_features(run: Run) -> list[str]:

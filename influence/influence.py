@@ -5,8 +5,8 @@ proof that one painter influenced another.
 
 The recipe (`score_pairs`), on one indexed feature set:
 
-1. **Painting to artist.** Every painting searches the run's faiss index for its `POOL` nearest
-   paintings (itself left out). Its similarity to an artist is the `rank_artists` rule of
+1. **Painting to artist.** Every painting's `POOL` nearest paintings (itself left out), from
+   the index's neighbour table. Its similarity to an artist is the `rank_artists` rule of
    `similar`: the mean of its `BEST_OF` best similarities to that artist's paintings in the pool,
    empty places filled with the pool's lowest similarity (a bound on anything outside it).
 
@@ -69,7 +69,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from influence.catalog import artist_slug
-from influence.index import BEST_OF, load_index, search, set_threads
+from influence.index import BEST_OF, NEIGHBOURS, load_neighbours
 from influence.readers import load_clustering
 from influence.runs import (
     InfluenceError,
@@ -85,8 +85,9 @@ from influence.runs import (
 
 __all__ = ["Influence", "artist_slug", "build_influence", "load_influence"]
 
-#: Nearest paintings each painting's artist similarities are computed from.
-POOL = 200
+#: Nearest paintings each painting's artist similarities are computed from (all the index's
+#: neighbour table holds).
+POOL = NEIGHBOURS
 #: An artist resembles another through their `TOP_PAINTINGS` paintings most like the other's:
 #: influence shows in part of a body of work, and ten is more than one lucky match.
 TOP_PAINTINGS = 10
@@ -209,21 +210,24 @@ def time_rule(artists: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -------------------------------------------------------------------------------- the visual part
-def painting_artist_similarity(index: Any, x: np.ndarray, codes: np.ndarray, n_artists: int,
-                               pool: int = POOL, best_of: int = BEST_OF, batch: int = 1024,
+def painting_artist_similarity(neighbour_sims: np.ndarray, neighbour_rows: np.ndarray,
+                               codes: np.ndarray, n_artists: int, pool: int = POOL,
+                               best_of: int = BEST_OF, batch: int = 1024,
                                progress: bool = False) -> tuple[np.ndarray, pd.DataFrame]:
-    """(S, links): S[p, a] is painting p's similarity to artist a (rule: module doc, step 1);
-    links are the index's (row, neighbour, similarity) pairs between different artists."""
-    n = len(x)
+    """(S, links): S[p, a] is painting p's similarity to artist a (rule: module doc, step 1),
+    from the first `pool` columns of the neighbour table (`index.load_neighbours`); links are
+    its (row, neighbour, similarity) pairs between different artists."""
+    n = len(neighbour_rows)
+    if neighbour_rows.shape[1] < pool:
+        raise InfluenceError(f"the index's neighbour table holds {neighbour_rows.shape[1]} "
+                             f"neighbours a painting, influence needs {pool}: run `index --refit`")
     sims = np.empty((n, n_artists), dtype=np.float32)
     links = []
     for lo in tqdm(range(0, n, batch), desc="neighbours", unit="batch", disable=not progress):
         hi = min(n, lo + batch)
-        scores, rows = search(index, np.asarray(x[lo:hi]), pool + 1)
+        scores, rows = neighbour_sims[lo:hi, :pool], neighbour_rows[lo:hi, :pool]
         rows_here = np.arange(lo, hi)[:, None]
-        # Drop each painting itself (and faiss's -1 padding), keeping `pool` neighbours a row.
-        keep = (rows != rows_here) & (rows >= 0)
-        keep &= np.cumsum(keep, axis=1) <= pool
+        keep = rows >= 0
         query = np.broadcast_to(rows_here, rows.shape)[keep]
         nbr, sim = rows[keep], scores[keep]
         owner = codes[nbr]
@@ -319,15 +323,16 @@ def rank_candidates(pairs: pd.DataFrame, artists: pd.DataFrame) -> pd.Series:
     return (order.groupby("artist").cumcount() + 1).reindex(pairs.index)
 
 
-def score_pairs(index: Any, x: np.ndarray, catalog: pd.DataFrame, artists: pd.DataFrame,
-                pool: int = POOL, progress: bool = False) -> pd.DataFrame:
-    """Every time-allowed directed pair with its score, parts and evidence (module doc)."""
+def score_pairs(neighbours: tuple[np.ndarray, np.ndarray], catalog: pd.DataFrame,
+                artists: pd.DataFrame, pool: int = POOL, progress: bool = False) -> pd.DataFrame:
+    """Every time-allowed directed pair with its score, parts and evidence (module doc), from
+    the index's neighbour table (similarities, rows)."""
     names = artists["artist"].tolist()
     code_of = {a: i for i, a in enumerate(names)}
     codes = catalog["artist"].map(code_of).fillna(-1).to_numpy(dtype=np.int64)
     ids = catalog["image_id"].to_numpy(dtype=object)
     years = plausible_years(catalog).to_numpy()
-    sims, links = painting_artist_similarity(index, x, codes, len(names), pool,
+    sims, links = painting_artist_similarity(*neighbours, codes, len(names), pool,
                                              progress=progress)
     visual = artist_resemblance(sims, codes, len(names))
     timing = seniority(artists)
@@ -533,15 +538,14 @@ def _build(run: Run, features: str, catalog: pd.DataFrame, x: np.ndarray,
     out = influence_dir(run)
     # Loaded only when the tables must be rebuilt (an up-to-date run reads neither).
     clustering = load_clustering(run, features)
-    index = load_index(run, features)
-    set_threads()
+    neighbours = load_neighbours(run, features)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     families = clustering.assignments["kmeans"].to_numpy()
     artists = artists_table(catalog, families)
     timings["artists_s"] = time.perf_counter() - start
     t = time.perf_counter()
-    pairs = score_pairs(index, x, catalog, artists, progress=progress)
+    pairs = score_pairs(neighbours, catalog, artists, progress=progress)
     timings["pairs_s"] = time.perf_counter() - t
     t = time.perf_counter()
     flows = flows_table(catalog, families)

@@ -4,9 +4,9 @@ Real catalogues hold the same painting scanned twice under two records, attribut
 picture argues against, and records whose image is no painting at all. The stage (`review`)
 lists each for a person to check, most likely first, from one indexed feature set:
 
-1. **Neighbours.** Every painting searches the run's faiss index for its `POOL` nearest
-   paintings (itself left out), once; all three lists read that pool, so the stage scales like
-   `index` does.
+1. **Neighbours.** Every painting's `POOL` nearest paintings (itself left out), the first of
+   those the index's neighbour table holds (`index.load_neighbours`); all three lists read
+   that pool, so the stage scales like `index` does and searches nothing itself.
 
 2. **Duplicates.** A pair is a candidate when one is among the other's neighbours at least as
    alike as the `CANDIDATE_QUANTILE` of all the pool's similarities (a share, not a cosine, so
@@ -41,9 +41,9 @@ lists each for a person to check, most likely first, from one indexed feature se
    similarity to its `OUTLIER_K`-th nearest painting, so a small group of like things (a batch of
    blank scans) stays unusual; the reason gives that similarity against the collection's median.
 
-Paintings added to a reviewed run extend it (`Run.step`'s extend, up to `REFIT_SHARE`): their
-neighbours are searched in the index and they enter the pools of the others; only their images
-are hashed, with the fit's thresholds; their labels are scored by the heads fitted on every
+Paintings added to a reviewed run extend it (`Run.step`'s extend, up to `REFIT_SHARE`): the
+index's neighbour table has grown with them (`index.grow_table`); only their images are
+hashed, with the fit's thresholds; their labels are scored by the heads fitted on every
 scored painting (which never saw them: out of sample), the others keep their out-of-fold
 probabilities; every ranking and the outliers are recomputed over all paintings.
 
@@ -52,6 +52,7 @@ probabilities; every ranking and the outliers are recomputed over all paintings.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import warnings
@@ -89,7 +90,7 @@ from influence.runs import (
 
 __all__ = ["Review", "build_review", "load_review", "review_dir", "review_head"]
 
-#: Nearest paintings searched per painting (itself left out).
+#: Nearest paintings per painting (itself left out) the lists read from the index's table.
 POOL = 50
 #: Duplicate candidates are the pairs of neighbours at least as alike as this quantile of all
 #: the pool's similarities (a share, not a cosine: one rule for every feature set, and 300
@@ -130,7 +131,7 @@ EVIDENCE_SAMPLE = 4000
 #: The neighbour whose similarity makes a painting's outlier score.
 OUTLIER_K = 20
 #: Version of this stage's recipe: bump it when a code change changes its tables.
-VERSION = "4"
+VERSION = "5"
 TABLES = ("duplicates", "labels", "outliers")
 
 
@@ -141,7 +142,7 @@ def review_dir(run: Run) -> Path:
 def review_paths(run: Run) -> dict[str, Path]:
     out = review_dir(run)
     return {**{t: out / f"{t}.parquet" for t in TABLES}, "summary": out / "review.json",
-            "pool": out / "neighbours.npz", "hashes": out / "hashes.parquet",
+            "hashes": out / "hashes.parquet",
             "models": out / "labels.joblib"}
 
 
@@ -186,65 +187,6 @@ def review_head() -> PooledDiscriminant:
     form; on artists its out-of-fold accuracy was 0.41, a logistic head's 0.34 in ten times the
     time)."""
     return PooledDiscriminant()
-
-
-# ------------------------------------------------------------------------------------ neighbours
-def neighbour_pool(index: Any, x: np.ndarray, pool: int = POOL, progress: bool = True,
-                   chunk: int = 4096, queries: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, rows) of the `pool` nearest other rows of each row of `queries` (default:
-    every row), best first (-1: none)."""
-    from influence.index import search
-
-    queries = np.arange(len(x)) if queries is None else np.asarray(queries)
-    n = len(queries)
-    sims = np.full((n, pool), -1.0, dtype=np.float32)
-    rows = np.full((n, pool), -1, dtype=np.int64)
-    for start in tqdm(range(0, n, chunk), desc="review: neighbours", unit="chunk",
-                      disable=not progress):
-        asked = queries[start:start + chunk]
-        s, found = search(index, np.asarray(x[asked]), pool + 1)
-        for q, row in enumerate(asked):
-            keep = (found[q] != row) & (found[q] >= 0)
-            s_q, f_q = s[q][keep][:pool], found[q][keep][:pool]
-            sims[start + q, :len(f_q)], rows[start + q, :len(f_q)] = s_q, f_q
-    return sims, rows
-
-
-def grow_pool(sims: np.ndarray, rows: np.ndarray, growth: Growth, index: Any, x: np.ndarray,
-              chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """The pool of the grown catalog: removed paintings leave the kept ones' pools (a gap at
-    the end until a refit), added ones search the index and enter the kept ones' pools where
-    they are closer than their last neighbour."""
-    from influence.index import normalise
-
-    take = growth.take
-    kept = np.flatnonzero(take >= 0)
-    added = np.flatnonzero(take < 0)
-    moved = np.full(len(growth.before), -1, dtype=np.int64)
-    moved[take[kept]] = kept
-    pool = sims.shape[1]
-    out_s = np.full((len(take), pool), -1.0, dtype=np.float32)
-    out_r = np.full((len(take), pool), -1, dtype=np.int64)
-    old_r = rows[take[kept]]
-    new_r = np.where(old_r >= 0, moved[np.maximum(old_r, 0)], -1)
-    out_r[kept] = new_r
-    out_s[kept] = np.where(new_r >= 0, sims[take[kept]], -1.0)
-    if len(added):
-        out_s[added], out_r[added] = neighbour_pool(index, x, pool, False, chunk, added)
-        new_x = normalise(x[added])
-        for lo in range(0, len(kept), chunk):
-            part = kept[lo:lo + chunk]
-            s = np.concatenate([out_s[part], normalise(x[part]) @ new_x.T], axis=1)
-            r = np.concatenate([out_r[part], np.broadcast_to(added, (len(part), len(added)))],
-                               axis=1)
-            s[r < 0] = -1.0
-            order = np.argsort(-s, axis=1, kind="stable")[:, :pool]
-            out_s[part] = np.take_along_axis(s, order, axis=1)
-            out_r[part] = np.take_along_axis(r, order, axis=1)
-    # Gaps left by removed paintings go to the end of each pool.
-    order = np.argsort(np.where(out_r >= 0, -out_s, np.inf), axis=1, kind="stable")
-    return np.take_along_axis(out_s, order, axis=1), np.take_along_axis(out_r, order, axis=1)
 
 
 # ------------------------------------------------------------------------------------ duplicates
@@ -657,13 +599,13 @@ def head_views(run: Run, features: str) -> list[str]:
 def build_review(run: Run, features: str | None = None, progress: bool = True) -> dict[str, Any]:
     """`review` stage: write RUN/review/ for a feature set; returns review.json (+ up_to_date).
 
-    Four steps of the run protocol: the neighbour pool, then duplicates, labels and outliers
-    from it. Paintings added or removed extend the first three (see the module's docstring);
-    past REFIT_SHARE they are built again.
+    Three steps of the run protocol, duplicates, labels and outliers, from the index's
+    neighbour table. Paintings added or removed extend the first two (see the module's
+    docstring); past REFIT_SHARE they are built again.
     """
     import joblib
 
-    from influence.index import load_index, set_threads
+    from influence.index import load_neighbours
     from influence.similar import default_features
 
     features = features or default_features(run)
@@ -682,7 +624,6 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         raise InfluenceError(f"the parts of '{features}' do not have a row per painting: run "
                              f"`extract` again")
     module = sys.modules[__name__]
-    ids = catalog[["image_id"]]
 
     def timed(build: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         def wrapped(*args: Any) -> dict[str, Any]:
@@ -691,31 +632,12 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
             return {**out, "total_s": round(time.perf_counter() - start, 3)}
         return wrapped
 
-    def index() -> Any:
-        set_threads()
-        return load_index(run, features)
-
+    @functools.cache
     def pool() -> tuple[np.ndarray, np.ndarray]:
-        with np.load(run.verified(paths["pool"])) as stored:
-            return stored["sims"], stored["rows"].astype(np.int64)
-
-    def save_pool(sims: np.ndarray, rows: np.ndarray) -> dict[str, Any]:
-        with atomic(paths["pool"]) as tmp:
-            np.savez(tmp, sims=sims, rows=rows.astype(np.int32))
-        return {"pool": int(sims.shape[1])}
-
-    def neighbours() -> dict[str, Any]:
-        return save_pool(*neighbour_pool(index(), x, POOL, progress))
-
-    def more_neighbours(growth: Growth) -> dict[str, Any]:
-        return {**save_pool(*grow_pool(*pool(), growth, index(), x)),
-                "added": int(growth.new.sum()), "removed": len(growth.removed)}
+        sims, rows = load_neighbours(run, features)
+        return np.ascontiguousarray(sims[:, :POOL]), np.ascontiguousarray(rows[:, :POOL])
 
     steps: dict[str, Any] = {}
-    steps["neighbours"] = (estimator_step(
-        "review", "neighbours", {}, module,
-        {"features": run.fit_key("extract", features), "index": run.fit_key("index", features)},
-        (paths["pool"],), {"features": features}, rows=Rows(ids)), neighbours, more_neighbours)
 
     def duplicates(thresholds: dict[str, float] | None = None,
                    known: pd.DataFrame | None = None) -> dict[str, Any]:
@@ -780,10 +702,10 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
         return {"rows": len(frame)}
 
     start = time.perf_counter()
-    step, build, extend = steps["neighbours"]
-    reports = {"neighbours": run.step(step, timed(build), timed(extend))}
-    # The tables read the pool's fit (so a grown pool extends them) and the outliers its key.
-    read = {"neighbours": run.fit_key("review", "neighbours")}
+    reports = {}
+    # The tables read the index's fit (so a grown neighbour table extends them) and the
+    # outliers its key.
+    read = {"neighbours": run.fit_key("index", features)}
     fields = [f for f in CONFLICT_FIELDS if f in catalog]
     steps["duplicates"] = (estimator_step(
         "review", "duplicates", {}, module, read, (paths["duplicates"], paths["hashes"]),
@@ -798,7 +720,7 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
     steps["outliers"] = (estimator_step(
         "review", "outliers", {}, module,
         {**column_fingerprints(catalog, ("title", "artist")),
-         "neighbours": run.step_key("review", "neighbours")},
+         "neighbours": run.step_key("index", features)},
         (paths["outliers"],), {"features": features}), outliers, None)
     for name in TABLES:
         step, build, extend = steps[name]

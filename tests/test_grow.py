@@ -23,6 +23,7 @@ from influence.commands import (
     cmd_train,
 )
 from influence.extract.store import FeatureStore
+from influence.index import load_index, load_neighbours, neighbour_table
 from influence.readers import head_paths, load_clustering, split_path
 from influence.review import load_review
 from influence.runs import REFIT_SHARE, Run, read_json, write_json
@@ -40,7 +41,7 @@ TARGETS = ("artist", "style")
 FITTED = [("extract", "pca"), ("extract", "kpca"), ("extract", COMBINED), ("cluster", COMBINED),
           ("index", COMBINED), ("train", "split"),
           *(("train", f"{t}/{COMBINED}") for t in TARGETS),
-          ("review", "neighbours"), ("review", "duplicates"), ("review", "labels")]
+          ("review", "duplicates"), ("review", "labels")]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,14 @@ def assert_aligned(run: Run) -> None:
             path = head_paths(run, target, COMBINED)[file]
             table = pd.read_csv(path) if file == "wrong" else pd.read_parquet(path)
             assert set(table["image_id"]) <= set(split["image_id"]), (target, file)
+    # The neighbour table: a row per painting, naming only catalog rows, other than its own,
+    # best first, gaps (-1) only at the end.
+    sims, nbrs = load_neighbours(run, COMBINED)
+    assert nbrs.shape[0] == len(ids)
+    assert nbrs.max() < len(ids)
+    assert not (nbrs == np.arange(len(ids))[:, None]).any()
+    assert (np.diff(np.where(nbrs >= 0, sims, -2.0), axis=1) <= 1e-6).all()
+    assert (np.diff((nbrs < 0).astype(int), axis=1) >= 0).all()
     review = load_review(run)
     assert sorted(review.outliers["image_id"]) == sorted(ids)
     assert set(review.labels["image_id"]) <= set(ids)
@@ -167,6 +176,13 @@ def test_added_paintings_extend_every_fit_and_nothing_else_is_fitted(
     assert len(merged) == len(old)
     np.testing.assert_array_equal(merged["log_p_recorded"], merged["log_p_recorded_before"])
     assert_aligned(run)
+    # The grown neighbour table is the one a full search of the grown index finds: the added
+    # paintings searched everything, the others only the added vectors.
+    grown = load_neighbours(run, COMBINED)
+    searched = neighbour_table(load_index(run, COMBINED), run.features(COMBINED))
+    np.testing.assert_allclose(grown[0], searched[0], atol=1e-5)
+    assert (grown[1] == searched[1]).mean() > 0.999
+    assert (grown[1][:BASE, :10] != load_neighbours(base_run, COMBINED)[1][:, :10]).any()
     change = run.manifest()["changes"][-1]
     assert (change["added"], change["removed"], change["refitted"]) == (ADD, 0, {})
     assert {f"cluster/{COMBINED}", f"index/{COMBINED}", "extract/pca"} <= set(change["extended"])

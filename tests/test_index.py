@@ -17,6 +17,7 @@ from influence.index import (
     build_run_index,
     leave_one_out,
     load_index,
+    load_neighbours,
     rank_artists,
     search,
 )
@@ -85,10 +86,23 @@ def test_every_indexed_painting_finds_itself_first_with_score_one(indexed: Run) 
     assert (scores[:, 1] < scores[:, 0] + 1e-6).all()
 
 
+def test_the_neighbour_table_is_every_paintings_nearest_others_as_scikit_learn_finds_them(
+        indexed: Run) -> None:
+    x = np.asarray(indexed.features("mobilenet_v2"))
+    sims, rows = load_neighbours(indexed, "mobilenet_v2")
+    # 180 paintings: every other painting is in the table, best first, and none twice.
+    assert rows.shape == (180, index_stage.NEIGHBOURS)
+    assert ((rows >= 0).sum(axis=1) == 179).all()
+    assert (rows[:, 179:] == -1).all()
+    distance, found = NearestNeighbors(n_neighbors=11, metric="cosine").fit(x).kneighbors(x)
+    np.testing.assert_allclose(sims[:, :10], 1 - distance[:, 1:], atol=1e-5)
+    assert (rows[:, :10] == found[:, 1:]).mean() > 0.99
+
+
 def test_leave_one_out_nearest_artist_matches_scikit_learn(indexed: Run) -> None:
     x = np.asarray(indexed.features("mobilenet_v2"))
     artists = indexed.catalog()["artist"].to_numpy(dtype=object)
-    result = leave_one_out(load_index(indexed, "mobilenet_v2"), x, artists, np.arange(len(x)))
+    result = leave_one_out(*load_neighbours(indexed, "mobilenet_v2"), artists, np.arange(len(x)))
     nn = NearestNeighbors(n_neighbors=2, metric="cosine").fit(x)
     _, found = nn.kneighbors(x)
     expected = np.mean(artists[found[:, 1]] == artists)

@@ -242,9 +242,9 @@ KILLS = ["catalog.parquet",                        # extract: the catalog, not i
          f"clusters/{FEATURES}/assignments.parquet",  # cluster: half its files
          "influence/pairs.parquet",                # influence: two of its three tables
          "influence/influence.json"]               # influence: every file, no record yet
-#: Runs killed in train (the head written, not its tables) and then in review (its neighbours
-#: written, not its tables), while cluster and influence work beside them.
-BESIDE_KILLS = ["models/artist-pca+kpca.joblib", "review/neighbours.npz"]
+#: Runs killed in train (the head written, not its tables) and then in review (its duplicates
+#: written, not their hashes nor the other tables), while cluster and influence work beside them.
+BESIDE_KILLS = ["models/artist-pca+kpca.joblib", "review/duplicates.parquet"]
 
 
 @pytest.mark.parametrize("kills", [KILLS, BESIDE_KILLS], ids=["in-order", "beside"])
@@ -294,7 +294,7 @@ def test_two_runs_on_one_run_build_each_step_once(collection: Path, tmp_path: Pa
     # train, influence and review.
     assert waited.count("up to date") == 8, waited
     recorded = [(s, n) for s, steps in run.manifest()["steps"].items() for n in steps]
-    # catalog, thumbnails, pca, kpca, pca+kpca, cluster, index, split, head, influence, the
-    # review's neighbours and its 3 lists
-    assert len(recorded) == 14, recorded
+    # catalog, thumbnails, pca, kpca, pca+kpca, cluster, index (with the neighbour table), split,
+    # head, influence and the review's 3 lists
+    assert len(recorded) == 13, recorded
     assert read_json(run.manifest_path)["steps"]["catalog"]["catalog"]["images"] == 32
