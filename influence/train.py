@@ -481,16 +481,17 @@ def head_step(run: Run, target: str | Target, features: str, catalog: pd.DataFra
 def train_head(run: Run, target: str | Target, features: str,
                catalog: pd.DataFrame | None = None, head: str = "auto",
                drop_small_classes: bool = True, target_precision: float | None = None,
-               first: Target | None = None, reductions: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+               first: Target | None = None, reductions: dict[str, Any] | None = None,
+               split: tuple[pd.DataFrame, dict[str, int]] | None = None) -> dict[str, Any]:
     """Bring one head up to date: choose (`head="auto"`), fit, evaluate, write; returns its JSON.
-    `reductions`: the feature sets' fitted reductions of this `train` run (`shared_reduction`)."""
+    `reductions`: the feature sets' fitted reductions of this `train` run (`shared_reduction`);
+    `split`: the target's `run_split`, where the caller has made it."""
     target = as_target(target)
     if target.multi_label and head == "mlp":
         raise InfluenceError(f"target {target.name} is multi-label: its head is a one-vs-rest "
                              "logistic regression (--head mlp is for single-label targets)")
     catalog = run.catalog() if catalog is None else catalog
-    split, dropped = run_split(run, target, catalog, drop_small_classes, first)
+    split, dropped = split or run_split(run, target, catalog, drop_small_classes, first)
     paths = head_paths(run, target.name, features)
     n_labels = split["label"].str.split(JOIN).explode().nunique() if len(split) else 0
     if n_labels < 2:
@@ -821,8 +822,7 @@ def train_heads(run: Run, targets: Sequence[str | Target], features: Sequence[st
     catalog = run.catalog()
     check_targets(targets, catalog)
     first = targets[0] if targets else None
-    for target in targets:
-        run_split(run, target, catalog, drop_small_classes, first)
+    splits = {t.name: run_split(run, t, catalog, drop_small_classes, first) for t in targets}
     jobs = [(t, f) for f in features for t in targets]
     out, skipped = [], []
     reductions: dict[str, Any] = {}
@@ -830,7 +830,7 @@ def train_heads(run: Run, targets: Sequence[str | Target], features: Sequence[st
         reductions = {k: v for k, v in reductions.items() if k == name}
         try:
             out.append(train_head(run, target, name, catalog, head, drop_small_classes,
-                                  target_precision, first, reductions))
+                                  target_precision, first, reductions, splits[target.name]))
         except NothingToLearn as e:
             skipped.append(str(e))
     if not out and skipped:
