@@ -633,17 +633,20 @@ def _routed() -> Iterator[tuple[_Routed, _Routed]]:
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Every library held to one thread in the calling thread (BLAS's count is the process's,
-    OpenMP's each thread's own), torch's too: the same numbers whichever thread runs when."""
-    import torch
+    OpenMP's each thread's own), torch's too where it is loaded (a head's fit loads it and
+    holds itself to one thread): the same numbers whichever thread runs when."""
     from threadpoolctl import threadpool_limits
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(1)
     try:
         with threadpool_limits(1):
             yield
     finally:
-        torch.set_num_threads(before)
+        if torch:
+            torch.set_num_threads(before)
 
 
 class Beside:

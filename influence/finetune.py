@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from influence.combine import save_features
 from influence.extract.reader import default_workers
 from influence.extractors import RANDOM, get_extractor, load_checked, resolve_state_dict
-from influence.extractors.torchvision_cnn import IMAGENET_MEAN, IMAGENET_STD, imagenet_preprocess
+from influence.extractors.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from influence.extractors.torchvision_cnn import imagenet_preprocess
 from influence.images import open_rgb
 from influence.runs import (
     InfluenceError,

