@@ -489,7 +489,7 @@ def cmd_export(run: str, out: str = ".", cluster: int | None = None, features: s
 def _clustered_default(run: Run) -> str:
     """The search's feature set when it is clustered, else the first clustered one."""
     from influence.readers import clustered_features
-    from influence.similar import default_features  # loads torch: only when no --features
+    from influence.similar import default_features
 
     names = clustered_features(run)
     if not names:

@@ -20,11 +20,11 @@ from typing import Any
 import joblib
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, ImageOps
 
 from influence.combine import CombinedExtractor
 from influence.extractors import Extractor, extractor_class, get_extractor
+from influence.extractors import set_threads as set_model_threads
 from influence.images import BadImage, check_size, open_rgb, to_rgb
 from influence.index import (
     ARTIST_POOL,
@@ -125,11 +125,12 @@ class Explorer:
         if self.features not in indexed_features(run):
             raise InfluenceError(f"feature set '{self.features}' is not indexed in run "
                                  f"{run.root}: run `index --features {self.features}` first")
-        # One image per query: one thread each for faiss and torch (set explicitly, since the two
-        # share an OpenMP runtime only when torch was loaded first); spare cores serve other
-        # requests, and two threads on a busy 2-core machine made a query ~30x slower.
+        # One image per query: one thread each for faiss and the extractor's runtime (set
+        # explicitly, since the two share an OpenMP runtime only when torch was loaded first);
+        # spare cores serve other requests, and two threads on a busy 2-core machine made a
+        # query ~30x slower.
         set_threads(1)
-        torch.set_num_threads(1)
+        set_model_threads(1)
         catalog = run.catalog()
         self._index = load_index(run, self.features)
         if self._index.ntotal != len(catalog):

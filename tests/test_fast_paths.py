@@ -62,9 +62,10 @@ def test_the_fused_path_and_the_onnx_copy_give_the_fp32_features_of_torchscript(
 
 def test_a_few_images_are_embedded_from_the_cached_copy_without_importing_torch(
         small_run: Run, tmp_path: Path) -> None:
-    # What a process adding a few paintings does: read the images, preprocess, embed. Loading
-    # a conv net for many images (the run's first extraction; here the references) writes its
-    # ONNX copy to the cache.
+    # What a process adding a few paintings does: read the images, preprocess, embed, then the
+    # stages after extract (similar.default_features names the feature set influence and
+    # review score). Loading a conv net for many images (the run's first extraction; here the
+    # references) writes its ONNX copy to the cache.
     files = [small_run.image_path(f) for f in small_run.catalog()["file"].head(10)]
     specs = {"mobilenet_v2": str(MOBILENET), "efficientnet_lite0": None, "style": None}
     expected = {name: get_extractor(name, w).embed([open_rgb(f) for f in files])
@@ -80,6 +81,7 @@ for name, weights in {specs!r}.items():
     e.images = 10
     out[name] = [e.embed([open_rgb(Path(f)) for f in {[str(f) for f in files]!r}]).tolist(),
                  e.weights_used, e.info()["runtime"] if e.uses_fast_path else None]
+import influence.pipeline, influence.similar, influence.influence, influence.review
 out["loaded"] = [m for m in ("torch", "torchvision") if m in sys.modules]
 print(json.dumps(out))
 """
