@@ -25,17 +25,18 @@ lists each for a person to check, most likely first, from one indexed feature se
    trained head, out-of-fold log-probabilities over the whole collection (scikit-learn's
    `cross_val_predict`, `FOLDS` stratified folds: a painting's own label is never used to
    predict it) from a shrunk linear discriminant (`review_head`) on each view, their mean made
-   a distribution again (the heads' geometric mean, `combine_views`). Three pieces of evidence
-   per recorded label: its out-of-fold log-probability; for targets of at least
+   a distribution again (the heads' geometric mean, `combine_views`). Up to four pieces of
+   evidence per recorded label: its out-of-fold log-probability; for targets of at least
    `PROFILE_MIN_LABELS` labels, how alike the painting's probabilities are to those of the
    label's other paintings (an artist of varied works spreads all of them over the same similar
-   artists; a painting filed under the wrong one spreads over others); and its neighbour
-   evidence (`neighbour_evidence`, from the reviewed set's neighbours). Their mean
-   rank ranks the recorded labels, lowest first; cleanlab's confident-learning filter says
-   which are likely issues. Labels with fewer than `MIN_LABEL` paintings are left out
-   (counted in review.json). Each row also keeps how many of its `AGREEMENT_K` nearest
-   paintings share the recorded label, and the closest painting with the recorded and with
-   the suggested label.
+   artists; a painting filed under the wrong one spreads over others); its neighbour evidence
+   (`neighbour_evidence`, from the reviewed set's neighbours); and for an artist, how likely
+   the style heads find the picture in the styles the artist's other paintings are recorded in
+   (`context_agreement`, `CONTEXT`). Their mean rank ranks the recorded labels, lowest
+   first; cleanlab's confident-learning filter says which are likely issues. Labels with
+   fewer than `MIN_LABEL` paintings are left out (counted in review.json). Each row also
+   keeps how many of its `AGREEMENT_K` nearest paintings share the recorded label, and the
+   closest painting with the recorded and with the suggested label.
 
 4. **Outliers.** A painting is unusual when few paintings resemble it: its score is one minus its
    similarity to its `OUTLIER_K`-th nearest painting, so a small group of like things (a batch of
@@ -118,6 +119,13 @@ MIN_LABEL = 5
 #: Targets with at least this many labels add the profile evidence (with a few labels every
 #: label's profile is spread alike and says little: on styles it lowered the ranking).
 PROFILE_MIN_LABELS = 20
+#: A target checked against a coarser one its labels fall within: an artist's recorded works
+#: keep to a few styles, so a picture that looks like none of its artist's styles argues
+#: against the artist (the style heads learn from about 900 paintings a label, the artist heads
+#: from about 40). Genre and nationality lowered the artist ranking in the probes.
+CONTEXT = {"artist": "style"}
+#: Paintings added to each coarse label's count of a label's other works (additive smoothing).
+CONTEXT_PRIOR = 0.5
 #: Nearest paintings whose labels are compared with the recorded one.
 AGREEMENT_K = 10
 #: Neighbour evidence for a label: the mean similarity of the painting's `EVIDENCE_TOP` most
@@ -131,7 +139,7 @@ EVIDENCE_SAMPLE = 4000
 #: The neighbour whose similarity makes a painting's outlier score.
 OUTLIER_K = 20
 #: Version of this stage's recipe: bump it when a code change changes its tables.
-VERSION = "5"
+VERSION = "6"
 TABLES = ("duplicates", "labels", "outliers")
 
 
@@ -414,9 +422,33 @@ def neighbour_evidence(codes: np.ndarray, sims: np.ndarray, own: np.ndarray,
     return mine / (mine + weight)
 
 
+def context_agreement(n: int, scored: Scored, context: Scored) -> np.ndarray:
+    """How well each of a target's scored paintings (of `n` catalog rows) looks like the labels
+    of a coarser target (scored as `context`) recorded for its label's other paintings: the log
+    of the sum over coarse labels of its out-of-fold probability times their share of those
+    paintings (smoothed by `CONTEXT_PRIOR`). A painting the coarse heads did not score counts
+    with their mean probabilities."""
+    k = len(context.classes)
+    proba = np.empty((n, k))
+    proba[:] = np.exp(context.log_p.astype(np.float64)).mean(axis=0)
+    proba[context.use] = np.exp(context.log_p)
+    coarse = np.full(n, -1, dtype=np.int64)
+    coarse[context.use] = context.y
+    coarse = coarse[scored.use]
+    counts = np.zeros((len(scored.classes), k))
+    has = coarse >= 0
+    np.add.at(counts, (scored.y[has], coarse[has]), 1.0)
+    others = counts[scored.y]
+    others[has, coarse[has]] -= 1.0
+    share = (others + CONTEXT_PRIOR) / (others.sum(axis=1, keepdims=True) + CONTEXT_PRIOR * k)
+    return np.log((proba[scored.use] * share).sum(axis=1))
+
+
 def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarray,
-                sims: np.ndarray, rows: np.ndarray) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """One target's recorded labels ranked by how much the pictures argue against them."""
+                sims: np.ndarray, rows: np.ndarray, context: tuple[str, Scored] | None = None
+                ) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One target's recorded labels ranked by how much the pictures argue against them
+    (`context`: a coarser target's name and scores, see `CONTEXT`)."""
     from cleanlab.filter import find_label_issues
 
     use, y, log_p, classes = scored.use, scored.y, scored.log_p, scored.classes
@@ -441,6 +473,11 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
     parts = [recorded, evidence]
     if len(classes) >= PROFILE_MIN_LABELS:
         parts.append(profile_agreement(log_p, y))
+    named = {}
+    if context is not None:
+        named[f"{context[0]}_agreement"] = context_agreement(
+            len(catalog), scored, context[1])
+        parts.extend(named.values())
     quality = np.mean([rankdata(p) / len(p) for p in parts], axis=0)
     ids = catalog["image_id"].to_numpy(dtype=object)
 
@@ -468,9 +505,11 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
         "closest_recorded": pd.array(closest(own), dtype="string"),
         "closest_suggested": pd.array(closest(classes[suggested]), dtype="string"),
     })
-    if len(parts) == 3:
+    if len(classes) >= PROFILE_MIN_LABELS:
         frame.insert(frame.columns.get_loc("label_quality"), "profile_agreement",
                      parts[2].astype(np.float32))
+    for column, values in named.items():
+        frame.insert(frame.columns.get_loc("label_quality"), column, values.astype(np.float32))
     frame = frame.sort_values(["label_quality", "image_id"], kind="stable").reset_index(drop=True)
     return frame, {"issues": int(issue.sum()),
                    "out_of_fold_accuracy": round(float((suggested == y).mean()), 4)}
@@ -668,7 +707,9 @@ def build_review(run: Run, features: str | None = None, progress: bool = True) -
                 per_target.append({**info, "issues": 0})
                 continue
             start = time.perf_counter()
-            frame, found = label_table(catalog, target, scored[target], x, sims, rows)
+            coarse = CONTEXT.get(target)
+            frame, found = label_table(catalog, target, scored[target], x, sims, rows,
+                                       (coarse, scored[coarse]) if coarse in scored else None)
             frames.append(frame)
             per_target.append({**info, **found,
                                "rank_s": round(time.perf_counter() - start, 3)})

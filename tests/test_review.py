@@ -19,7 +19,9 @@ from influence.commands import cmd_export, cmd_extract, cmd_index, cmd_review, c
 from influence.export import table_bytes
 from influence.review import (
     FOLDS,
+    Scored,
     combine_views,
+    context_agreement,
     fit_labels,
     load_review,
     out_of_fold,
@@ -153,6 +155,11 @@ def test_a_swapped_style_ranks_at_the_top_of_the_labels(reviewed: Run, injected:
     closest = reviewed.catalog().set_index("image_id").loc[found["closest_suggested"]]
     assert closest["style"] == "Baroque"
     assert set(review.labels["target"]) == {"style", "artist", "genre"}
+    # Artists are checked against the styles their other paintings are recorded in.
+    artist = review.labels[review.labels["target"] == "artist"]
+    assert artist["style_agreement"].notna().all()
+    assert "style_agreement" not in review.labels[review.labels["target"] == "style"].dropna(
+        axis=1, how="all")
 
 
 def test_the_out_of_fold_probabilities_never_use_a_paintings_own_label(small_run: Run) -> None:
@@ -189,6 +196,30 @@ def test_the_views_heads_never_use_a_paintings_own_label(small_run: Run) -> None
     before = combine_views([out_of_fold(z, y, folds) for z in zs])
     after = combine_views([out_of_fold(z, changed, folds) for z in zs])
     np.testing.assert_array_equal(before[0], after[0])
+
+
+def test_a_picture_unlike_its_artists_styles_is_doubted(small_run: Run) -> None:
+    # A Utamaro print filed under Rembrandt: the style heads see Ukiyo-e, and Rembrandt's
+    # other paintings are recorded as Baroque.
+    catalog = small_run.catalog()
+    utamaro = catalog.index[catalog["artist"] == "Kitagawa Utamaro"][3]
+    catalog.loc[utamaro, "artist"] = "Rembrandt"
+    views = [np.asarray(small_run.features("mobilenet_v2"), dtype=np.float32)]
+    scored, _, _ = fit_labels(catalog, ["artist", "style"], views)
+    artist, style = scored["artist"], scored["style"]
+    agreement = pd.Series(context_agreement(len(catalog), artist, style), index=artist.use)
+    rembrandt = agreement[catalog.loc[artist.use, "artist"].to_numpy() == "Rembrandt"]
+    assert rembrandt.idxmin() == utamaro
+    assert rembrandt[utamaro] < rembrandt.median() - 1.0
+    # Its own recorded style is not among its artist's others: changing it changes nothing.
+    row = int(np.flatnonzero(style.use == utamaro)[0])
+    y = style.y.copy()
+    y[row] = (y[row] + 1) % len(style.classes)
+    moved = context_agreement(len(catalog), artist, Scored(style.use, y, style.log_p,
+                                                           style.classes))
+    assert moved[artist.use == utamaro] == pytest.approx(agreement[utamaro])
+    others = artist.y == artist.y[artist.use == utamaro][0]
+    assert not np.allclose(moved[others], agreement.to_numpy()[others])
 
 
 def test_non_paintings_are_the_first_outliers(reviewed: Run) -> None:
@@ -253,6 +284,10 @@ def test_the_review_page_shows_each_list_and_exports_the_stages_table(
     shown = painting_ids(wait_for(browser, "#review-outliers a", 2))
     assert shown[:2] == list(review.outliers["image_id"].head(2))
     assert "tab=outliers" in browser.current_url
+    # An artist's row says how likely the picture is in that artist's recorded styles.
+    browser.get(review_url + "/review?tab=labels&target=artist")
+    wait_text(browser, ".review-labels", r"likely in a style the other paintings of .+ are "
+                                         r"recorded in")
     # The painting page of a copy says what it may duplicate.
     browser.get(review_url + f"/painting/{ids['images/copy-0.jpg']}")
     note = wait_text(browser, "#painting-duplicates", "^Possible duplicate of")

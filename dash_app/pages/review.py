@@ -4,6 +4,7 @@ and paintings least like the rest of the collection."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlencode
 
@@ -14,7 +15,7 @@ from dash_app import checks, filters
 from dash_app.components import downloads, gallery, message, needs, painting_card, send, text
 from dash_app.data import RunData, current
 from influence.export import review_export
-from influence.review import CONFLICT_FIELDS, TABLES, Review
+from influence.review import CONFLICT_FIELDS, CONTEXT, TABLES, Review
 from influence.selections import Filter
 
 TABS = {"duplicates": "Possible duplicates", "labels": "Possible misattributions",
@@ -110,10 +111,22 @@ def labels_view(data: RunData, frame: pd.DataFrame) -> list:
                 html.Div(f"{r.neighbour_agreement:.0%} of its nearest paintings agree with the "
                          "record" + (" · likely issue (confident learning)" if r.issue else ""),
                          className="hint"),
+                *context_note(r),
             ], className="review-labels"),
             *closest,
         ], className="review-row"))
     return items
+
+
+def context_note(row: Any) -> list:
+    """How likely the picture is in the coarser labels (styles) its label's other paintings are
+    recorded in, where the stage scored that (`CONTEXT`)."""
+    coarse = CONTEXT.get(row.target)
+    value = getattr(row, f"{coarse}_agreement", None) if coarse else None
+    if value is None or pd.isna(value):
+        return []
+    return [html.Div(f"{math.exp(value):.0%} likely in a {coarse} the other paintings of "
+                     f"{row.recorded} are recorded in", className="hint")]
 
 
 def outliers_view(data: RunData, frame: pd.DataFrame) -> list:
