@@ -25,8 +25,9 @@ lists each for a person to check, most likely first, from one indexed feature se
    trained head, out-of-fold log-probabilities over the whole collection (scikit-learn's
    `cross_val_predict`, `FOLDS` stratified folds: a painting's own label is never used to
    predict it) from a shrunk linear discriminant (`review_head`) on each view, their mean made
-   a distribution again (the heads' geometric mean, `combine_views`). Up to four pieces of
-   evidence per recorded label: its out-of-fold log-probability; for targets of at least
+   a distribution again (the heads' geometric mean, `combine_views`). Up to five pieces of
+   evidence per recorded label: its out-of-fold log-probability; that less its nearest
+   paintings' for their own labels (`log_p_vs_nearest`); for targets of at least
    `PROFILE_MIN_LABELS` labels, how alike the painting's probabilities are to those of the
    label's other paintings (an artist of varied works spreads all of them over the same similar
    artists; a painting filed under the wrong one spreads over others); its neighbour evidence
@@ -126,6 +127,9 @@ PROFILE_MIN_LABELS = 20
 CONTEXT = {"artist": "style"}
 #: Paintings added to each coarse label's count of a label's other works (additive smoothing).
 CONTEXT_PRIOR = 0.5
+#: Nearest paintings whose recorded labels' log-probabilities a painting's own is measured
+#: against (`log_p_vs_nearest`).
+NEAREST_K = 5
 #: Nearest paintings whose labels are compared with the recorded one.
 AGREEMENT_K = 10
 #: Neighbour evidence for a label: the mean similarity of the painting's `EVIDENCE_TOP` most
@@ -139,7 +143,7 @@ EVIDENCE_SAMPLE = 4000
 #: The neighbour whose similarity makes a painting's outlier score.
 OUTLIER_K = 20
 #: Version of this stage's recipe: bump it when a code change changes its tables.
-VERSION = "6"
+VERSION = "7"
 TABLES = ("duplicates", "labels", "outliers")
 
 
@@ -422,6 +426,24 @@ def neighbour_evidence(codes: np.ndarray, sims: np.ndarray, own: np.ndarray,
     return mine / (mine + weight)
 
 
+def log_p_vs_nearest(recorded: np.ndarray, near_rows: np.ndarray, use: np.ndarray, n: int
+                     ) -> np.ndarray:
+    """Each scored painting's out-of-fold log-probability of its recorded label (`recorded`)
+    less the mean of its `NEAREST_K` nearest scored paintings' for theirs (`near_rows`: its
+    pool's catalog rows, -1 for none; `use`: the scored rows of `n`). Works whose look-alikes
+    the heads also find hard to attribute (drawings among drawings, prints) are not blamed for
+    it; a wrong label among well-attributed look-alikes stands out."""
+    position = np.full(n, -1, dtype=np.int64)
+    position[use] = np.arange(len(use))
+    near = near_rows[:, :NEAREST_K]
+    near = np.where(near >= 0, position[np.maximum(near, 0)], -1)
+    found = near >= 0
+    total = np.where(found, recorded[np.maximum(near, 0)], 0.0).sum(axis=1)
+    mean = np.where(found.any(axis=1), total / np.maximum(found.sum(axis=1), 1),
+                    recorded.mean())
+    return recorded - mean
+
+
 def context_agreement(n: int, scored: Scored, context: Scored) -> np.ndarray:
     """How well each of a target's scored paintings (of `n` catalog rows) looks like the labels
     of a coarser target (scored as `context`) recorded for its label's other paintings: the log
@@ -470,14 +492,15 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
     recorded = log_p[np.arange(len(y)), y]
     evidence = neighbour_evidence(near_codes, sims[use], y, own_label_similarity(
         x, use, y, near_codes, sims[use]), len(classes))
-    parts = [recorded, evidence]
-    if len(classes) >= PROFILE_MIN_LABELS:
-        parts.append(profile_agreement(log_p, y))
+    relative = log_p_vs_nearest(recorded.astype(np.float64), near_rows, use, len(catalog))
+    # The optional pieces, by the column that shows each.
     named = {}
+    if len(classes) >= PROFILE_MIN_LABELS:
+        named["profile_agreement"] = profile_agreement(log_p, y)
     if context is not None:
         named[f"{context[0]}_agreement"] = context_agreement(
             len(catalog), scored, context[1])
-        parts.extend(named.values())
+    parts = [recorded, relative, evidence, *named.values()]
     quality = np.mean([rankdata(p) / len(p) for p in parts], axis=0)
     ids = catalog["image_id"].to_numpy(dtype=object)
 
@@ -495,6 +518,7 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
         "recorded": own,
         "p_recorded": np.exp(recorded).astype(np.float32),
         "log_p_recorded": recorded.astype(np.float32),
+        "log_p_vs_nearest": relative.astype(np.float32),
         "suggested": classes[suggested],
         "p_suggested": np.exp(log_p.max(axis=1)).astype(np.float32),
         "neighbour_evidence": evidence.astype(np.float32),
@@ -505,9 +529,6 @@ def label_table(catalog: pd.DataFrame, target: str, scored: Scored, x: np.ndarra
         "closest_recorded": pd.array(closest(own), dtype="string"),
         "closest_suggested": pd.array(closest(classes[suggested]), dtype="string"),
     })
-    if len(classes) >= PROFILE_MIN_LABELS:
-        frame.insert(frame.columns.get_loc("label_quality"), "profile_agreement",
-                     parts[2].astype(np.float32))
     for column, values in named.items():
         frame.insert(frame.columns.get_loc("label_quality"), column, values.astype(np.float32))
     frame = frame.sort_values(["label_quality", "image_id"], kind="stable").reset_index(drop=True)

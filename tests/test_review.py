@@ -144,6 +144,9 @@ def test_a_swapped_style_ranks_at_the_top_of_the_labels(reviewed: Run, injected:
     assert found["issue"]
     assert found["p_recorded"] < 0.1
     assert found["log_p_recorded"] < np.log(0.1)
+    # Its look-alikes' recorded styles are likely, its own is not.
+    assert found["log_p_vs_nearest"] < style["log_p_vs_nearest"].quantile(0.02)
+    assert found["log_p_recorded"] <= found["log_p_vs_nearest"] < found["log_p_recorded"] + 1
     assert found["neighbour_agreement"] < 0.2
     genre = review.labels[review.labels["target"] == "genre"]
     catalog = reviewed.catalog()
