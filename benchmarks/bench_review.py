@@ -230,6 +230,10 @@ def score(run: Run, truth: pd.DataFrame) -> dict:
                 "wrong_artists_in_top": round(len(head & (wanted | changed_ids)) / top, 4),
                 "recall_at_top_without_changed_copies": round(
                     len(rest_top & wanted) / max(len(wanted), 1), 4)})
+    # Every swapped label (style and artist alike) against its own target's top 2%.
+    labels["all_swaps_recall_at_top"] = round(
+        sum(v["recall_at_top"] * v["swapped"] for v in labels.values())
+        / max(sum(v["swapped"] for v in labels.values()), 1), 4)
     odd = {id_of[f] for f in truth.loc[truth["kind"] == "non-painting", "file"]}
     top = max(1, int(round(OUTLIERS_TOP * len(review.outliers))))
     head = set(review.outliers["image_id"].head(top))
